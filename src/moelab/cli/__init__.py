@@ -16,8 +16,7 @@ from moelab import __version__
 from moelab.errors import MoelabError
 
 # modules under moelab.cli whose `COMMANDS` list is added to the group, in help order
-_COMMAND_MODULES = [
-    "moelab.cli.models",
+_COMMAND_MODULES: list[str] = [
 ]
 
 
