@@ -1,0 +1,182 @@
+"""Pieces every family adapter shares: storage layouts, shared-MLP views, activation names, hooks.
+
+Shape legend: T tokens, H hidden, E experts, K top-k, I expert width, S shared-expert width.
+
+All tensors returned here are ``.detach()``-ed views of the model's parameters (same storage), so an
+in-place edit of a view edits the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from moelab.errors import CheckpointError
+from moelab.models.view import MoEBlockView, RoutingEvent, SharedExpertsView
+
+# transformers ``hidden_act`` names -> moelab's GLU activation names (see reference.glu_activation)
+_ACT_NAMES = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_python_tanh": "gelu_tanh",
+    "relu": "relu",
+}
+
+
+def act_name(hidden_act: str, where: str) -> str:
+    """moelab's name for a transformers activation, or a CheckpointError naming ``where`` it came from."""
+    if hidden_act not in _ACT_NAMES:
+        raise CheckpointError(
+            f"{where}: activation {hidden_act!r} is not supported by moelab.models "
+            f"(supported: {sorted(_ACT_NAMES)})"
+        )
+    return _ACT_NAMES[hidden_act]
+
+
+def d(t: Tensor | None) -> Tensor | None:
+    """A detached view (same storage) of a parameter or buffer, or None."""
+    return None if t is None else t.detach()
+
+
+def fused_gate_up(
+    gate_up_EXH: Tensor, down_EHI: Tensor, where: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Split transformers' standard fused storage ``gate_up_proj [E, 2I, H]`` (gate rows first) and
+    ``down_proj [E, H, I]`` into ``gate [E, I, H]``, ``up [E, I, H]``, ``down [E, H, I]`` views."""
+    E, two_i, H = gate_up_EXH.shape
+    if two_i % 2 or down_EHI.shape != (E, H, two_i // 2):
+        raise CheckpointError(
+            f"{where}: gate_up_proj {tuple(gate_up_EXH.shape)} and down_proj {tuple(down_EHI.shape)} "
+            f"do not fit [E, 2I, H] and [E, H, I]"
+        )
+    i = two_i // 2
+    gu = gate_up_EXH.detach()
+    return gu[:, :i], gu[:, i:], down_EHI.detach()
+
+
+def transposed_gate_up(gate_up_EHX: Tensor, down_EIH: Tensor, interleaved: bool, where: str):
+    """Views of transposed storage ``gate_up_proj [E, H, 2I]``, ``down_proj [E, I, H]``: Llama4 keeps
+    gate then up (concatenated), GPT-OSS interleaves them (gate = even columns, up = odd)."""
+    E, H, two_i = gate_up_EHX.shape
+    if two_i % 2 or down_EIH.shape != (E, two_i // 2, H):
+        raise CheckpointError(
+            f"{where}: gate_up_proj {tuple(gate_up_EHX.shape)} and down_proj {tuple(down_EIH.shape)} "
+            f"do not fit [E, H, 2I] and [E, I, H]"
+        )
+    i = two_i // 2
+    gu = gate_up_EHX.detach().transpose(1, 2)  # [E, 2I, H]
+    gate, up = (gu[:, 0::2], gu[:, 1::2]) if interleaved else (gu[:, :i], gu[:, i:])
+    return gate, up, down_EIH.detach().transpose(1, 2)
+
+
+def glu_mlp(module: nn.Module, path: str, act: str, **kw) -> SharedExpertsView:
+    """View of a gated MLP with ``gate_proj``/``up_proj``/``down_proj`` ``nn.Linear`` (no biases)."""
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        if getattr(getattr(module, name), "bias", None) is not None:
+            raise CheckpointError(f"{path}.{name}: biased shared experts are not supported")
+    return SharedExpertsView(
+        path=path,
+        module=module,
+        gate=d(module.gate_proj.weight),
+        up=d(module.up_proj.weight),
+        down=d(module.down_proj.weight),
+        act=act,
+        **kw,
+    )
+
+
+def check_experts(
+    view: MoEBlockView, expected_e: int | None, expected_i: int | None
+) -> MoEBlockView:
+    """Check the view is self-consistent and agrees with the config; raise CheckpointError if not."""
+    E, H = view.router_weight.shape
+    where = f"{view.path} ({view.family})"
+    shapes = {"gate": view.gate.shape, "up": view.up.shape, "down": view.down.shape}
+    I = shapes["gate"][1]  # noqa: E741 (shape letter)
+    want = {"gate": (E, I, H), "up": (E, I, H), "down": (E, H, I)}
+    for name, shape in shapes.items():
+        if tuple(shape) != want[name]:
+            raise CheckpointError(
+                f"{where}: {name} is {tuple(shape)} but the router has {E} experts of hidden size {H} "
+                f"(expected {want[name]})"
+            )
+    if expected_e is not None and E != expected_e:
+        raise CheckpointError(
+            f"{where}: the config says {expected_e} experts but the weights hold {E}"
+        )
+    if expected_i is not None and I != expected_i:
+        raise CheckpointError(
+            f"{where}: the config says expert width {expected_i} but the weights have {I}"
+        )
+    if not 1 <= view.top_k <= E:
+        raise CheckpointError(f"{where}: top_k={view.top_k} is not in [1, {E}]")
+    if view.n_group and (E % view.n_group or not view.topk_group or view.topk_group > view.n_group):
+        raise CheckpointError(
+            f"{where}: group-limited routing needs E % n_group == 0 and 1 <= topk_group <= n_group "
+            f"(E={E}, n_group={view.n_group}, topk_group={view.topk_group})"
+        )
+    return view
+
+
+def _as_logits(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().reshape(-1, t.shape[-1]).float()
+
+
+def experts_prehook_installer(
+    logits_index: int | None = 0, ids_pos: int = 1, weights_pos: int = 2
+) -> Callable[[MoEBlockView, Callable[[RoutingEvent], None]], list]:
+    """Hooks for families whose experts module is called as ``experts(hidden, ids, weights)``.
+
+    A forward hook on the router keeps its raw logits (output ``logits_index``; None: not exposed);
+    a forward pre-hook on the experts module then emits the event. Neither returns anything, so
+    the model's computation is untouched.
+    """
+
+    def install(block: MoEBlockView, fn: Callable[[RoutingEvent], None]) -> list:
+        seen: dict[str, Tensor | None] = {"logits": None}
+        handles = []
+        if logits_index is not None:
+
+            def on_router(_mod, _args, out):
+                seen["logits"] = _as_logits(out[logits_index] if isinstance(out, tuple) else out)
+
+            handles.append(block.router_module.register_forward_hook(on_router))
+
+        def on_experts(_mod, args, kwargs):
+            args = _merge_args(args, kwargs, ("hidden_states", "top_k_index", "top_k_weights"))
+            logits, seen["logits"] = seen["logits"], None
+            fn(_event(block, args[0], args[ids_pos], args[weights_pos], logits))
+
+        handles.append(block.experts_module.register_forward_pre_hook(on_experts, with_kwargs=True))
+        return handles
+
+    return install
+
+
+def _merge_args(args: tuple, kwargs: dict, names: tuple[str, ...]) -> tuple:
+    """Positional view of a call made with any mix of positional and keyword arguments."""
+    out = list(args)
+    for name in names[len(args) :]:
+        out.append(kwargs[name])
+    return tuple(out)
+
+
+def _event(block, hidden, ids, weights, logits) -> RoutingEvent:
+    H = hidden.shape[-1]
+    return RoutingEvent(
+        block=block,
+        hidden_TH=hidden.detach().reshape(-1, H),
+        ids_TK=ids.detach().reshape(-1, ids.shape[-1]).to(torch.int64),
+        weights_TK=weights.detach().reshape(-1, weights.shape[-1]),
+        logits_TE=logits,
+    )
+
+
+def emit(block, fn, hidden, ids, weights, logits) -> None:
+    """Build a RoutingEvent (detached, flattened, ids int64, logits float32) and hand it to ``fn``."""
+    fn(_event(block, hidden, ids, weights, _as_logits(logits)))

@@ -1,0 +1,167 @@
+"""The slow, obvious reference forward of an MoE block, written from the view alone.
+
+Shape legend: T tokens, H hidden, E experts, K top-k, I expert width, S shared-expert width, G groups.
+
+Everything runs in float64 with plain PyTorch ops and a loop over experts. This is the oracle that
+every fast path in moelab is checked against, and the proof that a family adapter reads its model
+right (tests compare it with each family's own block output).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moelab.models.view import MoEBlockView, SharedExpertsView
+
+
+def _f64(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to(torch.float64)
+
+
+def glu_activation(
+    name: str, gate: Tensor, up: Tensor, params: dict[str, float] | None = None
+) -> Tensor:
+    """``act(gate, up)`` of a gated MLP by name.
+
+    'silu', 'gelu' (erf), 'gelu_tanh' (tanh approximation; transformers' gelu_new / gelu_pytorch_tanh),
+    'relu': ``f(gate) * up``. 'gpt_oss_swiglu' (GPT-OSS, parameters alpha and limit):
+    ``g = min(gate, limit); u = clamp(up, -limit, limit); (u + 1) * g * sigmoid(alpha * g)``.
+    """
+    params = params or {}
+    if name == "silu":
+        return F.silu(gate) * up
+    if name == "gelu":
+        return F.gelu(gate) * up
+    if name == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    if name == "relu":
+        return F.relu(gate) * up
+    if name == "gpt_oss_swiglu":
+        limit, alpha = params["limit"], params["alpha"]
+        g = gate.clamp(max=limit)
+        u = up.clamp(min=-limit, max=limit)
+        return (u + 1) * g * torch.sigmoid(alpha * g)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def _sparsemixer_eval(scores_TE: Tensor, top_k: int, jitter_eps: float) -> tuple[Tensor, Tensor]:
+    """PhiMoE's SparseMixer routing at inference (Liu et al. 2023, "Sparse Backpropagation for MoE
+    Training"): for each of k rounds pick the arg-max logit m among experts not yet taken; its weight
+    is a softmax over the experts whose logit lies within ``2 * jitter_eps`` of m relative to
+    ``max(|logit|, m)`` (the others masked out), the already-taken ones excluded.
+    """
+    masked = scores_TE.clone()
+    ids, weights = [], []
+    for _ in range(top_k):
+        m, idx = masked.max(dim=-1, keepdim=True)
+        factor = scores_TE.abs().clamp(min=m)
+        drop = ((m - scores_TE) / factor) > (2 * jitter_eps)
+        gated = masked.masked_fill(drop, float("-inf"))
+        weights.append(torch.softmax(gated, dim=-1).gather(-1, idx))
+        ids.append(idx)
+        masked = masked.scatter(-1, idx, float("-inf"))
+    return torch.cat(ids, -1), torch.cat(weights, -1)
+
+
+def _group_mask(sel_TE: Tensor, n_group: int, topk_group: int, group_score: str) -> Tensor:
+    """Keep only the experts in each token's ``topk_group`` best groups (others set to -inf)."""
+    T, E = sel_TE.shape
+    grouped_TGX = sel_TE.view(T, n_group, E // n_group)
+    if group_score == "max":
+        score_TG = grouped_TGX.max(dim=-1).values
+    elif group_score == "top2_sum":
+        score_TG = grouped_TGX.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        raise ValueError(f"unknown group_score {group_score!r}")
+    keep_TG = torch.zeros_like(score_TG, dtype=torch.bool)
+    keep_TG.scatter_(1, score_TG.topk(topk_group, dim=-1).indices, True)
+    keep_TE = keep_TG.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+    return sel_TE.masked_fill(~keep_TE, float("-inf"))
+
+
+def reference_route(block: MoEBlockView, hidden_TH: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Route ``hidden_TH [T, H]`` with the block's settings only, in float64.
+
+    Returns ``(logits_TE [T, E] float64, ids_TK [T, K] int64, weights_TK [T, K] float64)``; weights are
+    the final combine weights (renormalised and scaled as the family does).
+    """
+    x_TH = hidden_TH.reshape(-1, block.hidden_size).to(torch.float64)
+    logits_TE = x_TH @ _f64(block.router_weight).T
+    if block.router_bias is not None:
+        logits_TE = logits_TE + _f64(block.router_bias)
+    k = block.top_k
+    if block.scoring == "sparsemixer":
+        ids_TK, w_TK = _sparsemixer_eval(logits_TE, k, block.scoring_params["jitter_eps"])
+        return logits_TE, ids_TK, w_TK * block.routed_scaling_factor
+    if block.scoring == "softmax":
+        scores_TE = torch.softmax(logits_TE, dim=-1)
+    elif block.scoring == "sigmoid":
+        scores_TE = torch.sigmoid(logits_TE)
+    else:
+        raise ValueError(f"unknown scoring {block.scoring!r}")
+    sel_TE = scores_TE if block.correction_bias is None else scores_TE + _f64(block.correction_bias)
+    if block.n_group is not None and block.n_group > 1:
+        sel_TE = _group_mask(sel_TE, block.n_group, block.topk_group, block.group_score)
+    ids_TK = sel_TE.topk(k, dim=-1).indices
+    w_TK = scores_TE.gather(-1, ids_TK)
+    if block.norm_topk_prob:
+        norm = w_TK.abs().pow(block.norm_p).sum(-1, keepdim=True).pow(1.0 / block.norm_p)
+        w_TK = w_TK / norm.clamp(min=block.norm_min)
+    return logits_TE, ids_TK, w_TK * block.routed_scaling_factor
+
+
+def _shared_forward(shared: SharedExpertsView, x_TH: Tensor) -> Tensor:
+    h_TS = glu_activation(shared.act, x_TH @ _f64(shared.gate).T, x_TH @ _f64(shared.up).T)
+    y_TH = h_TS @ _f64(shared.down).T
+    if shared.gate_weight is not None:
+        y_TH = y_TH * torch.sigmoid(x_TH @ _f64(shared.gate_weight).T)
+    return y_TH
+
+
+def expert_forward(block: MoEBlockView, e: int, x_NH: Tensor) -> Tensor:
+    """Expert ``e`` of the block on ``x_NH [N, H]`` (float64), no routing weight: ``[N, H]``."""
+    g_NI = x_NH @ _f64(block.gate[e]).T
+    u_NI = x_NH @ _f64(block.up[e]).T
+    if block.gate_bias is not None:
+        g_NI = g_NI + _f64(block.gate_bias[e])
+    if block.up_bias is not None:
+        u_NI = u_NI + _f64(block.up_bias[e])
+    y_NH = glu_activation(block.act, g_NI, u_NI, block.act_params) @ _f64(block.down[e]).T
+    if block.down_bias is not None:
+        y_NH = y_NH + _f64(block.down_bias[e])
+    return y_NH
+
+
+def reference_forward(block: MoEBlockView, hidden_TH: Tensor) -> Tensor:
+    """The block's output for ``hidden_TH [..., H]``, computed from the view in float64.
+
+    Steps: route (:func:`reference_route`); for each expert, run it on its tokens and add
+    ``weight * expert(x)`` (or ``expert(weight * x)`` for ``combine='input'``); add the shared
+    expert(s) (times their sigmoid gate) and any output bias. Returns hidden's shape and dtype.
+    """
+    shape, dtype = hidden_TH.shape, hidden_TH.dtype
+    x_TH = hidden_TH.reshape(-1, shape[-1]).to(torch.float64)
+    _, ids_TK, w_TK = reference_route(block, x_TH)
+    out_TH = torch.zeros_like(x_TH)
+    for e in range(block.num_experts):
+        tok, slot = torch.where(ids_TK == e)
+        if tok.numel() == 0:
+            continue
+        w_N1 = w_TK[tok, slot].unsqueeze(-1)
+        if block.combine == "input":
+            y_NH = expert_forward(block, e, x_TH[tok] * w_N1)
+        elif block.combine == "output":
+            y_NH = expert_forward(block, e, x_TH[tok]) * w_N1
+        else:
+            raise ValueError(f"unknown combine {block.combine!r}")
+        out_TH.index_add_(0, tok, y_NH)
+    if block.shared is not None:
+        out_TH = out_TH + _shared_forward(block.shared, x_TH)
+    if block.output_bias is not None:
+        out_TH = out_TH + _f64(block.output_bias)
+    return out_TH.reshape(shape).to(dtype)
+
+
+__all__ = ["reference_route", "reference_forward", "expert_forward", "glu_activation"]

@@ -1,0 +1,115 @@
+"""Tiny random models of every supported family, built from their transformers config classes.
+
+For tests and examples across moelab: hidden 16, expert width 8, 4-8 experts, 2 layers, vocab 64.
+Nothing is downloaded. ``tiny_model("Mixtral", num_experts_per_tok=1)`` overrides config fields.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from moelab.errors import MoelabError
+
+_COMMON = dict(
+    vocab_size=64,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+
+# family -> (config class, causal-LM class, config kwargs on top of _COMMON)
+TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "Mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(intermediate_size=8, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    "Qwen2-MoE": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            intermediate_size=24,
+            moe_intermediate_size=8,
+            shared_expert_intermediate_size=12,
+            num_experts=6,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        ),
+    ),
+    "Qwen3-MoE": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            intermediate_size=24,
+            moe_intermediate_size=8,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            head_dim=8,
+        ),
+    ),
+    "OLMoE": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(intermediate_size=8, num_experts=8, num_experts_per_tok=2),
+    ),
+    "FlexOlmo": (
+        "FlexOlmoConfig",
+        "FlexOlmoForCausalLM",
+        dict(intermediate_size=8, num_experts=5, num_experts_per_tok=2),
+    ),
+    "MiniMax": (
+        "MiniMaxConfig",
+        "MiniMaxForCausalLM",
+        dict(
+            intermediate_size=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=8,
+            block_size=4,
+            layer_types=["linear_attention", "full_attention"],
+        ),
+    ),
+}
+
+
+def tiny_config(family: str, **overrides: Any):
+    """The transformers config of a tiny ``family`` model (float64-ready, eager experts by default)."""
+    import transformers
+
+    if family not in TINY_CONFIGS:
+        raise MoelabError(
+            f"tiny_config: unknown family {family!r}; known: {', '.join(TINY_CONFIGS)}"
+        )
+    cfg_name, _, kwargs = TINY_CONFIGS[family]
+    merged = {**_COMMON, **kwargs, "experts_implementation": "eager", **overrides}
+    return getattr(transformers, cfg_name)(**merged)
+
+
+def tiny_model(
+    family: str, *, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides: Any
+) -> nn.Module:
+    """A tiny random ``family`` causal LM in eval mode; config fields can be overridden."""
+    import transformers
+
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = getattr(transformers, TINY_CONFIGS[family][1])(config)
+    _randomise_zero_init(model)
+    return model.to(dtype).eval()
+
+
+def _randomise_zero_init(model: nn.Module) -> None:
+    """Give zero-initialised routing buffers/biases small random values so tests exercise them."""
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and ("bias" in name) and t.ndim <= 2 and not t.any():
+                t.normal_(0.0, 0.05)
