@@ -1,0 +1,128 @@
+"""What the routing hooks record per MoE block, and the per-expert statistics they compute.
+
+Shape legend: T tokens of a batch (flattened batch x sequence), H hidden, E experts, K top-k,
+I expert width.
+
+A :class:`Collector` installs one routing hook per block of a :class:`moelab.models.ModelView`
+(through ``block.register_routing_hook``, so family quirks stay in the view), keeps what each hook saw
+during one forward, and hands it out per layer as numpy arrays. It never changes the model's
+computation; :meth:`Collector.remove` takes every hook off again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moelab.errors import TraceError
+from moelab.models import glu_activation
+from moelab.trace.schema import column
+
+
+def expert_stats(block: Any, hidden_TH: Tensor, ids_TK: Tensor, weights_TK: Tensor,
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Per chosen (token, slot): ``||expert(x)||_2``, ``max|down input|``, ``max|down output|``.
+
+    Each ``[T, K]`` float32; slots with id -1 hold 0. The expert runs in the hidden state's dtype on
+    the input it received: ``x`` (``combine='output'``) or ``weight * x`` (``combine='input'``, Llama4).
+    The output norm is before the routing weight is applied.
+    """
+    if block.gate is None or block.up is None or block.down is None:
+        raise TraceError(f"{block.path}: the model view exposes no expert weights; expert norms and "
+                         "activation maxima need them")
+    norm_TK, in_TK, out_TK = (torch.zeros(ids_TK.shape, dtype=torch.float32) for _ in range(3))
+    x_TH = hidden_TH.reshape(-1, hidden_TH.shape[-1])
+    for e in torch.unique(ids_TK[ids_TK >= 0]).tolist():
+        tok, slot = torch.where(ids_TK == e)
+        x_NH = x_TH[tok]
+        if block.combine == "input":
+            x_NH = x_NH * weights_TK[tok, slot].unsqueeze(-1).to(x_NH.dtype)
+        g_NI = x_NH @ block.gate[e].T
+        u_NI = x_NH @ block.up[e].T
+        if block.gate_bias is not None:
+            g_NI = g_NI + block.gate_bias[e]
+        if block.up_bias is not None:
+            u_NI = u_NI + block.up_bias[e]
+        h_NI = glu_activation(block.act, g_NI, u_NI, block.act_params)
+        y_NH = h_NI @ block.down[e].T
+        if block.down_bias is not None:
+            y_NH = y_NH + block.down_bias[e]
+        in_TK[tok, slot] = h_NI.abs().amax(-1).float().cpu()
+        out_TK[tok, slot] = y_NH.abs().amax(-1).float().cpu()
+        norm_TK[tok, slot] = torch.linalg.vector_norm(y_NH, dim=-1, dtype=torch.float32).cpu()
+    return norm_TK, in_TK, out_TK
+
+
+class Collector:
+    """Routing hooks on every block of a view, collecting one forward's worth of fields per layer.
+
+    ``fields``: the optional fields to compute (``logits``, ``expert_norms``, ``act_max``,
+    ``hidden_norm``); ids and weights are always kept. ``weights_dtype``: ``float32`` or ``float16``.
+    """
+
+    def __init__(self, view: Any, fields: tuple[str, ...], weights_dtype: str):
+        self.fields = fields
+        self.wdtype = torch.float32 if weights_dtype == "float32" else torch.float16
+        self.blocks = list(view.blocks)
+        self._seen: dict[int, dict[str, Tensor]] = {}
+        self._handles: list[Any] = []
+        try:
+            for block in self.blocks:
+                self._handles.append(block.register_routing_hook(self._hook_for(block)))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Take every hook off the model (safe to call twice)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook_for(self, block: Any):
+        def hook(event: Any) -> None:
+            if block.layer in self._seen:
+                raise TraceError(f"{block.path}: the routing hook fired twice in one forward")
+            self._seen[block.layer] = self._fields_of(block, event)
+
+        return hook
+
+    @torch.no_grad()
+    def _fields_of(self, block: Any, event: Any) -> dict[str, Tensor]:
+        ids_TK = event.ids_TK
+        i = block.layer
+        out = {column("ids", i): ids_TK.to(torch.int16).cpu(),
+               column("weights", i): event.weights_TK.to(self.wdtype).cpu()}
+        if "logits" in self.fields:
+            if event.logits_TE is None:
+                raise TraceError(f"{block.path}: the {block.family} family does not expose router "
+                                 "logits; record without --logits")
+            out[column("logits", i)] = event.logits_TE.to(torch.float16).cpu()
+        if "hidden_norm" in self.fields:
+            out[column("hidden_norm", i)] = torch.linalg.vector_norm(
+                event.hidden_TH, dim=-1, dtype=torch.float32).reshape(-1).cpu()
+        if "expert_norms" in self.fields or "act_max" in self.fields:
+            norm, act_in, act_out = expert_stats(block, event.hidden_TH, ids_TK, event.weights_TK)
+            if "expert_norms" in self.fields:
+                out[column("expert_norm", i)] = norm
+            if "act_max" in self.fields:
+                out[column("act_in_max", i)] = act_in
+                out[column("act_out_max", i)] = act_out
+        return out
+
+    def take(self, num_tokens: int) -> dict[str, np.ndarray]:
+        """The columns of the last forward (``num_tokens`` rows each) as numpy; clears them."""
+        seen, self._seen = self._seen, {}
+        missing = [b.path for b in self.blocks if b.layer not in seen]
+        if missing:
+            raise TraceError(f"the routing hooks of {missing} did not fire during the forward")
+        cols: dict[str, np.ndarray] = {}
+        for layer_cols in seen.values():
+            for name, t in layer_cols.items():
+                if t.shape[0] != num_tokens:
+                    raise TraceError(f"{name}: the hook saw {t.shape[0]} tokens, the batch has {num_tokens}")
+                cols[name] = t.numpy()
+        return cols
