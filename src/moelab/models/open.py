@@ -108,7 +108,7 @@ def _read_blocks(model: nn.Module, adapter: FamilyAdapter) -> list[MoEBlockView]
         match = _LAYER_RE.match(path)
         if match is None:
             raise UnsupportedModelError(f"{path}: MoE block outside a numbered list of layers")
-        blocks.append(adapter.read(module, model.config, path, int(match.group(2))))
+        blocks.append(adapter.read(model, module, path, int(match.group(2))))
     return blocks
 
 

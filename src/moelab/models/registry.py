@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from torch import nn
 
 from moelab.errors import UnsupportedModelError
 from moelab.models.view import MoEBlockView
 
-# read(block_module, config, path, layer) -> MoEBlockView
-BlockReader = Callable[[nn.Module, Any, str, int], MoEBlockView]
+# read(model, block_module, path, layer) -> MoEBlockView
+BlockReader = Callable[[nn.Module, nn.Module, str, int], MoEBlockView]
 
 
 @dataclass(frozen=True)

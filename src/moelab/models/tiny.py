@@ -25,6 +25,16 @@ _COMMON = dict(
     pad_token_id=None,
 )
 
+# multi-head latent attention (DeepSeek): needs as many kv heads as heads
+_MLA = dict(
+    num_key_value_heads=2,
+    kv_lora_rank=8,
+    q_lora_rank=None,
+    qk_rope_head_dim=4,
+    qk_nope_head_dim=4,
+    v_head_dim=8,
+)
+
 # family -> (config class, causal-LM class, config kwargs on top of _COMMON)
 TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "Mixtral": (
@@ -77,6 +87,97 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
             block_size=4,
             layer_types=["linear_attention", "full_attention"],
         ),
+    ),
+    "DeepSeek-V2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            _MLA,
+            intermediate_size=24,
+            moe_intermediate_size=8,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+            first_k_dense_replace=0,
+        ),
+    ),
+    "DeepSeek-V3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            _MLA,
+            intermediate_size=24,
+            moe_intermediate_size=8,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=3,
+            n_group=4,
+            topk_group=2,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            first_k_dense_replace=1,
+        ),
+    ),
+    "GLM4-MoE": (
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(
+            intermediate_size=24,
+            moe_intermediate_size=8,
+            n_routed_experts=6,
+            n_shared_experts=2,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=1.0,
+            first_k_dense_replace=0,
+            head_dim=8,
+        ),
+    ),
+    "GraniteMoE": (
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        dict(intermediate_size=8, num_local_experts=4, num_experts_per_tok=2),
+    ),
+    "GraniteMoeShared": (
+        "GraniteMoeSharedConfig",
+        "GraniteMoeSharedForCausalLM",
+        dict(
+            intermediate_size=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            shared_intermediate_size=12,
+        ),
+    ),
+    "PhiMoE": (
+        "PhimoeConfig",
+        "PhimoeForCausalLM",
+        dict(
+            intermediate_size=8, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.3
+        ),
+    ),
+    "ERNIE-4.5-MoE": (
+        "Ernie4_5_MoeConfig",
+        "Ernie4_5_MoeForCausalLM",
+        dict(
+            intermediate_size=24,
+            moe_intermediate_size=8,
+            moe_num_experts=6,
+            moe_k=2,
+            moe_num_shared_experts=1,
+            moe_layer_start_index=1,
+            head_dim=8,
+        ),
+    ),
+    "HunYuan-MoE": (
+        "HunYuanMoEV1Config",
+        "HunYuanMoEV1ForCausalLM",
+        dict(intermediate_size=8, num_experts=4, moe_topk=2, head_dim=8),
     ),
 }
 

@@ -5,6 +5,6 @@
 
 from __future__ import annotations
 
-from moelab.models.families import topk_softmax
+from moelab.models.families import deepseek, topk_softmax
 
-ADAPTERS = (*topk_softmax.ADAPTERS,)
+ADAPTERS = (*topk_softmax.ADAPTERS, *deepseek.ADAPTERS)

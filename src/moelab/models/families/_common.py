@@ -9,6 +9,7 @@ in-place edit of a view edits the model.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +91,22 @@ def glu_mlp(module: nn.Module, path: str, act: str, **kw) -> SharedExpertsView:
     )
 
 
+def config_field(config: Any, *names: str) -> Any:
+    """The first of ``names`` that ``config`` sets (not None), else None."""
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def config_num_experts(config: Any) -> int | None:
+    """Routed experts per block according to the config, whatever the family calls the field."""
+    return config_field(
+        config, "n_routed_experts", "num_local_experts", "num_experts", "moe_num_experts"
+    )
+
+
 def check_experts(
     view: MoEBlockView, expected_e: int | None, expected_i: int | None
 ) -> MoEBlockView:
@@ -115,10 +132,11 @@ def check_experts(
         )
     if not 1 <= view.top_k <= E:
         raise CheckpointError(f"{where}: top_k={view.top_k} is not in [1, {E}]")
-    if view.n_group and (E % view.n_group or not view.topk_group or view.topk_group > view.n_group):
+    g, tg = view.n_group, view.topk_group
+    if g and (E % g or not tg or tg > g or view.top_k > tg * (E // g)):
         raise CheckpointError(
-            f"{where}: group-limited routing needs E % n_group == 0 and 1 <= topk_group <= n_group "
-            f"(E={E}, n_group={view.n_group}, topk_group={view.topk_group})"
+            f"{where}: group-limited routing needs E % n_group == 0, 1 <= topk_group <= n_group and "
+            f"top_k <= topk_group * E / n_group (E={E}, n_group={g}, topk_group={tg}, top_k={view.top_k})"
         )
     return view
 
