@@ -69,3 +69,9 @@ def full_trace(model_dir, corpus_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("full_trace")
     return moelab.trace.record(str(model_dir), corpus_dir, out, seq_len=16, batch_size=4,
                                max_tokens=300, shard_tokens=64, progress=False, **ALL_FIELDS)
+
+
+@pytest.fixture(scope="session")
+def make_tiny():
+    """The tiny Qwen3-MoE factory: ``make_tiny(seed=0, layers=2, experts=8, top_k=2, vocab=320)``."""
+    return tiny_qwen3_moe

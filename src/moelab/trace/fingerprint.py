@@ -24,7 +24,7 @@ from moelab.errors import TraceError
 _RUNTIME_KEYS = {
     "transformers_version", "torch_dtype", "dtype", "use_cache", "return_dict",
     "output_router_logits", "output_hidden_states", "output_attentions", "experts_implementation",
-    "attn_implementation", "tie_word_embeddings_runtime",
+    "attn_implementation", "architectures",  # the model class is compared on its own
 }
 
 

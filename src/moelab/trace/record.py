@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,9 +197,7 @@ def _prepare_out_dir(out: Path, manifest: Manifest, *, overwrite: bool, resume: 
 
 
 def _warn(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _record_shards(view: Any, data: CorpusInput, cfg: RecordConfig, manifest: Manifest,
