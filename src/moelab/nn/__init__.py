@@ -1,1 +1,48 @@
-"""moelab.nn."""
+"""moelab.nn: MoE layers, routers, losses and fast dropless dispatch.
+
+Contracts: every router returns a `Routing` (float32 ``logits_TE``, ``ids_TK``, ``weights_TK``,
+``mask_TK``); `Experts` stores ``gate [E,I,H]``, ``up [E,I,H]``, ``down [E,H,I]`` and is called as
+``experts(x_TH, ids_TK, weights_TK, mask_TK=None) -> y_TH``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from moelab.nn.experts import ACTIVATIONS, Experts, ExpertsConfig, split_experts
+from moelab.nn.layer import DenseMLP, MoELayer, MoEOutput, apply_capacity
+from moelab.nn.losses import expert_load, load_balancing_loss, sequence_balance_loss, z_loss
+from moelab.nn.routers.base import Router, RouterConfig
+from moelab.nn.routers.topk import TopKConfig, TopKRouter
+from moelab.nn.routing import Routing, RoutingError
+
+__all__ = [
+    "ACTIVATIONS",
+    "DenseMLP",
+    "Experts",
+    "ExpertsConfig",
+    "MoELayer",
+    "MoEOutput",
+    "Router",
+    "RouterConfig",
+    "Routing",
+    "RoutingError",
+    "TopKConfig",
+    "TopKRouter",
+    "apply_capacity",
+    "expert_load",
+    "load_balancing_loss",
+    "sequence_balance_loss",
+    "split_experts",
+    "z_loss",
+]
+
+# Names defined in modules that are imported on first use.
+_LAZY: dict[str, str] = {}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moelab.nn' has no attribute {name!r}")

@@ -1,0 +1,237 @@
+"""Stacked experts: E feed-forward networks stored as three [E, out, in] tensors.
+
+Shape legend: T tokens, H hidden, E experts, K slots per token, I expert inner dim.
+
+Expert e computes ``down_e( act(gate_e x + bg_e) * (up_e x + bu_e) ) + bd_e`` (gated: SwiGLU,
+GeGLU) or ``down_e( act(up_e x + bu_e) ) + bd_e`` (plain GELU/ReLU/SiLU MLP), with
+``gate [E,I,H]``, ``up [E,I,H]``, ``down [E,H,I]`` — the layout of the model view.
+
+Fine-grained experts (DeepSeekMoE, Dai et al. 2024, arXiv:2401.06066) are a config of this class:
+split each of E experts into m experts of inner size I/m and route to m*k of the E*m
+(``ExpertsConfig.fine_grained(m)``; ``split_experts`` does it to trained weights, exactly).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab.nn import _dispatch
+from moelab.nn.routing import RoutingError
+
+ACTIVATIONS = {
+    "swiglu": (F.silu, True),
+    "geglu": (lambda h: F.gelu(h, approximate="tanh"), True),
+    "geglu_exact": (F.gelu, True),
+    "gelu": (F.gelu, False),
+    "gelu_tanh": (lambda h: F.gelu(h, approximate="tanh"), False),
+    "relu": (F.relu, False),
+    "silu": (F.silu, False),
+}
+
+
+@dataclass(kw_only=True)
+class ExpertsConfig:
+    """E experts of hidden size H and inner size I.
+
+    ``activation`` is one of ``ACTIVATIONS``; the ``*glu`` ones have a gate projection.
+    ``impl`` picks the dispatch: ``"loop"`` (per-expert GEMMs, default) or ``"grouped_mm"``.
+    """
+
+    num_experts: int
+    hidden_size: int
+    inner_size: int
+    activation: str = "swiglu"
+    bias: bool = False
+    impl: str = "loop"
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "hidden_size", "inner_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise RoutingError(f"ExpertsConfig.{name} must be a positive int, got {v!r}")
+        if self.activation not in ACTIVATIONS:
+            raise RoutingError(
+                f"ExpertsConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
+            )
+        if self.impl not in ("loop", "grouped_mm"):
+            raise RoutingError(
+                f"ExpertsConfig.impl must be 'loop' or 'grouped_mm', got {self.impl!r}"
+            )
+
+    @property
+    def gated(self) -> bool:
+        return ACTIVATIONS[self.activation][1]
+
+    def fine_grained(self, m: int) -> ExpertsConfig:
+        """DeepSeekMoE fine-grained segmentation: E*m experts of inner size I/m (route to m*k)."""
+        if not isinstance(m, int) or m < 1 or self.inner_size % m:
+            raise RoutingError(
+                f"fine_grained: m={m!r} must be a positive int dividing inner_size={self.inner_size}"
+            )
+        return replace(self, num_experts=self.num_experts * m, inner_size=self.inner_size // m)
+
+
+class Experts(nn.Module):
+    """E stacked experts; ``forward(x_TH, ids_TK, weights_TK, mask_TK=None) -> y_TH``.
+
+    ``y_t = sum_k weights[t,k] * expert_{ids[t,k]}(x_t)`` over slots with ``mask[t,k]`` True.
+    """
+
+    def __init__(self, config: ExpertsConfig, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.config = config
+        E, H, I = config.num_experts, config.hidden_size, config.inner_size
+        kw = {"device": device, "dtype": dtype}
+        self.gate = nn.Parameter(torch.empty(E, I, H, **kw)) if config.gated else None
+        self.up = nn.Parameter(torch.empty(E, I, H, **kw))
+        self.down = nn.Parameter(torch.empty(E, H, I, **kw))
+        self.gate_bias = (
+            nn.Parameter(torch.empty(E, I, **kw)) if config.bias and config.gated else None
+        )
+        self.up_bias = nn.Parameter(torch.empty(E, I, **kw)) if config.bias else None
+        self.down_bias = nn.Parameter(torch.empty(E, H, **kw)) if config.bias else None
+        self.act = ACTIVATIONS[config.activation][0]
+        self.reset_parameters()
+
+    @property
+    def num_experts(self) -> int:
+        return self.up.shape[0]
+
+    def reset_parameters(self) -> None:
+        """Kaiming-uniform like nn.Linear, per expert; biases zero."""
+        for w in (self.gate, self.up, self.down):
+            if w is not None:
+                bound = 1.0 / math.sqrt(w.shape[-1])
+                nn.init.uniform_(w, -bound, bound)
+        for b in (self.gate_bias, self.up_bias, self.down_bias):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    def _weights(self):
+        return (self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias)
+
+    def check(
+        self, x_TH: Tensor, ids_TK: Tensor, weights_TK: Tensor, mask_TK: Tensor | None
+    ) -> None:
+        if x_TH.dim() != 2 or x_TH.shape[1] != self.up.shape[2]:
+            raise RoutingError(
+                f"experts: x must be [T, H={self.up.shape[2]}], got {tuple(x_TH.shape)}"
+            )
+        if (
+            ids_TK.dim() != 2
+            or ids_TK.shape[0] != x_TH.shape[0]
+            or weights_TK.shape != ids_TK.shape
+        ):
+            raise RoutingError(
+                f"experts: ids {tuple(ids_TK.shape)} and weights {tuple(weights_TK.shape)} must both be [T={x_TH.shape[0]}, K]"
+            )
+        if mask_TK is not None and mask_TK.shape != ids_TK.shape:
+            raise RoutingError(
+                f"experts: mask {tuple(mask_TK.shape)} must match ids {tuple(ids_TK.shape)}"
+            )
+        real = ids_TK if mask_TK is None else ids_TK[mask_TK]
+        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.num_experts):
+            raise RoutingError(
+                f"experts: ids must lie in [0, E={self.num_experts}) where mask is True; got range "
+                f"[{int(real.min())}, {int(real.max())}] (router and experts disagree on the expert count?)"
+            )
+
+    def forward(
+        self, x_TH: Tensor, ids_TK: Tensor, weights_TK: Tensor, mask_TK: Tensor | None = None
+    ) -> Tensor:
+        self.check(x_TH, ids_TK, weights_TK, mask_TK)
+        if x_TH.dtype != self.up.dtype:
+            raise RoutingError(
+                f"experts: x dtype {x_TH.dtype} != expert weights dtype {self.up.dtype}"
+            )
+        plan = _dispatch.make_plan(ids_TK, mask_TK, self.num_experts)
+        x_TH = x_TH.contiguous()
+        if self.config.impl == "grouped_mm":
+            return _grouped_mm_forward(self, x_TH, weights_TK, plan)
+        params = self._weights()
+        needs_grad = torch.is_grad_enabled() and (
+            x_TH.requires_grad
+            or weights_TK.requires_grad
+            or any(p is not None and p.requires_grad for p in params)
+        )
+        if needs_grad:
+            return _dispatch.GroupedExperts.apply(x_TH, weights_TK, *params, plan, self.act)
+        return _dispatch.experts_forward(x_TH, weights_TK, plan, *params, self.act)
+
+    def expert(self, e: int, x_RH: Tensor) -> Tensor:
+        """Expert e on rows x_RH, with plain autograd ops (the reference)."""
+        gate, up, down, bg, bu, bd = self._weights()
+        h_up = F.linear(x_RH, up[e], None if bu is None else bu[e])
+        if gate is None:
+            a = self.act(h_up)
+        else:
+            a = self.act(F.linear(x_RH, gate[e], None if bg is None else bg[e])) * h_up
+        return F.linear(a, down[e], None if bd is None else bd[e])
+
+    def reference(
+        self, x_TH: Tensor, ids_TK: Tensor, weights_TK: Tensor, mask_TK: Tensor | None = None
+    ) -> Tensor:
+        """Slow, obvious per-token, per-slot loop; the oracle for the fast path."""
+        self.check(x_TH, ids_TK, weights_TK, mask_TK)
+        rows = []
+        for t in range(x_TH.shape[0]):
+            y = torch.zeros_like(x_TH[t])
+            for k in range(ids_TK.shape[1]):
+                if mask_TK is None or bool(mask_TK[t, k]):
+                    y = (
+                        y
+                        + weights_TK[t, k].to(x_TH.dtype)
+                        * self.expert(int(ids_TK[t, k]), x_TH[t : t + 1])[0]
+                    )
+            rows.append(y)
+        return torch.stack(rows) if rows else x_TH.new_zeros(x_TH.shape)
+
+
+def _grouped_mm_forward(experts: Experts, x_TH: Tensor, w_TK: Tensor, plan) -> Tensor:
+    """Same maths through ``F.grouped_mm`` (autograd by torch); float32/bf16, aligned shapes only."""
+    if not hasattr(F, "grouped_mm"):
+        raise RoutingError(
+            "ExpertsConfig.impl='grouped_mm' needs torch.nn.functional.grouped_mm (torch >= 2.10)"
+        )
+    if experts.config.bias:
+        raise RoutingError(
+            "ExpertsConfig.impl='grouped_mm' does not support biases; use impl='loop'"
+        )
+    tok_R = plan.order_N[: plan.num_real] // plan.K
+    xs_RH = x_TH.index_select(0, tok_R)
+    offs = torch.tensor(plan.counts, device=x_TH.device).cumsum(0).to(torch.int32)
+    h_up = F.grouped_mm(xs_RH, experts.up.transpose(1, 2), offs=offs)
+    if experts.gate is None:
+        a = experts.act(h_up)
+    else:
+        a = experts.act(F.grouped_mm(xs_RH, experts.gate.transpose(1, 2), offs=offs)) * h_up
+    o_RH = F.grouped_mm(a, experts.down.transpose(1, 2), offs=offs)
+    return _dispatch._combine(o_RH, w_TK, plan)[0]
+
+
+def split_experts(experts: Experts, m: int) -> Experts:
+    """Fine-grained copy: expert e becomes experts e*m .. e*m+m-1, each with I/m inner rows.
+
+    Routing token t to all m pieces of e with e's weight reproduces the original output exactly,
+    because the down projection is a sum over inner rows.
+    """
+    cfg = experts.config.fine_grained(m)
+    if cfg.bias:
+        raise RoutingError(
+            "split_experts: experts with biases cannot be split exactly (down bias would count m times)"
+        )
+    out = Experts(cfg, device=experts.up.device, dtype=experts.up.dtype)
+    E, I, H = experts.up.shape
+    with torch.no_grad():
+        if experts.gate is not None:
+            out.gate.copy_(experts.gate.reshape(E * m, I // m, H))
+        out.up.copy_(experts.up.reshape(E * m, I // m, H))
+        out.down.copy_(
+            experts.down.reshape(E, H, m, I // m).permute(0, 2, 1, 3).reshape(E * m, H, I // m)
+        )
+    return out
