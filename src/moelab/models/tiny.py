@@ -179,6 +179,51 @@ TINY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "HunYuanMoEV1ForCausalLM",
         dict(intermediate_size=8, num_experts=4, moe_topk=2, head_dim=8),
     ),
+    "GPT-OSS": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        # a small swiglu_limit so that the clamp acts at these weight scales
+        dict(
+            intermediate_size=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=8,
+            swiglu_limit=0.05,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=8,
+            rope_parameters=dict(rope_type="default", rope_theta=1e4),
+        ),
+    ),
+    "Llama4": (
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        dict(
+            intermediate_size=8,
+            intermediate_size_mlp=24,
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            head_dim=8,
+            interleave_moe_layer_step=2,
+            attention_chunk_size=16,
+        ),
+    ),
+    "DBRX": (
+        "DbrxConfig",
+        "DbrxForCausalLM",
+        dict(
+            d_model=16,
+            n_heads=2,
+            n_layers=2,
+            max_seq_len=64,
+            attn_config=dict(kv_n_heads=1, rope_theta=1e4, clip_qkv=8.0),
+            ffn_config=dict(ffn_hidden_size=8, moe_num_experts=4, moe_top_k=2),
+        ),
+    ),
+    "JetMoE": (
+        "JetMoeConfig",
+        "JetMoeForCausalLM",
+        dict(intermediate_size=8, num_local_experts=4, num_experts_per_tok=2, kv_channels=8),
+    ),
 }
 
 

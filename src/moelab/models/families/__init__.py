@@ -5,6 +5,13 @@
 
 from __future__ import annotations
 
-from moelab.models.families import deepseek, topk_softmax
+from moelab.models.families import dbrx, deepseek, gpt_oss, jetmoe, llama4, topk_softmax
 
-ADAPTERS = (*topk_softmax.ADAPTERS, *deepseek.ADAPTERS)
+ADAPTERS = (
+    *topk_softmax.ADAPTERS,
+    *deepseek.ADAPTERS,
+    *gpt_oss.ADAPTERS,
+    *llama4.ADAPTERS,
+    *dbrx.ADAPTERS,
+    *jetmoe.ADAPTERS,
+)

@@ -145,14 +145,18 @@ def _as_logits(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().reshape(-1, t.shape[-1]).float()
 
 
+_STD_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
+
+
 def experts_prehook_installer(
-    logits_index: int | None = 0, ids_pos: int = 1, weights_pos: int = 2
+    logits_index: int | None = 0, arg_names: tuple[str, str, str] = _STD_ARGS
 ) -> Callable[[MoEBlockView, Callable[[RoutingEvent], None]], list]:
     """Hooks for families whose experts module is called as ``experts(hidden, ids, weights)``.
 
-    A forward hook on the router keeps its raw logits (output ``logits_index``; None: not exposed);
-    a forward pre-hook on the experts module then emits the event. Neither returns anything, so
-    the model's computation is untouched.
+    ``arg_names`` are the experts' parameter names, for calls made with keywords. A forward hook on
+    the router keeps its raw logits (output ``logits_index``; None: not exposed); a forward
+    pre-hook on the experts module then emits the event. Neither returns anything, so the model's
+    computation is untouched.
     """
 
     def install(block: MoEBlockView, fn: Callable[[RoutingEvent], None]) -> list:
@@ -166,9 +170,9 @@ def experts_prehook_installer(
             handles.append(block.router_module.register_forward_hook(on_router))
 
         def on_experts(_mod, args, kwargs):
-            args = _merge_args(args, kwargs, ("hidden_states", "top_k_index", "top_k_weights"))
+            hidden, ids, weights = _merge_args(args, kwargs, arg_names)[:3]
             logits, seen["logits"] = seen["logits"], None
-            fn(_event(block, args[0], args[ids_pos], args[weights_pos], logits))
+            fn(_event(block, hidden, ids, weights, logits))
 
         handles.append(block.experts_module.register_forward_pre_hook(on_experts, with_kwargs=True))
         return handles

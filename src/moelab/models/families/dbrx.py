@@ -1,0 +1,56 @@
+"""DBRX: experts flattened to 2-D ``[E*I, H]`` matrices, softmax router with a p-norm.
+
+Storage (``DbrxExpertGLU``): ``w1`` (gate), ``v1`` (up) and ``w2`` (down, stored as ``[I, H]`` per
+expert and applied as ``h @ w2``), each ``[E*I, H]``; the view reshapes and transposes (no copy).
+Router: ``router.layer`` (``nn.Linear`` H -> E), softmax, top-k, then weights divided by their
+``moe_normalize_expert_weights``-norm (p = 1: the usual renormalisation; None: none).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moelab.errors import CheckpointError
+from moelab.models.families._common import act_name, check_experts, d, experts_prehook_installer
+from moelab.models.registry import FamilyAdapter
+from moelab.models.view import MoEBlockView
+
+# DBRX's router returns the logits tensor alone (not a tuple): the standard hooks take it as is
+_HOOKS = experts_prehook_installer(logits_index=0)
+
+
+def read(model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlockView:
+    ffn = model.config.ffn_config
+    mlp = module.experts.mlp
+    E, I = int(ffn.moe_num_experts), int(ffn.ffn_hidden_size)  # noqa: E741
+    H = mlp.w1.shape[1]
+    for name in ("w1", "v1", "w2"):
+        if tuple(getattr(mlp, name).shape) != (E * I, H):
+            raise CheckpointError(
+                f"{path}.experts.mlp.{name} is {list(getattr(mlp, name).shape)} but ffn_config implies "
+                f"[{E} * {I}, {H}] (moe_num_experts * ffn_hidden_size, hidden)"
+            )
+    p = ffn.moe_normalize_expert_weights
+    view = MoEBlockView(
+        family="DBRX",
+        path=path,
+        layer=layer,
+        module=module,
+        router_module=module.router,
+        experts_module=module.experts,
+        top_k=int(module.top_k),
+        router_weight=d(module.router.layer.weight),
+        scoring="softmax",
+        norm_topk_prob=p is not None,
+        norm_p=float(p) if p is not None else 1.0,
+        gate=mlp.w1.detach().view(E, I, H),
+        up=mlp.v1.detach().view(E, I, H),
+        down=mlp.w2.detach().view(E, I, H).transpose(1, 2),
+        act=act_name(ffn.ffn_act_fn.get("name", "silu"), f"{path} ffn_config.ffn_act_fn"),
+        layout="dbrx_flat",
+        hook_installer=_HOOKS,
+    )
+    return check_experts(view, E, I)
+
+
+ADAPTERS = (FamilyAdapter("DBRX", ("dbrx",), ("DbrxFFN",), read, "DbrxConfig"),)

@@ -1,0 +1,63 @@
+"""GPT-OSS: transposed, interleaved experts with biases and a clamped SwiGLU.
+
+Storage (``GptOssExperts``): ``gate_up_proj [E, H, 2I]`` with gate and up interleaved along the
+last axis (gate = even columns, up = odd), ``gate_up_proj_bias [E, 2I]`` interleaved the same way,
+``down_proj [E, I, H]`` and ``down_proj_bias [E, H]``. The view transposes (no copy).
+
+Router: ``logits = x @ W.T + b`` (router bias), top-k on the logits, softmax over the k chosen,
+which equals renormalised top-k of the full softmax. Activation ``gpt_oss_swiglu``:
+``g = min(gate, limit); u = clamp(up, -limit, limit); (u + 1) * g * sigmoid(alpha * g)``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moelab.models.families._common import (
+    check_experts,
+    config_num_experts,
+    d,
+    experts_prehook_installer,
+    transposed_gate_up,
+)
+from moelab.models.registry import FamilyAdapter
+from moelab.models.view import MoEBlockView
+
+_HOOKS = experts_prehook_installer(
+    logits_index=0, arg_names=("hidden_states", "router_indices", "routing_weights")
+)
+
+
+def read(model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlockView:
+    router, experts = module.router, module.experts
+    gate, up, down = transposed_gate_up(
+        experts.gate_up_proj, experts.down_proj, interleaved=True, where=path
+    )
+    gu_bias = experts.gate_up_proj_bias.detach()
+    view = MoEBlockView(
+        family="GPT-OSS",
+        path=path,
+        layer=layer,
+        module=module,
+        router_module=router,
+        experts_module=experts,
+        top_k=int(router.top_k),
+        router_weight=d(router.weight),
+        router_bias=d(router.bias),
+        scoring="softmax",
+        norm_topk_prob=True,
+        gate=gate,
+        up=up,
+        down=down,
+        gate_bias=gu_bias[:, 0::2],
+        up_bias=gu_bias[:, 1::2],
+        down_bias=d(experts.down_proj_bias),
+        act="gpt_oss_swiglu",
+        act_params={"alpha": float(experts.alpha), "limit": float(experts.limit)},
+        layout="gpt_oss_interleaved",
+        hook_installer=_HOOKS,
+    )
+    return check_experts(view, config_num_experts(model.config), model.config.intermediate_size)
+
+
+ADAPTERS = (FamilyAdapter("GPT-OSS", ("gpt_oss",), ("GptOssMLP",), read, "GptOssConfig"),)
