@@ -1,0 +1,103 @@
+"""``moelab train``, ``moelab perplexity`` and ``moelab export``: the default model's life cycle."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import click
+
+from moelab.data import ASSETS
+
+
+def _corpus_default() -> Path:
+    return ASSETS / "corpus"
+
+
+@click.command("train")
+@click.option("--out", "run_dir", type=click.Path(path_type=Path), default=Path("runs/default"), show_default=True,
+              help="Run folder: checkpoint/, train.jsonl, loss.png. An existing checkpoint there is resumed.")
+@click.option("--preset", type=click.Choice(["default", "tiny"]), default="default", show_default=True,
+              help="Model and schedule size; 'tiny' is the seconds-long debug size.")
+@click.option("--corpus", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Corpus folder (default: the shipped corpus).")
+@click.option("--steps", type=int, default=None, help="Total optimizer steps (sets the cosine schedule).")
+@click.option("--stop-at", type=int, default=None, help="Stop (with a checkpoint) after this many steps.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate.")
+@click.option("--batch-size", type=int, default=None, help="Rows of --seq-len tokens per step.")
+@click.option("--seq-len", type=int, default=None, help="Tokens per row.")
+@click.option("--hidden-size", type=int, default=None, help="Model width.")
+@click.option("--num-experts", type=int, default=None, help="Experts per MoE layer.")
+@click.option("--aux-coef", type=float, default=None, help="Weight of the load-balancing loss.")
+@click.option("--z-coef", type=float, default=None, help="Weight of the router z-loss.")
+@click.option("--seed", type=int, default=None, help="Seed of initialisation and batch sampling.")
+@click.option("--threads", type=int, default=None, help="torch intra-op threads (default 1).")
+@click.option("--checkpoint-every-s", type=float, default=None, help="Seconds between checkpoints.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def train_cmd(run_dir: Path, preset: str, corpus: Path | None, stop_at: int | None, no_progress: bool,
+              **overrides) -> None:
+    """Train (or resume) moelab's small MoE language model (Qwen3-MoE architecture) on the corpus."""
+    from moelab.train.config import make_config
+    from moelab.train.loop import train
+
+    cfg = make_config(preset, corpus=corpus or _corpus_default(), **overrides)
+
+    def _term(signum, frame):  # SIGTERM -> KeyboardInterrupt, so the loop saves a checkpoint first
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, _term)
+    try:
+        result = train(cfg, run_dir, stop_at=stop_at, progress=not no_progress)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; checkpoint saved in {run_dir / 'checkpoint'}; rerun the same command to resume",
+                   err=True)
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    s = result.state
+    click.echo(f"step {s.step}/{cfg.steps}, {s.tokens:,} tokens, {s.elapsed_s / 60:.1f} min; "
+               f"checkpoint in {run_dir / 'checkpoint'}")
+
+
+@click.command("perplexity")
+@click.argument("model_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--corpus", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Corpus folder (default: the shipped corpus).")
+@click.option("--tokens", type=int, default=None, help="Validation tokens per domain (default 32768).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def perplexity_cmd(model_dir: Path | None, corpus: Path | None, tokens: int | None, as_json: bool) -> None:
+    """Per-domain validation perplexity of a saved model (default: the shipped default model)."""
+    from moelab.data import default_model
+    from moelab.train.evaluate import EVAL_TOKENS, evaluate_model_dir
+
+    res = evaluate_model_dir(model_dir or default_model(), corpus or _corpus_default(), tokens or EVAL_TOKENS)
+    if as_json:
+        click.echo(json.dumps({"perplexity": res.perplexity, "loss": res.loss, "tokens": res.tokens}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("domain", "tokens", "loss (nats)", "perplexity")
+    for d, v in res.perplexity.items():
+        table.add_row(d, f"{res.tokens[d]:,}", f"{res.loss[d]:.4f}", f"{v:.2f}")
+    Console().print(table)
+
+
+@click.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=ASSETS / "default_model",
+              show_default=True, help="Model folder to write (replaced atomically).")
+@click.option("--command", "reproduce", default=None,
+              help="The training command to name in the model card (default: derived from the run's config).")
+def export_cmd(run_dir: Path, out_dir: Path, reproduce: str | None) -> None:
+    """Export a run's checkpoint as a transformers model folder with tokenizer and model card."""
+    from moelab.train.export import export_model
+
+    card = export_model(run_dir, out_dir, reproduce=reproduce)
+    click.echo(f"wrote {out_dir}")
+    for d, v in card["perplexity"].items():
+        click.echo(f"  {d:6s} val perplexity {v:.2f}")
+
+
+COMMANDS = [train_cmd, perplexity_cmd, export_cmd]

@@ -1,0 +1,201 @@
+"""The training loop of ``moelab train``: AdamW, linear warmup then cosine decay, checkpoints, resume.
+
+A run lives in one folder: ``config.json`` (the TrainConfig), ``checkpoint/`` (see
+:mod:`moelab.train.checkpoint`), ``train.jsonl`` and ``loss.png`` (see :mod:`moelab.train.log`).
+Starting ``train`` on a folder with a checkpoint resumes it, if the checkpoint's fingerprint matches
+the config; batches, dropout-free forward passes and optimizer updates are then the same as in an
+uninterrupted run, so the losses match it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from moelab.data.atomic import atomic_write_text
+from moelab.data.corpus import MANIFEST, verify_corpus
+from moelab.data.sources import sha256_file
+from moelab.data.tokenizer import eos_id, load_tokenizer
+from moelab.errors import MoelabError
+from moelab.train.batches import encode_split, sample_batch
+from moelab.train.checkpoint import (
+    TrainState,
+    check_fingerprint,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
+from moelab.train.config import TrainConfig, hf_config
+from moelab.train.evaluate import evaluate_streams, load_entropy, validation_streams
+from moelab.train.log import append_log, plot_loss, truncate_log
+from moelab.train.losses import lm_losses
+
+QUICK_EVAL_TOKENS = 8192
+
+
+@dataclass
+class TrainResult:
+    """What a call to :func:`train` did: final state and the losses of the steps it ran."""
+
+    run_dir: Path
+    state: TrainState
+    losses: list[float]  # total loss of each step run in this call, in order
+    resumed_from: int  # step of the checkpoint this call started from (0 = fresh)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def build_model(cfg: TrainConfig, vocab_size: int, eos: int) -> torch.nn.Module:
+    """A freshly initialised ``Qwen3MoeForCausalLM`` (float32), seeded by ``cfg.seed``."""
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    return Qwen3MoeForCausalLM(hf_config(cfg, vocab_size, eos)).float()
+
+
+def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (norm gains are left undecayed)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    other = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _prepare_run(cfg: TrainConfig, run_dir: Path, model, opt, gen) -> tuple[TrainState, dict]:
+    fingerprint = cfg.fingerprint(sha256_file(cfg.corpus / MANIFEST))
+    meta = read_checkpoint_meta(run_dir)
+    if meta is not None:
+        check_fingerprint(run_dir, meta.get("fingerprint", {}), fingerprint)
+        state = load_checkpoint(run_dir, model, opt, gen)
+    else:
+        state = TrainState()
+    truncate_log(run_dir, state.step)
+    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    return state, fingerprint
+
+
+def _train_step(cfg: TrainConfig, model, opt, streams, gen, step: int):
+    for group in opt.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    ids_BS, _ = sample_batch(streams, cfg.domain_weights, cfg.batch_size, cfg.seq_len, gen)
+    out = model(input_ids=ids_BS, output_router_logits=True, use_cache=False)
+    losses = lm_losses(out.logits, ids_BS, out.router_logits, cfg.top_k, cfg.aux_coef, cfg.z_coef)
+    opt.zero_grad(set_to_none=True)
+    losses.total.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return losses
+
+
+def _quick_eval(model, val_streams, state: TrainState, run_dir: Path) -> None:
+    res = evaluate_streams(model, val_streams, seq_len=min(256, min(s.numel() for s in val_streams.values())))
+    ent = {d: round(min(load_entropy(v)), 4) for d, v in res.load_LE.items()}
+    append_log(run_dir, {"kind": "eval", "step": state.step, "tokens": state.tokens,
+                         "val_loss": {d: round(v, 4) for d, v in res.loss.items()}, "min_load_entropy": ent})
+
+
+def train(cfg: TrainConfig, run_dir: Path, stop_at: int | None = None, progress: bool = True) -> TrainResult:
+    """Train (or resume) the run in ``run_dir`` up to ``cfg.steps``, or up to ``stop_at`` steps if given.
+
+    A checkpoint is written every ``checkpoint_every_s`` seconds / ``checkpoint_every_steps`` steps,
+    at the end, and on KeyboardInterrupt (then re-raised).
+    """
+    torch.set_num_threads(cfg.threads)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    verify_corpus(cfg.corpus)
+    tok = load_tokenizer(cfg.corpus)
+    streams = encode_split(cfg.corpus, "train")
+    val_streams = validation_streams(cfg.corpus, QUICK_EVAL_TOKENS) if cfg.eval_every else None
+    model = build_model(cfg, tok.get_vocab_size(), eos_id(tok))
+    opt = make_optimizer(cfg, model)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    state, fingerprint = _prepare_run(cfg, run_dir, model, opt, gen)
+    resumed_from, end = state.step, min(cfg.steps, stop_at if stop_at is not None else cfg.steps)
+    model.train()
+    losses: list[float] = []
+    acc = _Accumulator(cfg.num_layers, cfg.num_experts)
+    last_save = time.monotonic()
+    columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task("train", total=cfg.steps, completed=state.step, info="")
+        try:
+            while state.step < end:
+                t0 = time.perf_counter()
+                step_losses = _train_step(cfg, model, opt, streams, gen, state.step)
+                dt = time.perf_counter() - t0
+                state.step += 1
+                state.tokens += cfg.tokens_per_step
+                state.elapsed_s += dt
+                losses.append(step_losses.total.item())
+                acc.add(step_losses, cfg.tokens_per_step, dt)
+                if state.step % cfg.log_every == 0 or state.step == end:
+                    rec = acc.record(state, lr_at(cfg, state.step - 1))
+                    append_log(run_dir, rec)
+                    bar.update(task, completed=state.step, info=f"loss {rec['ce']:.3f}  {rec['tok_s']:,.0f} tok/s")
+                if cfg.eval_every and state.step % cfg.eval_every == 0:
+                    _quick_eval(model, val_streams, state, run_dir)
+                if _due(cfg, state.step, last_save):
+                    save_checkpoint(run_dir, model, opt, gen, state, fingerprint)
+                    plot_loss(run_dir)
+                    last_save = time.monotonic()
+        except KeyboardInterrupt:
+            save_checkpoint(run_dir, model, opt, gen, state, fingerprint)
+            plot_loss(run_dir)
+            raise
+    save_checkpoint(run_dir, model, opt, gen, state, fingerprint)
+    plot_loss(run_dir)
+    return TrainResult(run_dir=run_dir, state=state, losses=losses, resumed_from=resumed_from)
+
+
+def _due(cfg: TrainConfig, step: int, last_save: float) -> bool:
+    by_steps = cfg.checkpoint_every_steps > 0 and step % cfg.checkpoint_every_steps == 0
+    by_time = cfg.checkpoint_every_s > 0 and time.monotonic() - last_save >= cfg.checkpoint_every_s
+    return by_steps or by_time
+
+
+class _Accumulator:
+    """Means of the losses and the summed expert load over one logging interval."""
+
+    def __init__(self, layers: int, experts: int) -> None:
+        self.shape = (layers, experts)
+        self.reset()
+
+    def reset(self) -> None:
+        self.n, self.tokens, self.seconds = 0, 0, 0.0
+        self.sums = {"loss": 0.0, "ce": 0.0, "balance": 0.0, "z": 0.0}
+        self.load_LE = torch.zeros(self.shape)
+
+    def add(self, losses, tokens: int, seconds: float) -> None:
+        self.n += 1
+        self.tokens += tokens
+        self.seconds += seconds
+        for key, val in zip(("loss", "ce", "balance", "z"), losses[:4], strict=True):
+            self.sums[key] += val.item()
+        self.load_LE += losses.load_LE
+
+    def record(self, state: TrainState, lr: float) -> dict:
+        if self.n == 0:
+            raise MoelabError("training log: no steps in the interval")
+        share_LE = self.load_LE / self.load_LE.sum(dim=1, keepdim=True)
+        rec = {"kind": "train", "step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 2),
+               **{k: round(v / self.n, 5) for k, v in self.sums.items()},
+               "lr": lr, "tok_s": round(self.tokens / max(self.seconds, 1e-9), 1),
+               "load_min": round(share_LE.min().item(), 4), "load_max": round(share_LE.max().item(), 4)}
+        self.reset()
+        return rec
