@@ -90,14 +90,35 @@ def _visible_files(folder: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def read_corpus(path: str | Path) -> list[Document]:
+def is_moelab_corpus(path: Path) -> bool:
+    """True for a corpus folder built by ``moelab data build`` (manifest + ``<domain>/<split>.jsonl.xz``)."""
+    return (path / "manifest.json").is_file() and any(path.glob("*/*.jsonl.xz"))
+
+
+def read_moelab_corpus(path: Path, split: str) -> list[Document]:
+    """The documents of one split of a ``moelab data build`` corpus, labelled by domain."""
+    try:
+        from moelab.data import DOMAINS, read_split
+    except ImportError as err:
+        raise CorpusError(f"{path}: reading a moelab corpus needs moelab.data ({err})") from None
+    docs = []
+    for domain in DOMAINS:
+        docs += [Document(d.text, domain, f"{path}/{domain}/{split}:{d.id}")
+                 for d in read_split(path, domain, split)]
+    return docs
+
+
+def read_corpus(path: str | Path, split: str = "val") -> list[Document]:
     """Read a corpus path (text file, folder of text files, or JSONL) into documents.
 
-    Raises :class:`CorpusError` for a missing path, a file that is not UTF-8 (naming the byte
-    offset), bad JSONL lines, or a corpus without any non-blank text.
+    A folder built by ``moelab data build`` is read through :mod:`moelab.data`: the documents of
+    ``split``, labelled by domain. Raises :class:`CorpusError` for a missing path, a file that is
+    not UTF-8 (naming the byte offset), bad JSONL lines, or a corpus without any non-blank text.
     """
     path = Path(path)
-    if path.is_file():
+    if path.is_dir() and is_moelab_corpus(path):
+        docs = read_moelab_corpus(path, split)
+    elif path.is_file():
         docs = _read_file(path, None)
     elif path.is_dir():
         docs = []
