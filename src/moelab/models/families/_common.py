@@ -133,10 +133,14 @@ def check_experts(
     if not 1 <= view.top_k <= E:
         raise CheckpointError(f"{where}: top_k={view.top_k} is not in [1, {E}]")
     g, tg = view.n_group, view.topk_group
-    if g and (E % g or not tg or tg > g or view.top_k > tg * (E // g)):
+    too_small = (
+        view.group_score == "top2_sum" and g and E // g < 2
+    )  # a group's score needs 2 experts
+    if g and (E % g or not tg or tg > g or view.top_k > tg * (E // g) or too_small):
         raise CheckpointError(
             f"{where}: group-limited routing needs E % n_group == 0, 1 <= topk_group <= n_group and "
-            f"top_k <= topk_group * E / n_group (E={E}, n_group={g}, topk_group={tg}, top_k={view.top_k})"
+            f"top_k <= topk_group * E / n_group, with 2+ experts per group for DeepSeek-V3-style group "
+            f"scores (E={E}, n_group={g}, topk_group={tg}, top_k={view.top_k})"
         )
     return view
 
