@@ -3,7 +3,8 @@
 Nothing here computes a model number: every figure comes from the ``card`` dict (also saved as
 ``card.json``). The specialisation summary is arithmetic on the load table: for each layer, the total
 variation distance ``0.5 * sum_e |p_domain(e) - p_mean(e)|`` between a domain's expert-load share
-and the mean share over domains (0 = every domain routes alike, 1 = disjoint experts).
+and the mean share over domains (0 = every domain routes alike; with D domains on disjoint experts it
+is 1 - 1/D).
 """
 
 from __future__ import annotations

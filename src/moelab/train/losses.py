@@ -2,14 +2,13 @@
 
 Legend: T tokens (batch x sequence, flattened), E experts, K experts per token, L MoE layers, V vocab.
 
-- Load balancing (Switch Transformer, Fedus et al. 2021, https://arxiv.org/abs/2101.03961, eq. 4-6),
-  per layer and averaged over layers:  ``balance = E * sum_e f_e * P_e`` with ``f_e`` the share of the
-  T*K top-k assignments that go to expert e and ``P_e`` the mean router probability of e. It is 1.0
-  when routing is uniform and grows towards E as it collapses. (transformers' ``load_balancing_loss_func``
-  pools all layers into one count and does not divide by K; per-layer balance is what we want here.)
-- Router z-loss (ST-MoE, Zoph et al. 2022, https://arxiv.org/abs/2202.08906, eq. 5):
-  ``z = mean_t (logsumexp_e logits_te)^2``, averaged over layers; it keeps router logits small so
-  the float32 softmax stays well conditioned.
+The router losses are moelab.nn's (:mod:`moelab.nn.losses`), applied per layer to the raw router
+logits transformers returns with ``output_router_logits=True`` and averaged over layers:
+
+- load balancing (Switch Transformer, Fedus et al. 2021, arXiv:2101.03961, eq. 4):
+  ``E * sum_e f_e * P_e``, 1.0 when routing is uniform, growing towards E/K as it collapses. Per layer,
+  unlike transformers' ``load_balancing_loss_func``, which pools the layers' counts into one.
+- router z-loss (ST-MoE, Zoph et al. 2022, arXiv:2202.08906, eq. 5): ``mean_t logsumexp(z_t)^2``.
 """
 
 from __future__ import annotations
@@ -19,6 +18,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from moelab.nn.losses import load_balancing_loss, z_loss
+from moelab.nn.routing import Routing
 
 
 class MoeLosses(NamedTuple):
@@ -31,20 +33,22 @@ class MoeLosses(NamedTuple):
     load_LE: Tensor
 
 
+def _routing(logits_TE: Tensor, top_k: int) -> Routing:
+    """The top-k routing a Qwen3-MoE router makes from its logits (softmax, top-k, renormalise)."""
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    weights_TK, ids_TK = probs_TE.topk(top_k, dim=-1)
+    return Routing(logits_TE=logits_TE.float(), ids_TK=ids_TK, weights_TK=weights_TK / weights_TK.sum(-1, keepdim=True),
+                   aux={"probs_TE": probs_TE})
+
+
 def balance_loss(logits_TE: Tensor, top_k: int) -> Tensor:
     """Switch load-balancing loss of one layer (1.0 when balanced). Returns a float32 scalar."""
-    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-    num_experts = probs_TE.shape[-1]
-    ids_TK = probs_TE.topk(top_k, dim=-1).indices
-    frac_E = torch.zeros(num_experts, device=probs_TE.device).scatter_add_(
-        0, ids_TK.reshape(-1), torch.ones(ids_TK.numel(), device=probs_TE.device)
-    ) / ids_TK.numel()
-    return num_experts * (frac_E * probs_TE.mean(dim=0)).sum()
+    return load_balancing_loss(_routing(logits_TE, top_k))
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:
     """ST-MoE router z-loss of one layer. Returns a float32 scalar."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    return z_loss(_routing(logits_TE, 1))
 
 
 def expert_load(logits_TE: Tensor, top_k: int) -> Tensor:

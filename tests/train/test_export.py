@@ -1,0 +1,74 @@
+"""``moelab export``: a plain transformers folder whose card numbers are re-measurable."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from moelab.cli import main
+from moelab.errors import CheckpointError, MoelabError
+from moelab.train.card import load_shift
+from moelab.train.config import make_config
+from moelab.train.evaluate import evaluate_model_dir
+from moelab.train.export import export_model
+from moelab.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    train(make_config("tiny", corpus=tiny_corpus, steps=6), root / "run", progress=False)
+    card = export_model(root / "run", root / "model", eval_tokens=2048)
+    return root, card
+
+
+def test_exported_folder_loads_with_plain_transformers(exported, tiny_corpus):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, card = exported
+    model = AutoModelForCausalLM.from_pretrained(root / "model")
+    tok = AutoTokenizer.from_pretrained(root / "model")
+    assert model.config.model_type == "qwen3_moe" and model.config.num_experts == 4
+    ids = tok("def f(x):\n    return x", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 3)
+    assert {p.name for p in (root / "model").iterdir()} >= {
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md", "card.json", "loss.png"}
+    assert not list((root / "model").glob("*.bin")) and not list((root / "model").glob("*.pt"))
+
+
+def test_card_numbers_are_reproduced_by_evaluation(exported, tiny_corpus):
+    root, card = exported
+    again = evaluate_model_dir(root / "model", tiny_corpus, tokens=2048)
+    for domain, ppl in card["perplexity"].items():
+        assert again.perplexity[domain] == pytest.approx(ppl, rel=1e-4)
+    saved = json.loads((root / "model" / "card.json").read_text())
+    assert saved["tokens_seen"] == 6 * 4 * 32 and saved["step"] == 6
+    readme = (root / "model" / "README.md").read_text()
+    for domain, ppl in card["perplexity"].items():
+        assert f"| {domain} | {card['eval_tokens'][domain]:,} | {card['val_loss'][domain]:.4f} | {ppl:.2f} |" in readme
+    for domain, layers in card["load_by_domain"].items():
+        assert len(layers) == 2 and all(sum(row) == pytest.approx(1.0) for row in layers)
+    res = CliRunner().invoke(main, ["perplexity", str(root / "model"), "--corpus", str(tiny_corpus),
+                                    "--tokens", "2048", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["perplexity"] == pytest.approx(card["perplexity"], rel=1e-4)
+
+
+def test_load_shift_is_zero_for_identical_domains_and_one_for_disjoint():
+    same = {"a": [[0.5, 0.5]], "b": [[0.5, 0.5]]}
+    assert load_shift(same) == [{"a": 0.0, "b": 0.0}]
+    disjoint = {"a": [[1.0, 0.0]], "b": [[0.0, 1.0]]}
+    assert load_shift(disjoint) == [{"a": 0.5, "b": 0.5}]  # distance to the mean, half of a-b distance
+
+
+def test_export_bad_input(tmp_path, tiny_corpus):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        export_model(tmp_path, tmp_path / "out")
+    with pytest.raises(MoelabError, match="has no config.json"):
+        evaluate_model_dir(tmp_path, tiny_corpus)
+    assert not (tmp_path / "out").exists()
+    torch.manual_seed(0)
