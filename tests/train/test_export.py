@@ -50,7 +50,7 @@ def test_card_numbers_are_reproduced_by_evaluation(exported, tiny_corpus):
     readme = (root / "model" / "README.md").read_text()
     for domain, ppl in card["perplexity"].items():
         assert f"| {domain} | {card['eval_tokens'][domain]:,} | {card['val_loss'][domain]:.4f} | {ppl:.2f} |" in readme
-    for domain, layers in card["load_by_domain"].items():
+    for layers in card["load_by_domain"].values():
         assert len(layers) == 2 and all(sum(row) == pytest.approx(1.0) for row in layers)
     res = CliRunner().invoke(main, ["perplexity", str(root / "model"), "--corpus", str(tiny_corpus),
                                     "--tokens", "2048", "--json"])
