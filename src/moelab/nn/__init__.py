@@ -14,27 +14,57 @@ from moelab.nn.experts import ACTIVATIONS, Experts, ExpertsConfig, split_experts
 from moelab.nn.layer import DenseMLP, MoELayer, MoEOutput, apply_capacity
 from moelab.nn.losses import expert_load, load_balancing_loss, sequence_balance_loss, z_loss
 from moelab.nn.routers.base import Router, RouterConfig
+from moelab.nn.routers.bias_balance import bias_update
+from moelab.nn.routers.domain import DomainConfig, DomainRouter
+from moelab.nn.routers.expert_choice import ExpertChoiceConfig, ExpertChoiceRouter
+from moelab.nn.routers.group_limited import GroupLimitedConfig, GroupLimitedRouter
+from moelab.nn.routers.null_experts import NullExpertsConfig, NullExpertsRouter, null_balance_loss
+from moelab.nn.routers.random_fixed import RandomFixedRouter, RandomRouterConfig, smoe_dropout_k
+from moelab.nn.routers.thor import ThorConfig, ThorRouter, consistency_loss
+from moelab.nn.routers.threshold import ThresholdConfig, ThresholdRouter
+from moelab.nn.routers.top_p import TopPConfig, TopPRouter, top_p_select
 from moelab.nn.routers.topk import TopKConfig, TopKRouter
 from moelab.nn.routing import Routing, RoutingError
 
 __all__ = [
     "ACTIVATIONS",
     "DenseMLP",
+    "DomainConfig",
+    "DomainRouter",
+    "ExpertChoiceConfig",
+    "ExpertChoiceRouter",
     "Experts",
     "ExpertsConfig",
+    "GroupLimitedConfig",
+    "GroupLimitedRouter",
     "MoELayer",
     "MoEOutput",
+    "NullExpertsConfig",
+    "NullExpertsRouter",
+    "RandomFixedRouter",
+    "RandomRouterConfig",
     "Router",
     "RouterConfig",
     "Routing",
     "RoutingError",
+    "ThorConfig",
+    "ThorRouter",
+    "ThresholdConfig",
+    "ThresholdRouter",
     "TopKConfig",
     "TopKRouter",
+    "TopPConfig",
+    "TopPRouter",
     "apply_capacity",
+    "bias_update",
+    "consistency_loss",
     "expert_load",
     "load_balancing_loss",
+    "null_balance_loss",
     "sequence_balance_loss",
+    "smoe_dropout_k",
     "split_experts",
+    "top_p_select",
     "z_loss",
 ]
 
