@@ -189,8 +189,22 @@ def _check_family(config: Any, path: Path) -> None:
     model_type = getattr(config, "model_type", None)
     if not any(model_type in a.model_types for a in ADAPTERS):
         arch = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
+        fields = (
+            "num_experts",
+            "num_local_experts",
+            "n_routed_experts",
+            "moe_num_experts",
+            "ffn_config",
+        )
+        dense = (
+            ""
+            if any(getattr(config, f, None) for f in fields)
+            else (
+                " and looks like a dense model: its config names no experts, so it has no MoE block"
+            )
+        )
         raise UnsupportedModelError(
-            f"{path}: {arch} (model_type={model_type!r}) is not a supported MoE family; "
+            f"{path}: {arch} (model_type={model_type!r}) is not a supported MoE family{dense}; "
             f"supported: {', '.join(supported_families())}"
         )
 

@@ -195,10 +195,11 @@ class ModelView:
             f"layer {layer} has no MoE block (MoE layers: {[b.layer for b in self.blocks]})"
         )
 
-    def expert_params(self) -> int:
-        """Parameters in routed and shared experts of all blocks."""
-        return sum(b.expert_params() + b.shared_params() for b in self.blocks)
-
-    def total_params(self) -> int:
-        """All parameters of the model, counting tied ones once."""
-        return sum(p.numel() for p in self.model.parameters())
+    def param_counts(self) -> dict[str, int]:
+        """Parameters by part: ``routed`` experts, ``shared`` experts (with their gates), the
+        ``rest`` (attention, routers, embeddings, dense MLPs, norms) and the ``total`` (tied
+        parameters counted once)."""
+        routed = sum(b.expert_params() for b in self.blocks)
+        shared = sum(b.shared_params() for b in self.blocks)
+        total = sum(p.numel() for p in self.model.parameters())
+        return {"routed": routed, "shared": shared, "rest": total - routed - shared, "total": total}
