@@ -15,8 +15,9 @@ Conventions, whatever the family stores:
     * experts: ``y = down[e] @ act(gate[e] @ x + gate_bias[e], up[e] @ x + up_bias[e]) + down_bias[e]``,
       with ``gate``/``up`` as ``[E, I, H]`` and ``down`` as ``[E, H, I]``.
     * the tensors are views (``.detach()``-ed, same storage) of the model's own parameters: editing them
-      in place edits the model. Replacing a parameter object (e.g. pruning to fewer experts) needs a fresh
-      :func:`moelab.models.open_model`.
+      in place edits the model. This holds for every supported family, since each stores its experts
+      as 2-D or 3-D tensors that reshape/transpose/slice into this convention without a copy. Replacing
+      a parameter object (e.g. pruning to fewer experts) needs a fresh :func:`moelab.models.open_model`.
 
 :func:`moelab.models.reference_forward` turns exactly these fields into the block's output.
 """
@@ -88,7 +89,7 @@ class RoutingHookHandle:
         self.remove()
 
 
-# installs fn on a block and returns the torch hook handles; one per family kind (see families/_hooks.py)
+# installs fn on a block and returns the torch hook handles; one per family kind (see families/_common.py)
 HookInstaller = Callable[["MoEBlockView", Callable[[RoutingEvent], None]], list]
 
 
@@ -138,7 +139,6 @@ class MoEBlockView:
     output_bias: Tensor | None = None  # [H]
     shared: SharedExpertsView | None = None
     hook_installer: HookInstaller | None = field(default=None, repr=False)
-    notes: tuple[str, ...] = ()
 
     @property
     def num_experts(self) -> int:

@@ -11,6 +11,14 @@ import importlib
 from typing import Any
 
 from moelab.nn.experts import ACTIVATIONS, Experts, ExpertsConfig, split_experts
+from moelab.nn.hf import (
+    PatchedBlock,
+    experts_from_view,
+    from_view,
+    patch,
+    router_from_view,
+    unpatch,
+)
 from moelab.nn.layer import DenseMLP, MoELayer, MoEOutput, apply_capacity
 from moelab.nn.losses import expert_load, load_balancing_loss, sequence_balance_loss, z_loss
 from moelab.nn.routers.base import Router, RouterConfig
@@ -27,6 +35,12 @@ from moelab.nn.routers.topk import TopKConfig, TopKRouter
 from moelab.nn.routing import Routing, RoutingError
 
 __all__ = [
+    "PatchedBlock",
+    "experts_from_view",
+    "from_view",
+    "patch",
+    "router_from_view",
+    "unpatch",
     "ACTIVATIONS",
     "DenseMLP",
     "DomainConfig",

@@ -53,7 +53,7 @@ def make_plan(ids_TK: Tensor, mask_TK: Tensor | None, num_experts: int) -> Plan:
 
 
 def _gated(act: Act, h_gate: Tensor | None, h_up: Tensor) -> Tensor:
-    return h_up * act(h_gate) if h_gate is not None else act(h_up)
+    return act(h_gate, h_up) if h_gate is not None else act(h_up)
 
 
 def _linear_mm(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:

@@ -23,15 +23,33 @@ from torch import Tensor, nn
 from moelab.nn import _dispatch
 from moelab.nn.routing import RoutingError
 
+
+def _gpt_oss_swiglu(g: Tensor, u: Tensor, alpha: float = 1.702, limit: float = 7.0) -> Tensor:
+    """GPT-OSS clamped SwiGLU: ``(clamp(u) + 1) * g' * sigmoid(alpha g')``, ``g' = min(g, limit)``."""
+    g = g.clamp(max=limit)
+    return (u.clamp(min=-limit, max=limit) + 1) * g * torch.sigmoid(alpha * g)
+
+
+# name -> (function, gated). Gated functions take (h_gate, h_up); plain ones take h_up.
 ACTIVATIONS = {
-    "swiglu": (F.silu, True),
-    "geglu": (lambda h: F.gelu(h, approximate="tanh"), True),
-    "geglu_exact": (F.gelu, True),
+    "swiglu": (lambda g, u: F.silu(g) * u, True),
+    "geglu": (lambda g, u: F.gelu(g, approximate="tanh") * u, True),
+    "geglu_exact": (lambda g, u: F.gelu(g) * u, True),
+    "reglu": (lambda g, u: F.relu(g) * u, True),
+    "gpt_oss_swiglu": (_gpt_oss_swiglu, True),
     "gelu": (F.gelu, False),
     "gelu_tanh": (lambda h: F.gelu(h, approximate="tanh"), False),
     "relu": (F.relu, False),
     "silu": (F.silu, False),
 }
+
+
+def make_activation(name: str, params: dict[str, float] | None = None):
+    """The activation function of ``name`` with its parameters bound (GPT-OSS: alpha, limit)."""
+    fn, _ = ACTIVATIONS[name]
+    if params:
+        return lambda *h: fn(*h, **params)
+    return fn
 
 
 @dataclass(kw_only=True)
@@ -46,6 +64,7 @@ class ExpertsConfig:
     hidden_size: int
     inner_size: int
     activation: str = "swiglu"
+    act_params: dict[str, float] | None = None
     bias: bool = False
     impl: str = "loop"
 
@@ -95,7 +114,7 @@ class Experts(nn.Module):
         )
         self.up_bias = nn.Parameter(torch.empty(E, I, **kw)) if config.bias else None
         self.down_bias = nn.Parameter(torch.empty(E, H, **kw)) if config.bias else None
-        self.act = ACTIVATIONS[config.activation][0]
+        self.act = make_activation(config.activation, config.act_params)
         self.reset_parameters()
 
     @property
@@ -170,7 +189,7 @@ class Experts(nn.Module):
         if gate is None:
             a = self.act(h_up)
         else:
-            a = self.act(F.linear(x_RH, gate[e], None if bg is None else bg[e])) * h_up
+            a = self.act(F.linear(x_RH, gate[e], None if bg is None else bg[e]), h_up)
         return F.linear(a, down[e], None if bd is None else bd[e])
 
     def reference(
@@ -209,7 +228,7 @@ def _grouped_mm_forward(experts: Experts, x_TH: Tensor, w_TK: Tensor, plan) -> T
     if experts.gate is None:
         a = experts.act(h_up)
     else:
-        a = experts.act(F.grouped_mm(xs_RH, experts.gate.transpose(1, 2), offs=offs)) * h_up
+        a = experts.act(F.grouped_mm(xs_RH, experts.gate.transpose(1, 2), offs=offs), h_up)
     o_RH = F.grouped_mm(a, experts.down.transpose(1, 2), offs=offs)
     return _dispatch._combine(o_RH, w_TK, plan)[0]
 

@@ -59,7 +59,7 @@ class DenseMLP(nn.Module):
 
     def forward(self, x_TH: Tensor) -> Tensor:
         h = self.up(x_TH)
-        a = self.act(h) if self.gate is None else self.act(self.gate(x_TH)) * h
+        a = self.act(h) if self.gate is None else self.act(self.gate(x_TH), h)
         return self.down(a)
 
 

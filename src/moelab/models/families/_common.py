@@ -153,33 +153,32 @@ _STD_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
 
 
 def experts_prehook_installer(
-    logits_index: int | None = 0, arg_names: tuple[str, str, str] = _STD_ARGS
+    logits_index: int = 0, arg_names: tuple[str, str, str] = _STD_ARGS
 ) -> Callable[[MoEBlockView, Callable[[RoutingEvent], None]], list]:
     """Hooks for families whose experts module is called as ``experts(hidden, ids, weights)``.
 
     ``arg_names`` are the experts' parameter names, for calls made with keywords. A forward hook on
-    the router keeps its raw logits (output ``logits_index``; None: not exposed); a forward
+    the router keeps its raw logits (output ``logits_index``, or the whole output if it is a
+    tensor); a forward
     pre-hook on the experts module then emits the event. Neither returns anything, so the model's
     computation is untouched.
     """
 
     def install(block: MoEBlockView, fn: Callable[[RoutingEvent], None]) -> list:
         seen: dict[str, Tensor | None] = {"logits": None}
-        handles = []
-        if logits_index is not None:
 
-            def on_router(_mod, _args, out):
-                seen["logits"] = _as_logits(out[logits_index] if isinstance(out, tuple) else out)
-
-            handles.append(block.router_module.register_forward_hook(on_router))
+        def on_router(_mod, _args, out):
+            seen["logits"] = _as_logits(out[logits_index] if isinstance(out, tuple) else out)
 
         def on_experts(_mod, args, kwargs):
             hidden, ids, weights = _merge_args(args, kwargs, arg_names)[:3]
             logits, seen["logits"] = seen["logits"], None
             fn(_event(block, hidden, ids, weights, logits))
 
-        handles.append(block.experts_module.register_forward_pre_hook(on_experts, with_kwargs=True))
-        return handles
+        return [
+            block.router_module.register_forward_hook(on_router),
+            block.experts_module.register_forward_pre_hook(on_experts, with_kwargs=True),
+        ]
 
     return install
 

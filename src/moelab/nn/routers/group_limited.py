@@ -8,7 +8,8 @@ with softmax scores and ``group_score="max"``, and GLM4-MoE):
     groups: split E into G groups; group score = sum of top-2 c in the group ("top2_sum", V3)
             or max c in the group ("max", V2); keep the best ``topk_group`` groups
     S_t = top-k of c_t over experts in kept groups
-    w_{t,e} = s_{t,e} / sum_{j in S_t} s_{t,j}  (if normalize) * routed_scaling_factor
+    w_{t,e} = s_{t,e} / max(||s_{t,S_t}||_p, norm_min)  (if normalize) * routed_scaling_factor
+              (p = 1, the plain sum, except DBRX; norm_min > 0 for ERNIE-4.5)
 
 ``aux['probs_TE'] = s / sum_j s_j`` is the normalised affinity the sequence-wise balance loss uses.
 The correction bias is the buffer ``correction_bias`` and is updated by `update_bias`
@@ -38,6 +39,8 @@ class GroupLimitedConfig(RouterConfig):
     normalize: bool = True
     routed_scaling_factor: float = 1.0
     correction_bias: bool = True
+    norm_p: float = 1.0
+    norm_min: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,7 +91,7 @@ class GroupLimitedRouter(Router):
         ids_TK = choice_TE.topk(c.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(1, ids_TK)
         if c.normalize:
-            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+            weights_TK = weights_TK / _norm(weights_TK, c.norm_p, c.norm_min)
         weights_TK = weights_TK * c.routed_scaling_factor
         probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
         return Routing(
@@ -105,6 +108,16 @@ class GroupLimitedRouter(Router):
         delta = bias_update(tokens_per_expert_E, rate)
         self.correction_bias += delta
         return delta
+
+
+def _norm(w_TK: Tensor, p: float, floor: float) -> Tensor:
+    """``max(||w||_p, floor)`` per token (DBRX p-norm, ERNIE clamp); 1e-20 keeps 0/0 away."""
+    norm = (
+        w_TK.sum(-1, keepdim=True)
+        if p == 1.0
+        else w_TK.abs().pow(p).sum(-1, keepdim=True).pow(1.0 / p)
+    )
+    return norm.clamp_min(floor) if floor > 0 else norm + 1e-20
 
 
 def _mask_groups(choice_TE: Tensor, n_group: int, topk_group: int, how: str) -> Tensor:
