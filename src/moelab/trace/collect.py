@@ -22,6 +22,12 @@ from moelab.models import glu_activation
 from moelab.trace.schema import column
 
 
+def norm32(x: Tensor) -> Tensor:
+    """L2 norm over the last dim as float32, accumulated in at least float32 (float64 stays float64)."""
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32 if low else None).float()
+
+
 def expert_stats(block: Any, hidden_TH: Tensor, ids_TK: Tensor, weights_TK: Tensor,
                  ) -> tuple[Tensor, Tensor, Tensor]:
     """Per chosen (token, slot): ``||expert(x)||_2``, ``max|down input|``, ``max|down output|``.
@@ -52,7 +58,7 @@ def expert_stats(block: Any, hidden_TH: Tensor, ids_TK: Tensor, weights_TK: Tens
             y_NH = y_NH + block.down_bias[e]
         in_TK[tok, slot] = h_NI.abs().amax(-1).float().cpu()
         out_TK[tok, slot] = y_NH.abs().amax(-1).float().cpu()
-        norm_TK[tok, slot] = torch.linalg.vector_norm(y_NH, dim=-1, dtype=torch.float32).cpu()
+        norm_TK[tok, slot] = norm32(y_NH).cpu()
     return norm_TK, in_TK, out_TK
 
 
@@ -102,8 +108,7 @@ class Collector:
                                  "logits; record without --logits")
             out[column("logits", i)] = event.logits_TE.to(torch.float16).cpu()
         if "hidden_norm" in self.fields:
-            out[column("hidden_norm", i)] = torch.linalg.vector_norm(
-                event.hidden_TH, dim=-1, dtype=torch.float32).reshape(-1).cpu()
+            out[column("hidden_norm", i)] = norm32(event.hidden_TH).reshape(-1).cpu()
         if "expert_norms" in self.fields or "act_max" in self.fields:
             norm, act_in, act_out = expert_stats(block, event.hidden_TH, ids_TK, event.weights_TK)
             if "expert_norms" in self.fields:
