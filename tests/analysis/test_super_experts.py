@@ -21,9 +21,9 @@ def test_planted_outliers_are_found():
     a[3, 0] = 60.0  # above P99.5 but below floor(900 / 10) = 90
     found = super_experts(a)
     assert found.include_layers == 12
-    assert list(zip(found.layer_S, found.expert_S)) == [(2, 7), (5, 11)]
+    assert list(zip(found.layer_S, found.expert_S, strict=False)) == [(2, 7), (5, 11)]
     assert found.max_threshold == 90
-    assert list(zip(found.layer_S, found.expert_S)) == super_experts_reference(a)
+    assert list(zip(found.layer_S, found.expert_S, strict=False)) == super_experts_reference(a)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -32,7 +32,7 @@ def test_matches_reference_on_heavy_tails(seed):
     a = rng.pareto(0.8, (24, 32)) + 1
     a[rng.random(a.shape) < 0.05] = np.nan  # experts that saw no token
     found = super_experts(a)
-    assert list(zip(found.layer_S.tolist(), found.expert_S.tolist())) == super_experts_reference(a)
+    assert list(zip(found.layer_S.tolist(), found.expert_S.tolist(), strict=False)) == super_experts_reference(a)
 
 
 def test_no_scored_layer():

@@ -118,8 +118,12 @@ def check_seq_ids(seq_ids_N: np.ndarray | None, num_tokens: int) -> np.ndarray:
     return starts
 
 
-def valid_pairs(ids_NK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Token index and expert id of every routed (non -1) slot, flattened."""
-    tok = np.broadcast_to(np.arange(ids_NK.shape[0])[:, None], ids_NK.shape)
+def routed(ids_NK: np.ndarray, *per_slot: np.ndarray) -> list[np.ndarray]:
+    """Flatten the expert ids and the given per-slot (``[N, K]``) or per-token (``[N]``) arrays over
+    the routed slots (ids >= 0); skips the masking copy when every slot is routed."""
+    out = [ids_NK.ravel()]
+    full = [np.broadcast_to(a[:, None], ids_NK.shape) if a.ndim == 1 else a for a in per_slot]
+    if (ids_NK >= 0).all():
+        return out + [a.ravel() for a in full]
     keep = ids_NK >= 0
-    return tok[keep], ids_NK[keep]
+    return [ids_NK[keep]] + [a[keep] for a in full]

@@ -34,7 +34,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moelab.analysis._inputs import AnalysisInputError, EmptySelectionError, check_ids, check_seq_ids
+from moelab.analysis._inputs import (
+    AnalysisInputError,
+    EmptySelectionError,
+    check_ids,
+    check_seq_ids,
+)
 
 POLICIES = ("lrc", "lru", "lfu", "belady")
 _BIG = np.int64(1) << np.int64(32)  # primary key * 2**32 + last-use time: time breaks ties
@@ -85,25 +90,30 @@ def _token_counts(row_SK: np.ndarray, num_experts: int) -> np.ndarray:
 
 
 class _Replay:
-    """State of the stack replay for all sequences at once."""
+    """State of the stack replay for all sequences at once.
+
+    ``stack[s, j]`` is the expert at depth j (E = empty); ``where[s, e]`` its depth (-1 = never seen);
+    ``key[s, e]`` its priority, ``primary * 2**32 + time of last use``, higher = kept longer. Column E
+    of ``where`` and ``key`` is a sentinel for the empty stack slots.
+    """
 
     def __init__(self, ids_STK: np.ndarray, num_experts: int, policy: str, seg_len: int):
         self.ids, self.num_experts, self.policy, self.seg_len = ids_STK, num_experts, policy, seg_len
-        s_dim = ids_STK.shape[0]
+        s_dim, e = ids_STK.shape[0], num_experts
         self.rows = np.arange(s_dim)
-        self.stack = np.full((s_dim, num_experts), -1, dtype=np.int64)
-        self.where = np.full((s_dim, num_experts), -1, dtype=np.int64)  # position of each expert
+        self.cols = np.arange(e)[None, :]
+        self.stack = np.full((s_dim, e), e, dtype=np.int64)
+        self.where = np.full((s_dim, e + 1), -1, dtype=np.int64)
         self.depth = np.zeros(s_dim, dtype=np.int64)
-        self.last = np.zeros((s_dim, num_experts), dtype=np.int64)  # time of last use
         self.clock = np.zeros(s_dim, dtype=np.int64)
-        self.primary = np.zeros((s_dim, num_experts), dtype=np.int64)
+        self.primary = np.zeros((s_dim, e), dtype=np.int64)
         if policy == "lrc":  # uses in the window [t, t + m) of the current token t
-            self.primary = _token_counts(ids_STK[:, :seg_len].reshape(s_dim, -1), num_experts)
+            self.primary = _token_counts(ids_STK[:, :seg_len].reshape(s_dim, -1), e)
         if policy == "belady":
             self.next_occ = _next_occurrence(ids_STK)
-
-    def keys(self) -> np.ndarray:
-        return self.primary * _BIG + self.last
+        self.key = np.zeros((s_dim, e + 1), dtype=np.int64)
+        self.key[:, :e] = self.primary * _BIG
+        self.key[:, e] = _KEEP
 
     def distances(self, row_SK: np.ndarray) -> np.ndarray:
         """Stack distance of each slot before the token; new experts take the next free depths."""
@@ -113,70 +123,130 @@ class _Replay:
         return np.where(row_SK >= 0, pos, -1)
 
     def access(self, x_S: np.ndarray, t: int, k: int) -> None:
+        """Bring expert ``x_S[s]`` to the top of each stack (Mattson's priority-stack update)."""
         act = x_S >= 0
         xs = np.where(act, x_S, 0)
         p = self.where[self.rows, xs]
-        p = np.where(p < 0, self.depth, p)
-        keys = np.take_along_axis(self.keys(), np.clip(self.stack, 0, None), axis=1)
-        j = np.arange(self.num_experts)[None, :]
-        keys = np.where(j < p[:, None], keys, _KEEP)
-        run_min = np.minimum.accumulate(keys, axis=1)
-        is_min = keys == run_min
-        at_min = np.maximum.accumulate(np.where(is_min, j, 0), axis=1)  # where the carried item came from
-        carried = np.take_along_axis(self.stack, np.concatenate([at_min[:, :1], at_min[:, :-1]], axis=1), axis=1)
-        new = np.where((j < p[:, None]) & is_min, carried, self.stack)  # bubble: the lower key moves down
-        new = np.where(j == p[:, None], carried, new)
+        grow = act & (p < 0)
+        p = np.where(grow, self.depth, p)
+        top = int(p.max()) + 1  # the update never touches depths below the deepest x
+        stack, cols = self.stack[:, :top], self.cols[:, :top]
+        keys = np.take_along_axis(self.key, stack, axis=1)
+        keys[cols >= p[:, None]] = _KEEP  # only the items above x take part
+        is_min = keys == np.minimum.accumulate(keys, axis=1)
+        at_min = np.maximum.accumulate(np.where(is_min, cols, 0), axis=1)  # carried item's depth
+        carried = np.take_along_axis(stack, np.concatenate([at_min[:, :1], at_min[:, :-1]], axis=1), axis=1)
+        new = np.where(is_min, carried, stack)  # bubble: the lower key moves down one place
+        upd = act & ((p > 0) | grow)
+        r = self.rows[upd]
+        new[r, p[upd]] = carried[r, p[upd]]  # the lowest key above x drops into x's old place
         new[:, 0] = xs
-        grow = act & (self.where[self.rows, xs] < 0)
-        new = np.where((act & ((p > 0) | grow))[:, None], new, self.stack)
+        self.stack[r, :top] = new[r]
         self.depth += grow
-        self.stack = np.where(j < self.depth[:, None], new, -1)
-        self.where.fill(-1)
-        filled = self.stack >= 0
-        self.where[np.nonzero(filled)[0], self.stack[filled]] = np.nonzero(filled)[1]
+        self.where[self.rows[:, None], self.stack[:, :top]] = cols
         self._after_use(xs, act, t, k)
 
     def _after_use(self, xs: np.ndarray, act: np.ndarray, t: int, k: int) -> None:
-        r = self.rows[act]
+        r, x = self.rows[act], xs[act]
         self.clock += act
-        self.last[r, xs[act]] = self.clock[act]
         if self.policy == "lrc":
-            self.primary[r, xs[act]] -= 1
+            self.primary[r, x] -= 1
         elif self.policy == "lfu":
-            self.primary[r, xs[act]] += 1
+            self.primary[r, x] += 1
         elif self.policy == "belady":
-            self.primary[r, xs[act]] = -self.next_occ[r, t, k]
+            self.primary[r, x] = -self.next_occ[r, t, k]
+        self.key[r, x] = self.primary[r, x] * _BIG + self.clock[r]
 
     def end_token(self, t: int) -> None:
         if self.policy == "lrc" and t + self.seg_len < self.ids.shape[1]:
-            self.primary += _token_counts(self.ids[:, t + self.seg_len], self.num_experts)
+            add = _token_counts(self.ids[:, t + self.seg_len], self.num_experts)
+            self.primary += add
+            self.key[:, : self.num_experts] += add * _BIG
 
 
 def cache_hit_curve(ids_NK: np.ndarray, num_experts: int, policy: str = "lrc", seg_len: int = 16,
                     seq_ids_N: np.ndarray | None = None, sequence_stride: int = 1) -> CacheCurve:
     """Hit rate for every cache size 1..E under ``policy`` (SCH for ``"lrc"``; see module docstring)."""
-    ids = check_ids(ids_NK, num_experts)
+    return cache_hit_curves([ids_NK], num_experts, policy, seg_len, seq_ids_N, sequence_stride)[0]
+
+
+def cache_hit_curves(ids_by_layer: list[np.ndarray], num_experts: int, policy: str = "lrc", seg_len: int = 16,
+                     seq_ids_N: np.ndarray | None = None, sequence_stride: int = 1) -> list[CacheCurve]:
+    """:func:`cache_hit_curve` of several layers of one trace (same tokens, same E) in one replay.
+
+    Each layer gets its own caches; replaying the layers side by side shares numpy's per-call cost.
+    """
     if policy not in POLICIES:
         raise AnalysisInputError(f"policy must be one of {POLICIES}, got {policy!r}")
     if seg_len < 1:
         raise AnalysisInputError(f"seg_len must be >= 1, got {seg_len}")
     if sequence_stride < 1:
         raise AnalysisInputError(f"sequence_stride must be >= 1, got {sequence_stride}")
-    ids_STK = _pad_sequences(ids, check_seq_ids(seq_ids_N, ids.shape[0]), sequence_stride)
+    if len(ids_by_layer) == 0:
+        raise EmptySelectionError("cache_hit_curves: no layer given")
+    layers = [check_ids(ids, num_experts, f"ids_by_layer[{i}]") for i, ids in enumerate(ids_by_layer)]
+    starts = check_seq_ids(seq_ids_N, layers[0].shape[0])
+    if any(ids.shape != layers[0].shape for ids in layers):
+        raise AnalysisInputError(f"ids_by_layer: every layer needs the shape {layers[0].shape}")
+    ids_STK = np.concatenate([_pad_sequences(ids, starts, sequence_stride) for ids in layers])
+    group_S = np.repeat(np.arange(len(layers)), ids_STK.shape[0] // len(layers))
+    if policy == "lru":
+        hist = _lru_histogram(ids_STK, group_S, len(layers), num_experts)
+    else:
+        hist = _stack_histogram(ids_STK, group_S, len(layers), num_experts, policy, seg_len)
+    out = []
+    for h in hist:
+        total = int(h.sum())
+        if total == 0:
+            raise EmptySelectionError("no routed slot in the selected sequences (all ids are -1)")
+        out.append(CacheCurve(policy=policy, seg_len=seg_len if policy == "lrc" else None,
+                              hit_rate_C=np.cumsum(h)[:num_experts] / total, num_accesses=total))
+    return out
+
+
+def _add_distances(hist_GE: np.ndarray, d_SK: np.ndarray, group_S: np.ndarray) -> None:
+    keep = d_SK >= 0
+    width = hist_GE.shape[1]
+    codes = (np.broadcast_to(group_S[:, None], d_SK.shape)[keep] * width + d_SK[keep])
+    hist_GE += np.bincount(codes, minlength=hist_GE.size).reshape(hist_GE.shape)
+
+
+def _lru_histogram(ids_STK: np.ndarray, group_S: np.ndarray, num_groups: int, num_experts: int) -> np.ndarray:
+    """LRU keeps its stack sorted by recency, so a stack distance is a rank: one step per token."""
+    s_dim = ids_STK.shape[0]
+    rows = np.arange(s_dim)[:, None]
+    last = np.zeros((s_dim, num_experts + 1), dtype=np.int64)  # clock of last use, 0 = never
+    last[:, num_experts] = -1  # sentinel column for -1 slots
+    clock = np.zeros(s_dim, dtype=np.int64)
+    depth = np.zeros(s_dim, dtype=np.int64)
+    hist = np.zeros((num_groups, num_experts), dtype=np.int64)
+    for t in range(ids_STK.shape[1]):  # sequential in time; vectorised over sequences
+        row = ids_STK[:, t]
+        act = row >= 0
+        last_x = last[rows, row]
+        new = act & (last_x == 0)
+        rank = (last[:, None, :num_experts] > last_x[:, :, None]).sum(axis=2)
+        d = np.where(new, depth[:, None] + np.cumsum(new, axis=1) - 1, rank)
+        _add_distances(hist, np.where(act, d, -1), group_S)
+        order = np.cumsum(act, axis=1)
+        last[rows, np.where(act, row, num_experts)] = np.where(act, clock[:, None] + order, -1)
+        clock += order[:, -1]
+        depth += new.sum(axis=1)
+    return hist
+
+
+def _stack_histogram(ids_STK: np.ndarray, group_S: np.ndarray, num_groups: int, num_experts: int,
+                     policy: str, seg_len: int) -> np.ndarray:
     replay = _Replay(ids_STK, num_experts, policy, seg_len)
-    hist = np.zeros(num_experts + 1, dtype=np.int64)
+    hist = np.zeros((num_groups, num_experts), dtype=np.int64)
     for t in range(ids_STK.shape[1]):  # sequential in time; vectorised over sequences
         row = ids_STK[:, t]
         d = replay.distances(row)
-        hist += np.bincount(d[d >= 0], minlength=num_experts + 1)[: num_experts + 1]
+        _add_distances(hist, d, group_S)
         for k in range(row.shape[1]):
             replay.access(row[:, k], t, k)
         replay.end_token(t)
-    total = int(hist.sum())
-    if total == 0:
-        raise EmptySelectionError("no routed slot in the selected sequences (all ids are -1)")
-    return CacheCurve(policy=policy, seg_len=seg_len if policy == "lrc" else None,
-                      hit_rate_C=np.cumsum(hist)[:num_experts] / total, num_accesses=total)
+    return hist
 
 
 def cache_hit_curve_reference(ids_NK: np.ndarray, num_experts: int, policy: str = "lrc", seg_len: int = 16,

@@ -26,30 +26,34 @@ import numpy as np
 from moelab.analysis._inputs import AnalysisInputError, EmptySelectionError, check_ids
 
 
-_BLOCK = 1 << 18  # tokens per one-hot block: float32 counts stay exact (< 2**24)
+def _cross_counts(a: np.ndarray, b: np.ndarray, num_a: int, num_b: int, upper: bool = False) -> np.ndarray:
+    """``counts[i, j]`` = number of (token, slot s of a, slot r of b) with a[t, s] = i and b[t, r] = j.
 
-
-def _onehot(ids: np.ndarray, num_experts: int) -> np.ndarray:
-    """``[n, E]`` float32 indicator of the experts each token chose (-1 slots ignored)."""
-    x = np.zeros((ids.shape[0], num_experts + 1), dtype=np.float32)
-    x[np.arange(ids.shape[0])[:, None], ids] = 1.0  # -1 lands in the last column, dropped below
-    return x[:, :num_experts]
-
-
-def _cross_counts(a: np.ndarray, b: np.ndarray, num_a: int, num_b: int) -> np.ndarray:
-    """``sum_t onehot(a_t)^T onehot(b_t)``, one matmul per block of tokens (a loop over blocks)."""
-    out = np.zeros((num_a, num_b), dtype=np.int64)
-    for lo in range(0, a.shape[0], _BLOCK):
-        xa = _onehot(a[lo:lo + _BLOCK], num_a)
-        xb = xa if b is a else _onehot(b[lo:lo + _BLOCK], num_b)
-        out += np.rint(xa.T @ xb).astype(np.int64)
-    return out
+    With ``upper`` (a is b), only slot pairs s < r are counted. One bincount per slot of ``a``: a loop
+    over the K slots, not over tokens.
+    """
+    out = np.zeros(num_a * num_b + 1, dtype=np.int64)  # last bin collects pairs with a -1 slot
+    for s in range(a.shape[1]):
+        other = b[:, s + 1:] if upper else b
+        if other.shape[1] == 0:
+            continue
+        codes = a[:, s, None] * num_b + other
+        if (a[:, s] < 0).any() or (other < 0).any():
+            codes = np.where((a[:, s, None] >= 0) & (other >= 0), codes, num_a * num_b)
+        out += np.bincount(codes.ravel(), minlength=out.size)
+    return out[:-1].reshape(num_a, num_b)
 
 
 def coactivation(ids_NK: np.ndarray, num_experts: int) -> np.ndarray:
     """Co-activation counts ``C_EE`` of one layer (symmetric, diagonal = tokens per expert)."""
-    ids = check_ids(ids_NK, num_experts)
-    return _cross_counts(ids, ids, num_experts, num_experts)
+    return _coactivation(check_ids(ids_NK, num_experts), num_experts)
+
+
+def _coactivation(ids: np.ndarray, num_experts: int) -> np.ndarray:
+    pairs = _cross_counts(ids, ids, num_experts, num_experts, upper=True)
+    c = pairs + pairs.T
+    c[np.diag_indices(num_experts)] += np.bincount(ids[ids >= 0], minlength=num_experts)
+    return c
 
 
 def coactivation_reference(ids_NK: np.ndarray, num_experts: int) -> np.ndarray:
@@ -86,7 +90,7 @@ def layer_transitions_reference(ids_a_NK: np.ndarray, ids_b_NK: np.ndarray, num_
     """Slow obvious :func:`layer_transitions`."""
     num_experts_b = num_experts_a if num_experts_b is None else num_experts_b
     t = np.zeros((num_experts_a, num_experts_b), dtype=np.int64)
-    for ra, rb in zip(np.asarray(ids_a_NK), np.asarray(ids_b_NK)):
+    for ra, rb in zip(np.asarray(ids_a_NK), np.asarray(ids_b_NK), strict=False):
         for i in {int(e) for e in np.atleast_1d(ra) if e >= 0}:
             for j in {int(e) for e in np.atleast_1d(rb) if e >= 0}:
                 t[i, j] += 1
@@ -122,7 +126,7 @@ def stable_partners(ids_NK: np.ndarray, num_experts: int, num_partners: int = 3,
     if num_chunks < 1 or num_chunks > ids.shape[0]:
         raise EmptySelectionError(f"num_chunks must be in [1, {ids.shape[0]}] (tokens), got {num_chunks}")
     # counts per contiguous chunk, summed for the whole layer: one pass over the tokens
-    chunk_counts = [_cross_counts(c, c, num_experts, num_experts) for c in np.array_split(ids, num_chunks)]
+    chunk_counts = [_coactivation(c, num_experts) for c in np.array_split(ids, num_chunks)]
     counts = np.sum(chunk_counts, axis=0)
     partners, rate = _top_partners(counts, num_partners)
     off = counts.sum(axis=1) - np.diag(counts)

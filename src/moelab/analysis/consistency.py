@@ -31,7 +31,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moelab.analysis._inputs import EmptySelectionError, AnalysisInputError, check_ids, check_seq_ids
+from moelab.analysis._inputs import (
+    AnalysisInputError,
+    EmptySelectionError,
+    check_ids,
+    check_seq_ids,
+)
 
 _BLOCK_TOKENS = 1 << 16  # sequences are grouped into blocks of about this many tokens
 
@@ -70,15 +75,26 @@ def window_count_histograms(ids_NK: np.ndarray, num_experts: int, seg_lens: tupl
 
 def _add_block(hists: dict[int, np.ndarray], ids: np.ndarray, starts: np.ndarray, num_experts: int) -> None:
     lo, hi = int(starts[0]), int(starts[-1])
-    onehot = np.zeros((hi - lo + 1, num_experts + 1), dtype=np.int32)
-    onehot[np.arange(1, hi - lo + 1)[:, None], ids[lo:hi]] = 1  # row 0 stays 0; -1 -> last column
-    cum = np.cumsum(onehot[:, :num_experts], axis=0, dtype=np.int32)
-    seq_end = np.repeat(starts[1:] - lo, np.diff(starts))  # end of the sequence holding each token
+    n, pad = hi - lo, max(hists)
+    onehot = np.zeros((num_experts + 1, n), dtype=np.uint8)  # expert-major: cumsum runs contiguous
+    onehot[ids[lo:hi], np.arange(n)[:, None]] = 1  # -1 slots land in the last row, dropped below
+    cum = np.zeros((num_experts, n + 1 + pad), dtype=np.int32)  # cum[:, i] = uses before token i
+    np.cumsum(onehot[:num_experts], axis=1, out=cum[:, 1:n + 1])
+    cum[:, n + 1:] = cum[:, n:n + 1]
+    lens = np.diff(starts)
+    offset_E = (np.arange(num_experts, dtype=np.int32))[:, None]
     for m, hist in hists.items():
-        counts = cum[m:] - cum[:-m]  # window counts, windows starting at local 0, 1, ...
-        valid = np.arange(counts.shape[0]) + m <= seq_end[: counts.shape[0]]
-        flat = counts[valid] + (np.arange(num_experts, dtype=np.int32) * (m + 1))[None, :]
-        hist += np.bincount(flat.ravel(), minlength=hist.size)
+        if (lens == lens[0]).all():  # equal lengths: windows of each sequence by reshaping
+            s_dim, t_dim = len(lens), int(lens[0])
+            w = max(t_dim - m + 1, 0)
+            first = cum[:, :n].reshape(num_experts, s_dim, t_dim)[:, :, :w]
+            last = cum[:, m:n + m].reshape(num_experts, s_dim, t_dim)[:, :, :w]
+            counts = (last - first).reshape(num_experts, -1)
+        else:  # a window starting at local i is valid if it ends inside the sequence holding i
+            seq_end = np.repeat(starts[1:] - lo, lens)
+            valid = np.arange(n) + m <= seq_end
+            counts = (cum[:, m:n + m] - cum[:, :n])[:, valid]
+        hist += np.bincount((counts + offset_E * (m + 1)).ravel(), minlength=hist.size)
 
 
 def _f1_from_histogram(hist_EM: np.ndarray, seg_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

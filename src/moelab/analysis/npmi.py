@@ -23,14 +23,15 @@ import numpy as np
 from moelab.analysis._inputs import AnalysisInputError, EmptySelectionError, check_ids, check_labels
 
 
-def _class_matrix(classes_N: np.ndarray, num_tokens: int, class_names: list[str] | None) -> np.ndarray:
+def _class_codes(classes_N: np.ndarray, num_tokens: int, class_names: list[str] | None) -> tuple[np.ndarray, int]:
+    """Class code per token (-1 = in no class) and the number of classes D."""
     c = np.asarray(classes_N)
     if c.dtype == bool:
         if c.shape != (num_tokens,):
             raise AnalysisInputError(f"classes_N has shape {c.shape}, expected ({num_tokens},)")
-        return c[None, :]
+        return np.where(c, 0, -1), 1
     labels, names = check_labels(c, num_tokens, class_names, "npmi")
-    return labels[None, :] == np.arange(len(names))[:, None]
+    return labels, len(names)
 
 
 def npmi(ids_NK: np.ndarray, classes_N: np.ndarray | None, num_experts: int,
@@ -43,13 +44,13 @@ def npmi(ids_NK: np.ndarray, classes_N: np.ndarray | None, num_experts: int,
     n = ids.shape[0]
     if classes_N is None:
         check_labels(None, n, class_names, "npmi")  # raises MissingLabelsError
-    member = _class_matrix(classes_N, n, class_names).astype(np.float64)
-    chosen = np.zeros((n, num_experts + 1))
-    chosen[np.arange(n)[:, None], ids] = 1.0
-    chosen = chosen[:, :num_experts]
-    p_xy = member @ chosen / n  # [D, E]
-    p_x = chosen.mean(axis=0)
-    p_y = member.mean(axis=1)
+    code, num_classes = _class_codes(classes_N, n, class_names)
+    valid = (ids >= 0) & (code[:, None] >= 0)
+    # the ids of a token are distinct, so "tokens with e chosen and in class d" = such slots
+    codes = np.broadcast_to(code[:, None], ids.shape)[valid] * num_experts + ids[valid]
+    p_xy = np.bincount(codes, minlength=num_classes * num_experts).reshape(num_classes, num_experts) / n
+    p_x = np.bincount(ids[ids >= 0], minlength=num_experts) / n
+    p_y = np.bincount(code[code >= 0], minlength=num_classes) / n
     if (p_y == 0).all():
         raise EmptySelectionError("npmi: no token belongs to any class")
     return _npmi_from_probs(p_xy, p_x[None, :], p_y[:, None])
@@ -69,7 +70,7 @@ def npmi_reference(ids_NK: np.ndarray, mask_N: np.ndarray, expert: int) -> float
     n = len(ids)
     x = [expert in set(int(e) for e in row) for row in ids]
     y = [bool(v) for v in mask_N]
-    n_xy = sum(a and b for a, b in zip(x, y))
+    n_xy = sum(a and b for a, b in zip(x, y, strict=False))
     if n_xy == 0:
         return -1.0
     if n_xy == n:

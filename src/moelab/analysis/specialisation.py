@@ -72,7 +72,7 @@ def domain_specialisation_reference(ids_NK: np.ndarray, labels_N: np.ndarray, nu
                                     num_labels: int) -> tuple[np.ndarray, np.ndarray]:
     """Slow obvious ``(kl_E, max_share_E)`` from Python counts."""
     counts = [[0] * num_labels for _ in range(num_experts)]
-    for row, lab in zip(np.asarray(ids_NK), np.asarray(labels_N)):
+    for row, lab in zip(np.asarray(ids_NK), np.asarray(labels_N), strict=False):
         for e in np.atleast_1d(row):
             if e >= 0:
                 counts[int(e)][int(lab)] += 1
@@ -86,7 +86,7 @@ def domain_specialisation_reference(ids_NK: np.ndarray, labels_N: np.ndarray, nu
             mx.append(0.0)
             continue
         q = [c / n for c in counts[e]]
-        kl.append(sum(qd * np.log(qd / pd) for qd, pd in zip(q, prior) if qd > 0))
+        kl.append(sum(qd * np.log(qd / pd) for qd, pd in zip(q, prior, strict=False) if qd > 0))
         mx.append(max(q))
     return np.array(kl), np.array(mx)
 
@@ -157,7 +157,7 @@ def vocabulary_specialisation(ids_NK: np.ndarray, token_ids_N: np.ndarray | None
 def token_entropy_reference(ids_NK: np.ndarray, token_ids_N: np.ndarray, token: int) -> float:
     """Slow obvious H(v) for one token id."""
     counts: dict[int, int] = {}
-    for row, v in zip(np.asarray(ids_NK), np.asarray(token_ids_N)):
+    for row, v in zip(np.asarray(ids_NK), np.asarray(token_ids_N), strict=False):
         if v == token:
             for e in np.atleast_1d(row):
                 if e >= 0:

@@ -26,7 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moelab.analysis._inputs import AnalysisInputError, EmptySelectionError, MissingFieldError, check_ids
+from moelab.analysis._inputs import (
+    AnalysisInputError,
+    EmptySelectionError,
+    MissingFieldError,
+    check_ids,
+    routed,
+)
 
 
 @dataclass(frozen=True)
@@ -50,9 +56,9 @@ def expert_act_max(ids_NK: np.ndarray, act_max_NK: np.ndarray | None, num_expert
     a = np.asarray(act_max_NK, dtype=np.float64).reshape(ids.shape[0], -1)
     if a.shape != ids.shape:
         raise AnalysisInputError(f"act_max_NK has shape {np.shape(act_max_NK)}, expected {ids.shape}")
-    valid = ids >= 0
+    e, v = routed(ids, np.abs(a))
     out = np.full(num_experts, -np.inf)
-    np.maximum.at(out, ids[valid], np.abs(a[valid]))
+    np.maximum.at(out, e, v)
     return np.where(np.isinf(out), np.nan, out)
 
 
