@@ -38,6 +38,15 @@ def test_resume_gives_the_same_losses_and_weights(tiny_corpus, tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7)
+    # a stop request (SIGINT/SIGTERM in the CLI) between steps: checkpoint, then resume to the same losses
+    polls = iter([False, False, False, True])
+    stopped = train(cfg, tmp_path / "c", progress=False, should_stop=lambda: next(polls))
+    assert stopped.interrupted and stopped.state.step == 3
+    assert json.loads((tmp_path / "c" / "checkpoint" / "state.json").read_text())["step"] == 3
+    rest = train(cfg, tmp_path / "c", progress=False)
+    assert not rest.interrupted and rest.resumed_from == 3
+    torch.testing.assert_close(torch.tensor(stopped.losses + rest.losses), torch.tensor(straight.losses),
+                               rtol=1e-6, atol=1e-6)
     # the log of the resumed run has every step once, and matches the straight run's
     steps = [r["step"] for r in read_log(tmp_path / "b") if r["kind"] == "train"]
     assert steps == list(range(1, 9))

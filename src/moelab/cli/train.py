@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 from pathlib import Path
 
 import click
@@ -43,18 +44,17 @@ def train_cmd(run_dir: Path, preset: str, corpus: Path | None, stop_at: int | No
 
     cfg = make_config(preset, corpus=corpus or _corpus_default(), **overrides)
 
-    def _term(signum, frame):  # SIGTERM -> KeyboardInterrupt, so the loop saves a checkpoint first
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, _term)
-    try:
-        result = train(cfg, run_dir, stop_at=stop_at, progress=not no_progress)
-    except KeyboardInterrupt:
-        click.echo(f"interrupted; checkpoint saved in {run_dir / 'checkpoint'}; rerun the same command to resume",
-                   err=True)
-        raise SystemExit(130) from None
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:  # the loop finishes its step, checkpoints and returns when a signal arrives
+        result = train(cfg, run_dir, stop_at=stop_at, progress=not no_progress, should_stop=stop.is_set)
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if result.interrupted:
+        click.echo(f"interrupted at step {result.state.step}; checkpoint saved in {run_dir / 'checkpoint'}; "
+                   "rerun the same command to resume", err=True)
+        raise SystemExit(130)
     s = result.state
     click.echo(f"step {s.step}/{cfg.steps}, {s.tokens:,} tokens, {s.elapsed_s / 60:.1f} min; "
                f"checkpoint in {run_dir / 'checkpoint'}")

@@ -48,7 +48,7 @@ class TrainConfig:
     top_k: int = 2
     seq_len: int = 256
     batch_size: int = 6
-    steps: int = 5000
+    steps: int = 12000
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 200

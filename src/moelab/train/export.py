@@ -76,6 +76,9 @@ def export_model(run_dir: Path, out_dir: Path, reproduce: str | None = None,
         model.save_pretrained(tmp)
         for name in TOKENIZER_FILES:
             shutil.copyfile(cfg.corpus / name, tmp / name)
+        tok_cfg = json.loads((tmp / "tokenizer_config.json").read_text(encoding="utf-8"))
+        tok_cfg["model_max_length"] = cfg.seq_len  # the model's context, not the corpus default
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
         if (run_dir / PLOT).is_file():
             shutil.copyfile(run_dir / PLOT, tmp / PLOT)
         result = evaluate_model_dir(tmp, cfg.corpus, tokens=eval_tokens)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class TrainResult:
     state: TrainState
     losses: list[float]  # total loss of each step run in this call, in order
     resumed_from: int  # step of the checkpoint this call started from (0 = fresh)
+    interrupted: bool = False  # stopped by ``should_stop`` before reaching its last step
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -108,11 +110,15 @@ def _quick_eval(model, val_streams, state: TrainState, run_dir: Path) -> None:
                          "val_loss": {d: round(v, 4) for d, v in res.loss.items()}, "min_load_entropy": ent})
 
 
-def train(cfg: TrainConfig, run_dir: Path, stop_at: int | None = None, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, run_dir: Path, stop_at: int | None = None, progress: bool = True,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
     """Train (or resume) the run in ``run_dir`` up to ``cfg.steps``, or up to ``stop_at`` steps if given.
 
-    A checkpoint is written every ``checkpoint_every_s`` seconds / ``checkpoint_every_steps`` steps,
-    at the end, and on KeyboardInterrupt (then re-raised).
+    A checkpoint is written every ``checkpoint_every_s`` seconds / ``checkpoint_every_steps`` steps
+    and at the end. ``should_stop`` is polled between steps (the CLI sets it from SIGINT/SIGTERM): when
+    it returns True the run checkpoints and returns with ``interrupted=True``. A KeyboardInterrupt
+    between steps is checkpointed too; one inside a step (parameters possibly half-updated) is not,
+    so the last checkpoint stays consistent.
     """
     torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir)
@@ -125,24 +131,24 @@ def train(cfg: TrainConfig, run_dir: Path, stop_at: int | None = None, progress:
     opt = make_optimizer(cfg, model)
     gen = torch.Generator().manual_seed(cfg.seed)
     state, fingerprint = _prepare_run(cfg, run_dir, model, opt, gen)
-    resumed_from, end = state.step, min(cfg.steps, stop_at if stop_at is not None else cfg.steps)
+    result = TrainResult(run_dir=run_dir, state=state, losses=[], resumed_from=state.step)
+    end = min(cfg.steps, stop_at if stop_at is not None else cfg.steps)
     model.train()
-    losses: list[float] = []
     acc = _Accumulator(cfg.num_layers, cfg.num_experts)
-    last_save = time.monotonic()
+    last_save, consistent = time.monotonic(), True
     columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task("train", total=cfg.steps, completed=state.step, info="")
         try:
-            while state.step < end:
+            while state.step < end and not (should_stop is not None and should_stop()):
+                consistent = False
                 t0 = time.perf_counter()
                 step_losses = _train_step(cfg, model, opt, streams, gen, state.step)
                 dt = time.perf_counter() - t0
-                state.step += 1
-                state.tokens += cfg.tokens_per_step
-                state.elapsed_s += dt
-                losses.append(step_losses.total.item())
+                state.step, state.tokens, state.elapsed_s = state.step + 1, state.tokens + cfg.tokens_per_step, state.elapsed_s + dt
+                consistent = True
+                result.losses.append(step_losses.total.item())
                 acc.add(step_losses, cfg.tokens_per_step, dt)
                 if state.step % cfg.log_every == 0 or state.step == end:
                     rec = acc.record(state, lr_at(cfg, state.step - 1))
@@ -155,12 +161,14 @@ def train(cfg: TrainConfig, run_dir: Path, stop_at: int | None = None, progress:
                     plot_loss(run_dir)
                     last_save = time.monotonic()
         except KeyboardInterrupt:
-            save_checkpoint(run_dir, model, opt, gen, state, fingerprint)
-            plot_loss(run_dir)
+            if consistent:
+                save_checkpoint(run_dir, model, opt, gen, state, fingerprint)
+                plot_loss(run_dir)
             raise
     save_checkpoint(run_dir, model, opt, gen, state, fingerprint)
     plot_loss(run_dir)
-    return TrainResult(run_dir=run_dir, state=state, losses=losses, resumed_from=resumed_from)
+    result.interrupted = state.step < end
+    return result
 
 
 def _due(cfg: TrainConfig, step: int, last_save: float) -> bool:
