@@ -1,0 +1,103 @@
+"""Calibration data for the planners: token batches from a corpus, and a pass that shows every block's routing.
+
+Shape legend: B sequences per batch, S tokens per sequence, T = B*S tokens, H hidden, K top-k.
+
+Every planner that needs data calls :func:`calibration_batches` once (deterministic under ``seed``:
+the same corpus, model tokenizer, token count and seed give the same batches) and then
+:func:`routing_pass` (or its own forward over the batches when it needs more than routing).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moelab.errors import MoelabError
+from moelab.models import ModelView, RoutingEvent
+from moelab.trace.inputs import prepare_input
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration sequences ``batches`` (each ``[B, S]`` int64) with the label of every sequence."""
+
+    batches: list[Tensor]
+    labels: list[str | None]  # one per sequence, in batch order
+    num_tokens: int
+    seed: int
+
+    def describe(self) -> dict[str, Any]:
+        return {"tokens": self.num_tokens, "sequences": len(self.labels), "seed": self.seed,
+                "labels": sorted({lab for lab in self.labels if lab is not None})}
+
+
+def calibration_batches(view: ModelView, corpus: Any, *, tokens: int = 16384, seq_len: int = 256,
+                        batch_size: int = 8, seed: int = 0, label: str | None = None,
+                        tokenizer: str | os.PathLike | None = None) -> Calibration:
+    """Pack ``corpus`` (anything :func:`moelab.trace.record` takes) and draw ``tokens`` tokens of it.
+
+    Sequences are shuffled with ``seed`` before the cut, so the draw covers the whole corpus.
+    ``label`` keeps only the sequences of one label (domain), e.g. to calibrate "for code".
+    """
+    if tokens < 1:
+        raise MoelabError(f"calibration tokens: expected >= 1, got {tokens}")
+    data = prepare_input(corpus, view, seq_len, None, None, tokenizer)
+    p = data.packed
+    order = np.random.default_rng(seed).permutation(p.num_sequences)
+    names = p.label_names
+    if label is not None:
+        if names is None or label not in names:
+            raise MoelabError(f"calibration label {label!r}: the corpus has labels {names or 'none'}")
+        order = order[p.labels_S[order] == names.index(label)]
+    seqs, labs, total = [], [], 0
+    for s in order:
+        row = p.tokens_N[p.starts_S1[s]:p.starts_S1[s + 1]]
+        if len(row) < seq_len:  # a short tail: keep batches rectangular
+            continue
+        seqs.append(torch.from_numpy(row.astype(np.int64)))
+        labs.append(None if names is None else names[int(p.labels_S[s])])
+        total += len(row)
+        if total >= tokens:
+            break
+    if not seqs:
+        raise MoelabError(f"calibration: the corpus has no full sequence of {seq_len} tokens"
+                          + (f" with label {label!r}" if label else ""))
+    stacked = torch.stack(seqs)
+    return Calibration(list(stacked.split(batch_size)), labs, total, seed)
+
+
+@torch.no_grad()
+def routing_pass(view: ModelView, calib: Calibration, on_event: Callable[[RoutingEvent], None]) -> None:
+    """Run the model over the calibration batches, calling ``on_event`` for every block's routing.
+
+    The model is put in eval mode for the pass and restored after; hooks are removed also on error.
+    """
+    model = view.model
+    was_training = model.training
+    model.eval()
+    handles = [b.register_routing_hook(on_event) for b in view.blocks]
+    try:
+        device = next(model.parameters()).device
+        for batch in calib.batches:
+            model(input_ids=batch.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+def per_layer(view: ModelView) -> dict[int, int]:
+    """``layer -> number of experts`` of the model's MoE blocks."""
+    return {b.layer: b.num_experts for b in view.blocks}
+
+
+def expert_ffn(view: ModelView) -> dict[int, int]:
+    """``layer -> intermediate size I`` of the model's MoE blocks."""
+    return {b.layer: b.intermediate_size for b in view.blocks}
+
