@@ -1,0 +1,29 @@
+"""Planners by name, for ``moelab prune`` / ``moelab merge``, the demo and ``bench/compress.py``.
+
+Each entry is ``name -> (kind, "module:function", needs_calibration)``; ``kind`` is 'prune', 'merge'
+or 'atomic'. Adding a planner is one line here plus its own module (see :mod:`moelab.compress.spec`
+for the signature).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from moelab.errors import MoelabError
+
+PLANNERS: dict[str, tuple[str, str, bool]] = {}
+
+
+def get_planner(name: str) -> tuple[str, Callable, bool]:
+    """``(kind, planner function, needs_calibration)`` of planner ``name``."""
+    if name not in PLANNERS:
+        raise MoelabError(f"method: unknown planner {name!r}; known: {', '.join(sorted(PLANNERS)) or 'none'}")
+    kind, target, needs_calib = PLANNERS[name]
+    module, func = target.split(":")
+    return kind, getattr(importlib.import_module(module), func), needs_calib
+
+
+def planners(kind: str | None = None) -> list[str]:
+    """Names of the registered planners (of one kind when given)."""
+    return sorted(n for n, (k, _, _) in PLANNERS.items() if kind is None or k == kind)
