@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from moelab.nn.chain import ChainConfig, ChainOfExperts, ChainOutput
 from moelab.nn.experts import ACTIVATIONS, Experts, ExpertsConfig, split_experts
 from moelab.nn.hf import (
     PatchedBlock,
@@ -42,6 +43,9 @@ __all__ = [
     "router_from_view",
     "unpatch",
     "ACTIVATIONS",
+    "ChainConfig",
+    "ChainOfExperts",
+    "ChainOutput",
     "DenseMLP",
     "DomainConfig",
     "DomainRouter",

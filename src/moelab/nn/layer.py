@@ -124,19 +124,25 @@ class MoELayer(nn.Module):
 
     def forward(self, x: Tensor, **router_kwargs) -> MoEOutput:
         shape = x.shape
-        x_TH = x.reshape(-1, shape[-1])
+        y_TH, routing, dropped = self.step(x.reshape(-1, shape[-1]), **router_kwargs)
+        return MoEOutput(y_TH.reshape(shape), routing, dropped)
+
+    def step(self, x_TH: Tensor, **router_kwargs) -> tuple[Tensor, Routing, Tensor]:
+        """Steps 2-4 on flat tokens: ``(y_TH, routing, num_dropped)`` (used by `ChainOfExperts`)."""
         routing = self.router(x_TH, **router_kwargs)
         if routing.num_experts != self.num_experts:
             raise RoutingError(
                 f"MoELayer: router gave logits for {routing.num_experts} experts, experts has {self.num_experts}"
             )
-        dropped = torch.zeros((), dtype=torch.long, device=x.device)
+        dropped = torch.zeros((), dtype=torch.long, device=x_TH.device)
         if self.capacity_factor is not None:
             routing, dropped = apply_capacity(routing, self.num_experts, self.capacity_factor)
-        y_TH = self.experts(x_TH, routing.ids_TK, routing.weights_TK.to(x.dtype), routing.mask_TK)
+        y_TH = self.experts(
+            x_TH, routing.ids_TK, routing.weights_TK.to(x_TH.dtype), routing.mask_TK
+        )
         if self.shared_experts is not None:
             s_TH = self.shared_experts(x_TH)
             if self.shared_gate is not None:
                 s_TH = s_TH * F.sigmoid(self.shared_gate(x_TH))
             y_TH = y_TH + s_TH
-        return MoEOutput(y_TH.reshape(shape), routing, dropped)
+        return y_TH, routing, dropped
