@@ -12,7 +12,9 @@ from collections.abc import Callable
 
 from moelab.errors import MoelabError
 
-PLANNERS: dict[str, tuple[str, str, bool]] = {}
+PLANNERS: dict[str, tuple[str, str, bool]] = {
+    "naee": ("prune", "moelab.compress.naee:plan_naee", True),
+}
 
 
 def get_planner(name: str) -> tuple[str, Callable, bool]:
