@@ -55,11 +55,15 @@ CHUNK_ELEMENTS = 1 << 24  # expert outputs [E, T_chunk, H] held at once (float64
 
 @dataclass
 class LayerInputs:
-    """The hidden states entering one MoE block over the calibration data, and each token's sequence."""
+    """What one MoE block received over the calibration data: hidden states, each token's sequence,
+    and the routing counts (``freq_E``: slots routed to each expert; ``weight_E``: sum of their
+    combine weights)."""
 
     hidden_TH: Tensor  # float64
     seq_T: Tensor  # int64 index of the calibration sequence of each token
     num_seqs: int
+    freq_E: Tensor  # float64
+    weight_E: Tensor  # float64
 
 
 def check_calibration(calib: Calibration | None, method: str, min_tokens: int) -> Calibration:
@@ -90,15 +94,28 @@ def kept_counts(view: ModelView, spec: CompressSpec, kept: int | dict[int, int] 
 
 @torch.no_grad()
 def layer_inputs(view: ModelView, calib: Calibration) -> dict[int, LayerInputs]:
-    """``layer -> LayerInputs`` from one routing pass over the calibration batches (float64, CPU)."""
+    """``layer -> LayerInputs`` from one routing pass over the calibration batches (float64, CPU).
+
+    NOTE: the counts cover the slots the family reports (``ids_TK``), i.e. top-k selections.
+    """
     parts: dict[int, list[Tensor]] = {b.layer: [] for b in view.blocks}
-    routing_pass(view, calib, lambda ev: parts[ev.block.layer].append(ev.hidden_TH.detach().to("cpu", torch.float64)))
+    freq = {b.layer: torch.zeros(b.num_experts, dtype=torch.float64) for b in view.blocks}
+    weight = {b.layer: torch.zeros(b.num_experts, dtype=torch.float64) for b in view.blocks}
+
+    def collect(ev: RoutingEvent) -> None:
+        layer = ev.block.layer
+        parts[layer].append(ev.hidden_TH.detach().to("cpu", torch.float64))
+        ids = ev.ids_TK.detach().reshape(-1).cpu()
+        freq[layer].index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+        weight[layer].index_add_(0, ids, ev.weights_TK.detach().reshape(-1).cpu().to(torch.float64))
+
+    routing_pass(view, calib, collect)
     seq_len = int(calib.batches[0].shape[1])
     out = {}
     for layer, xs in parts.items():
         hidden_TH = torch.cat(xs)
         T = hidden_TH.shape[0]
-        out[layer] = LayerInputs(hidden_TH, torch.arange(T) // seq_len, -(-T // seq_len))
+        out[layer] = LayerInputs(hidden_TH, torch.arange(T) // seq_len, -(-T // seq_len), freq[layer], weight[layer])
     return out
 
 

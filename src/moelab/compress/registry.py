@@ -14,6 +14,7 @@ from moelab.errors import MoelabError
 
 PLANNERS: dict[str, tuple[str, str, bool]] = {
     "naee": ("prune", "moelab.compress.naee:plan_naee", True),
+    "hc-smoe": ("merge", "moelab.compress.hcsmoe:plan_hcsmoe", True),
     "easy-ep": ("prune", "moelab.compress.easy_ep:plan_easy_ep", True),
 }
 
