@@ -22,6 +22,15 @@ from moelab.nn.hf import (
 )
 from moelab.nn.layer import DenseMLP, MoELayer, MoEOutput, apply_capacity
 from moelab.nn.losses import expert_load, load_balancing_loss, sequence_balance_loss, z_loss
+from moelab.nn.multigate import (
+    HoME,
+    HoMEConfig,
+    HoMEOutput,
+    MultiGateConfig,
+    MultiGateMoE,
+    MultiGateOutput,
+    multigate_reference,
+)
 from moelab.nn.routers.base import Router, RouterConfig
 from moelab.nn.routers.bias_balance import bias_update
 from moelab.nn.routers.domain import DomainConfig, DomainRouter
@@ -54,9 +63,15 @@ __all__ = [
     "Experts",
     "ExpertsConfig",
     "GroupLimitedConfig",
+    "HoME",
+    "HoMEConfig",
+    "HoMEOutput",
     "GroupLimitedRouter",
     "MoELayer",
     "MoEOutput",
+    "MultiGateConfig",
+    "MultiGateMoE",
+    "MultiGateOutput",
     "NullExpertsConfig",
     "NullExpertsRouter",
     "RandomFixedRouter",
@@ -78,6 +93,7 @@ __all__ = [
     "consistency_loss",
     "expert_load",
     "load_balancing_loss",
+    "multigate_reference",
     "null_balance_loss",
     "sequence_balance_loss",
     "smoe_dropout_k",
