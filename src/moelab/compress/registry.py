@@ -13,6 +13,7 @@ from collections.abc import Callable
 from moelab.errors import MoelabError
 
 PLANNERS: dict[str, tuple[str, str, bool]] = {
+    "heapr": ("atomic", "moelab.compress.heapr:plan_heapr", True),
     "naee": ("prune", "moelab.compress.naee:plan_naee", True),
     "hc-smoe": ("merge", "moelab.compress.hcsmoe:plan_hcsmoe", True),
     "easy-ep": ("prune", "moelab.compress.easy_ep:plan_easy_ep", True),
