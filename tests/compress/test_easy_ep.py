@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 
+from moelab.compress.apply import apply_plan
 from moelab.compress.calib import Calibration, expert_ffn, per_layer
 from moelab.compress.easy_ep import (
     EasyEPScores,
@@ -106,6 +107,12 @@ def test_ratio_zero_is_identity_plan():
     for b in view.blocks:
         lp = plan.layers[b.layer]
         assert lp.is_pruning() and lp.sources() == list(range(b.num_experts))
+    tokens = _calib(seed=9).batches[0]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        same = apply_plan(view, plan)
+        torch.testing.assert_close(same(input_ids=tokens).logits, view.model(input_ids=tokens).logits,
+                                   rtol=0, atol=0)
 
 
 def test_deterministic():

@@ -17,6 +17,7 @@ PLANNERS: dict[str, tuple[str, str, bool]] = {
     "naee": ("prune", "moelab.compress.naee:plan_naee", True),
     "hc-smoe": ("merge", "moelab.compress.hcsmoe:plan_hcsmoe", True),
     "easy-ep": ("prune", "moelab.compress.easy_ep:plan_easy_ep", True),
+    "m-smoe": ("merge", "moelab.compress.msmoe:plan_msmoe", True),
 }
 
 
