@@ -13,6 +13,10 @@ from collections.abc import Callable
 from moelab.errors import MoelabError
 
 PLANNERS: dict[str, tuple[str, str, bool]] = {
+    "random": ("prune", "moelab.compress.baselines:plan_random", False),
+    "frequency": ("prune", "moelab.compress.baselines:plan_frequency", True),
+    "weighted-frequency": ("prune", "moelab.compress.baselines:plan_weighted_frequency", True),
+    "reap": ("prune", "moelab.compress.reap:plan_reap", True),
     "heapr": ("atomic", "moelab.compress.heapr:plan_heapr", True),
     "naee": ("prune", "moelab.compress.naee:plan_naee", True),
     "hc-smoe": ("merge", "moelab.compress.hcsmoe:plan_hcsmoe", True),

@@ -1,0 +1,100 @@
+"""Per-expert routing statistics over calibration data, collected in one pass for every pruning baseline.
+
+Shape legend: T tokens of a batch, K top-k, E experts of a layer, H hidden.
+
+Notation (as in REAP, Lasby et al. 2025, ``src/reap/pruning_metrics.py``): ``S_t`` the experts chosen
+for token t, ``T_e = {t : e in S_t}``, ``w_{t,e}`` the model's combine weight and
+``g_{t,e} = w_{t,e} / sum_{k in S_t} w_{t,k}`` the gate renormalised over the top-k (REAP's default
+``renormalize_router_weights``; it also cancels DeepSeek's ``routed_scaling_factor``).
+``||E_e(x_t)||_2`` is the norm of expert e's output on the input it received, before its weight
+(:func:`moelab.trace.collect.expert_stats`; Llama4 scales inputs, so there it is ``E_e(w x)``).
+
+Per layer, float64 arrays ``[E]``::
+
+    count_E[e]      = |T_e|                                   (routing frequency)
+    gate_sum_E[e]   = sum_{t in T_e} g_{t,e}                  (router-weighted frequency)
+    ean_sum_E[e]    = sum_{t in T_e} ||E_e(x_t)||_2           (expert activation norm)
+    reap_E[e]       = (1/|T_e|) sum_{t in T_e} g_{t,e} ||E_e(x_t)||_2   (REAP; 0 when |T_e| = 0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moelab.compress.calib import Calibration, routing_pass
+from moelab.errors import MoelabError
+from moelab.models import ModelView, RoutingEvent
+from moelab.trace.collect import expert_stats
+
+
+@dataclass
+class ExpertStats:
+    """Statistics of one MoE layer over ``tokens`` calibration tokens (see the module docstring)."""
+
+    layer: int
+    tokens: int
+    count_E: Tensor
+    gate_sum_E: Tensor
+    ean_sum_E: Tensor
+    reap_sum_E: Tensor  # sum_{t in T_e} g * ||E_e(x_t)||
+
+    @property
+    def reap_E(self) -> Tensor:
+        return torch.where(self.count_E > 0, self.reap_sum_E / self.count_E.clamp(min=1), 0.0)
+
+    @property
+    def frequency_E(self) -> Tensor:
+        """Share of tokens routed to each expert."""
+        return self.count_E / max(self.tokens, 1)
+
+    def to_dict(self) -> dict[str, list[float] | int]:
+        return {"tokens": self.tokens, "count": self.count_E.tolist(), "gate_sum": self.gate_sum_E.tolist(),
+                "ean_sum": self.ean_sum_E.tolist(), "reap": self.reap_E.tolist()}
+
+
+def renormalised_gates(weights_TK: Tensor) -> Tensor:
+    """``g = w / sum_k w`` in float64 (rows summing to 0 stay 0)."""
+    w = weights_TK.detach().to(torch.float64)
+    total = w.sum(-1, keepdim=True)
+    return torch.where(total != 0, w / torch.where(total != 0, total, 1.0), 0.0)
+
+
+def accumulate(stats: ExpertStats, ids_TK: Tensor, weights_TK: Tensor, norm_TK: Tensor | None) -> None:
+    """Add one batch's routing (and expert output norms, if given) to ``stats`` in place."""
+    ids = ids_TK.reshape(-1).cpu()
+    valid = ids >= 0
+    ids = ids[valid]
+    g = renormalised_gates(weights_TK).reshape(-1).cpu()[valid]
+    E = stats.count_E.shape[0]
+    stats.count_E += torch.bincount(ids, minlength=E).to(torch.float64)
+    stats.gate_sum_E.index_add_(0, ids, g)
+    stats.tokens += int(ids_TK.shape[0])
+    if norm_TK is not None:
+        n = norm_TK.detach().reshape(-1).cpu().to(torch.float64)[valid]
+        stats.ean_sum_E.index_add_(0, ids, n)
+        stats.reap_sum_E.index_add_(0, ids, g * n)
+
+
+def expert_statistics(view: ModelView, calib: Calibration, *, norms: bool = True) -> dict[int, ExpertStats]:
+    """``layer -> ExpertStats`` over the calibration batches (one forward pass of the model).
+
+    ``norms=False`` skips running the experts a second time (counts and gate sums only).
+    """
+    if calib is None:
+        raise MoelabError("calib: these statistics need calibration data (see calibration_batches)")
+    out: dict[int, ExpertStats] = {}
+    for b in view.blocks:
+        z = torch.zeros(b.num_experts, dtype=torch.float64)
+        out[b.layer] = ExpertStats(b.layer, 0, z.clone(), z.clone(), z.clone(), z.clone())
+
+    def on_event(ev: RoutingEvent) -> None:
+        norm_TK = None
+        if norms:
+            norm_TK = expert_stats(ev.block, ev.hidden_TH, ev.ids_TK, ev.weights_TK)[0]
+        accumulate(out[ev.block.layer], ev.ids_TK, ev.weights_TK, norm_TK)
+
+    routing_pass(view, calib, on_event)
+    return out
