@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from moelab.analysis.similarity import mean_expert_outputs
+from moelab.compress.apply import apply_plan
 from moelab.compress.calib import calibration_batches
 from moelab.compress.hcsmoe import agglomerative, plan_hcsmoe
 from moelab.compress.naee import layer_inputs
+from moelab.compress.simulate import simulated
 from moelab.compress.spec import CompressSpec
 from moelab.errors import MoelabError
 from moelab.models import open_model
@@ -110,3 +112,20 @@ def test_bad_input_names_the_argument():
         plan_hcsmoe(view, calib, spec, kept={1: 0})
     with pytest.raises(MoelabError, match="linkage: expected"):
         plan_hcsmoe(view, calib, spec, linkage="ward")
+
+
+@pytest.mark.parametrize("family,align", [("Mixtral", False), ("Qwen2-MoE", True), ("GPT-OSS", False)])
+def test_applied_model_equals_simulation(family, align, strong_model):
+    model = strong_model(family)
+    view = open_model(model)
+    ids = torch.randint(0, 64, (16, 32), generator=torch.Generator().manual_seed(1))
+    calib = calibration_batches(view, ids, tokens=128, seq_len=16, batch_size=4, seed=0)
+    plan = plan_hcsmoe(view, calib, CompressSpec(ratio=0.5), align=align)
+    assert any(len(o.members) > 1 for lp in plan.layers.values() for o in lp.experts)
+    new = apply_plan(model, plan)
+    batch = calib.batches[0]
+    with torch.no_grad():
+        got = new(input_ids=batch).logits
+        with simulated(view, plan):
+            sim = model(input_ids=batch).logits
+    assert (got - sim).abs().max().item() <= 1e-6 * sim.abs().max().item()

@@ -8,12 +8,14 @@ masked routing) and runs the float64 reference forward, so losses agree to 1e-9 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 from itertools import combinations
 
 import pytest
 import torch
 
+from moelab.compress.apply import CompressWarning, apply_plan
 from moelab.compress.calib import calibration_batches
 from moelab.compress.naee import (
     SkipRouter,
@@ -22,6 +24,7 @@ from moelab.compress.naee import (
     layer_inputs,
     plan_naee,
 )
+from moelab.compress.simulate import keep_sets, masked_logits, simulated
 from moelab.compress.spec import CompressSpec
 from moelab.errors import MoelabError
 from moelab.models import open_model, reference_forward
@@ -177,3 +180,30 @@ def test_calibrated_betas_skip_about_half_of_second_experts():
     with install_skipping(model, 1.0) as handle:
         _logits(model, calib.batches[0])
         assert handle.skip_rate() > 0.99
+
+
+# --- the applied checkpoint ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["Mixtral", "Qwen2-MoE", "DeepSeek-V3", "GPT-OSS"])
+def test_applied_model_equals_simulation_and_masked_routing(family, strong_model):
+    model = strong_model(family)
+    view = open_model(model)
+    ids = torch.randint(0, 64, (16, 32), generator=torch.Generator().manual_seed(1))
+    calib = calibration_batches(view, ids, tokens=128, seq_len=16, batch_size=4, seed=0)
+    plan = plan_naee(view, calib, CompressSpec(ratio=0.5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompressWarning)  # DeepSeek-V3 may lose its groups
+        new = apply_plan(model, plan)
+    batch = calib.batches[0]
+    with torch.no_grad():
+        got = new(input_ids=batch).logits
+        with simulated(view, plan):
+            sim = model(input_ids=batch).logits
+        with masked_logits(view, keep_sets(plan)):
+            masked = model(input_ids=batch).logits
+        base = model(input_ids=batch).logits
+    scale = sim.abs().max().item()
+    assert (got - sim).abs().max().item() <= 1e-6 * scale
+    if not plan.meta["apply"]["changes"]:  # NOTE: switched-off groups make masked routing differ
+        assert (masked - sim).abs().max().item() <= 1e-9 * scale
+    assert (got - base).abs().max().item() > 1e-3 * scale  # the pruning is visible in the logits

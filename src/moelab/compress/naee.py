@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from moelab.compress.calib import Calibration, routing_pass
 from moelab.compress.plan import LayerPlan, Plan
+from moelab.compress.simulate import masked_block
 from moelab.compress.spec import CompressSpec
 from moelab.errors import MoelabError
 from moelab.models import (
@@ -119,24 +120,15 @@ def layer_inputs(view: ModelView, calib: Calibration) -> dict[int, LayerInputs]:
     return out
 
 
-def masked_block(block: MoEBlockView, keep: list[int] | tuple[int, ...]) -> MoEBlockView:
-    """A copy of the block's view in which only the experts ``keep`` are routable (logits -inf elsewhere).
-
-    Routing it with :func:`moelab.models.reference_route` equals routing the pruned block; top-k is
-    clamped to the number kept, as a compressed model's is.
-    """
-    E = block.num_experts
-    drop = torch.ones(E, dtype=torch.bool)
-    drop[list(keep)] = False
-    w = block.router_weight
-    bias = torch.zeros(E, dtype=torch.float64, device=w.device) if block.router_bias is None \
-        else block.router_bias.detach().to(torch.float64).clone()
-    bias[drop.to(w.device)] = -math.inf
-    corr = None
-    if block.correction_bias is not None:
-        corr = block.correction_bias.detach().to(torch.float64).clone()
-        corr[drop.to(w.device)] = -math.inf
-    return replace(block, router_bias=bias, correction_bias=corr, top_k=min(block.top_k, len(keep)))
+def _cpu_block(block: MoEBlockView) -> MoEBlockView:
+    """A float64 CPU copy of the block's routed part (the search runs on the CPU, where
+    :func:`moelab.compress.simulate.masked_block` puts its router biases). Shared experts and the
+    output bias are left out: they cancel in ``F(x) - F_S(x)``."""
+    names = ("router_weight", "router_bias", "correction_bias", "gate", "up", "down", "gate_bias", "up_bias",
+             "down_bias")
+    cpu = {n: None if getattr(block, n) is None else getattr(block, n).detach().to("cpu", torch.float64)
+           for n in names}
+    return replace(block, shared=None, output_bias=None, **cpu)
 
 
 def routed_output(block: MoEBlockView, ids_TK: Tensor, w_TK: Tensor, y_ETH: Tensor) -> Tensor:
@@ -148,17 +140,20 @@ def routed_output(block: MoEBlockView, ids_TK: Tensor, w_TK: Tensor, y_ETH: Tens
 class SubsetLoss:
     """Evaluates ``L(S)`` for many subsets of one layer's experts, chunking tokens to bound memory.
 
+    ``F_S`` routes with :func:`moelab.compress.simulate.masked_block` (the reference that pruning
+    to S equals), on a float64 CPU copy of the block.
+
     For ``combine='output'`` blocks the expert outputs on every token are computed once per chunk
     (cached across calls while they fit ``cache_elements``) and each subset costs only a routing and
     a weighted gather. Other blocks fall back to :func:`moelab.models.reference_forward` per subset.
     """
 
     def __init__(self, block: MoEBlockView, inputs: LayerInputs, cache_elements: int = 1 << 27) -> None:
-        self.block, self.inputs = block, inputs
-        x_TH = inputs.hidden_TH.to(block.router_weight.device)
+        self.block, self.inputs = _cpu_block(block), inputs
+        x_TH = inputs.hidden_TH
         E, H = block.num_experts, block.hidden_size
         step = max(1, CHUNK_ELEMENTS // (E * H))
-        self.chunks = [(x_TH[i:i + step], inputs.seq_T[i:i + step].to(x_TH.device)) for i in range(0, len(x_TH), step)]
+        self.chunks = [(x_TH[i:i + step], inputs.seq_T[i:i + step]) for i in range(0, len(x_TH), step)]
         self.fast = block.combine == "output"
         self.keep_cache = E * len(x_TH) * H <= cache_elements
         self.cache: dict[int, tuple[Tensor, Tensor]] = {}
@@ -186,14 +181,14 @@ class SubsetLoss:
             else:
                 z_TH = reference_forward(self.block, x_TH).to(torch.float64)
             for n, keep in enumerate(subsets):
-                masked = masked_block(self.block, keep)
+                masked = masked_block(self.block, list(keep))
                 if self.fast:
                     _, ids_TK, w_TK = reference_route(masked, x_TH)
                     zs_TH = routed_output(masked, ids_TK, w_TK, y_ETH)
                 else:
                     zs_TH = reference_forward(masked, x_TH).to(torch.float64)
-                err_T = (z_TH - zs_TH).pow(2).sum(-1).cpu()
-                sq_NQ[n].index_add_(0, seq_T.cpu(), err_T)
+                err_T = (z_TH - zs_TH).pow(2).sum(-1)
+                sq_NQ[n].index_add_(0, seq_T, err_T)
         self.evaluated += len(subsets)
         return sq_NQ.sqrt().sum(1).numpy()
 
@@ -378,4 +373,4 @@ def calibrate_skipping(view: ModelView, calib: Calibration, quantile: float = 0.
 
 __all__ = ["LayerInputs", "SkipHandle", "SkipRouter", "SubsetLoss", "beam_search", "calibrate_skipping",
            "check_calibration", "exhaustive_search", "install_skipping", "kept_counts", "layer_inputs",
-           "masked_block", "plan_naee"]
+           "plan_naee"]

@@ -20,6 +20,7 @@ PLANNERS: dict[str, tuple[str, str, bool]] = {
     "heapr": ("atomic", "moelab.compress.heapr:plan_heapr", True),
     "naee": ("prune", "moelab.compress.naee:plan_naee", True),
     "hc-smoe": ("merge", "moelab.compress.hcsmoe:plan_hcsmoe", True),
+    "dern": ("merge", "moelab.compress.dern:plan_dern", True),
     "easy-ep": ("prune", "moelab.compress.easy_ep:plan_easy_ep", True),
     "m-smoe": ("merge", "moelab.compress.msmoe:plan_msmoe", True),
 }
