@@ -2,8 +2,12 @@
 
 The router computes in float32 by design while the tiny models are float64, so patched logits
 equal the original's to ~1e-7 relative; we assert atol=rtol=1e-5 (selection never flips on these
-random inputs). unpatch restores the exact original (bit-equal logits).
+random inputs). unpatch restores the exact original (bit-equal logits). All 18 families the model
+view supports are patched, PhiMoE (SparseMixer routing, eval mode) and Llama4 (input-side combine)
+included.
 """
+
+import dataclasses
 
 import pytest
 import torch
@@ -13,8 +17,7 @@ from moelab.models import open_model, reference_forward
 from moelab.models.tiny import TINY_CONFIGS, tiny_model
 from moelab.nn import MoELayer, PatchedBlock, TopPConfig, TopPRouter, from_view, patch, unpatch
 
-UNSUPPORTED = {"PhiMoE", "Llama4"}  # SparseMixer routing; input-side combine
-FAMILIES = [f for f in TINY_CONFIGS if f not in UNSUPPORTED]
+FAMILIES = list(TINY_CONFIGS)
 
 
 def logits(model, ids):
@@ -24,7 +27,7 @@ def logits(model, ids):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_patched_model_equals_original(family):
-    model = tiny_model(family)
+    model = tiny_model(family).eval()
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
     before = logits(model, ids)
     n_blocks = len(open_model(model).blocks)
@@ -36,7 +39,9 @@ def test_patched_model_equals_original(family):
     assert torch.equal(logits(model, ids), before)
 
 
-@pytest.mark.parametrize("family", ["Qwen2-MoE", "DeepSeek-V3", "DBRX", "GPT-OSS", "ERNIE-4.5-MoE"])
+@pytest.mark.parametrize(
+    "family", ["Qwen2-MoE", "DeepSeek-V3", "DBRX", "GPT-OSS", "ERNIE-4.5-MoE", "PhiMoE", "Llama4"]
+)
 def test_from_view_equals_reference_forward(family):
     block = open_model(tiny_model(family)).blocks[0]
     layer = from_view(block)
@@ -85,10 +90,19 @@ def test_patch_with_another_router():
     assert torch.equal(logits(model, ids), before)
 
 
-@pytest.mark.parametrize("family", sorted(UNSUPPORTED))
-def test_unsupported_families_fail_clearly_and_leave_model_alone(family):
-    model = tiny_model(family)
-    with pytest.raises(UnsupportedModelError, match=family):
+def test_unsupported_block_fails_clearly_and_leaves_model_alone(monkeypatch):
+    import moelab.models
+
+    model = tiny_model("Mixtral")
+    real_open = moelab.models.open_model
+
+    def fake_open(m):  # the view of a second block claims a scoring moelab has no router for
+        view = real_open(m)
+        view.blocks[-1] = dataclasses.replace(view.blocks[-1], scoring="mystery")
+        return view
+
+    monkeypatch.setattr(moelab.models, "open_model", fake_open)
+    with pytest.raises(UnsupportedModelError, match="Mixtral.*mystery"):
         patch(model)
     assert not any(isinstance(m, PatchedBlock) for m in model.modules())
 

@@ -168,6 +168,30 @@ def test_balanced_routing_gives_loss_one():
     assert load_balancing_loss(r).item() == pytest.approx(1.0)
 
 
+def test_input_side_combine_equals_loop():
+    """``combine="input"`` (Llama 4): y_t = sum_k E_k(w_tk x_t), with masked slots contributing 0."""
+    moe = layer(E=4, k=2)
+    moe.combine = "input"
+    x = torch.randn(9, 6, dtype=F64)
+    out = moe(x)
+    r = out.routing
+    ref = torch.stack([
+        sum(moe.experts.expert(int(r.ids_TK[t, k]), (r.weights_TK[t, k].double() * x[t])[None])[0]
+            for k in range(2))
+        for t in range(9)
+    ])
+    torch.testing.assert_close(out.y, ref, rtol=1e-10, atol=1e-10)
+    mask = torch.rand(9, 2, generator=torch.Generator().manual_seed(0)) > 0.5
+    masked = Routing(r.logits_TE, r.ids_TK, r.weights_TK, mask)
+    y = moe._input_combine(x, masked)
+    ref = torch.stack([
+        sum((moe.experts.expert(int(r.ids_TK[t, k]), (r.weights_TK[t, k].double() * x[t])[None])[0]
+             for k in range(2) if mask[t, k]), torch.zeros(6, dtype=F64))
+        for t in range(9)
+    ])
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_bad_input():
     with pytest.raises(RoutingError, match="top_k=5 > number of experts"):
         TopKConfig(num_experts=4, hidden_size=6, top_k=5)
@@ -180,6 +204,9 @@ def test_bad_input():
             Experts(ExpertsConfig(num_experts=4, hidden_size=6, inner_size=2)),
             capacity_factor=0,
         )
+    with pytest.raises(RoutingError, match="combine must be"):
+        MoELayer(router, Experts(ExpertsConfig(num_experts=4, hidden_size=6, inner_size=2)),
+                 combine="sideways")
     x = torch.randn(3, 6)
     x[1, 2] = float("nan")
     with pytest.raises(RoutingError, match="non-finite"):

@@ -23,6 +23,8 @@ from moelab.nn import (
     RandomFixedRouter,
     RandomRouterConfig,
     RoutingError,
+    SparseMixerConfig,
+    SparseMixerRouter,
     ThorConfig,
     ThorRouter,
     ThresholdConfig,
@@ -79,6 +81,10 @@ def router_factories(E):
         "thor": lambda: ThorRouter(ThorConfig(num_experts=E)),
         "threshold": lambda: ThresholdRouter(
             ThresholdConfig(num_experts=E, hidden_size=H, min_k=0), dtype=F64
+        ),
+        "sparsemixer": lambda: SparseMixerRouter(
+            SparseMixerConfig(num_experts=E, hidden_size=H, top_k=min(2, E), jitter_eps=0.3),
+            dtype=F64,
         ),
         "domain": lambda: DomainRouter(
             DomainConfig(num_experts=E, hidden_size=H, domain_experts=[[0], [E - 1]]), dtype=F64
@@ -353,6 +359,33 @@ def test_permuting_experts_and_router_rows_changes_nothing():
         torch.testing.assert_close(ya.y, yb.y, rtol=1e-6, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("eps", [0.01, 0.3, 2.0])
+def test_sparsemixer_equals_transformers_phimoe_eval(eps):
+    from transformers.models.phimoe.modeling_phimoe import sparsemixer
+
+    E = 6
+    router = SparseMixerRouter(SparseMixerConfig(num_experts=E, hidden_size=H, top_k=2,
+                                                 jitter_eps=eps))
+    x = torch.randn(40, H) * 2
+    r = router(x)
+    w_hf, ids_hf = sparsemixer(r.logits_TE, jitter_eps=eps, training=False, top_k=2)
+    assert torch.equal(r.ids_TK, ids_hf)
+    torch.testing.assert_close(r.weights_TK, w_hf, rtol=1e-6, atol=1e-7)
+    # slow reference of the formula, float64
+    z = r.logits_TE.double()
+    for t in range(z.shape[0]):
+        taken = []
+        for k in range(2):
+            free = [e for e in range(E) if e not in taken]
+            m = max(float(z[t, e]) for e in free)
+            e_star = max(free, key=lambda e: float(z[t, e]))
+            keep = [e for e in free if (m - float(z[t, e])) / max(abs(float(z[t, e])), m) <= 2 * eps]
+            w = torch.exp(z[t, e_star]) / sum(torch.exp(z[t, e]) for e in keep)
+            assert int(r.ids_TK[t, k]) == e_star
+            assert float(r.weights_TK[t, k]) == pytest.approx(float(w), rel=1e-5)
+            taken.append(e_star)
+
+
 @pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, float("nan")])
 def test_bad_p(bad):
     with pytest.raises(RoutingError, match="p must lie in"):
@@ -370,6 +403,10 @@ def test_bad_configs():
         NullExpertsConfig(num_experts=2, hidden_size=H, num_null=1, top_k=4)
     with pytest.raises(RoutingError, match="threshold"):
         ThresholdConfig(num_experts=2, hidden_size=H, threshold=1.0)
+    with pytest.raises(RoutingError, match="jitter_eps"):
+        SparseMixerConfig(num_experts=4, hidden_size=H, jitter_eps=-1.0)
+    with pytest.raises(RoutingError, match="top_k=5 > number of experts E=4"):
+        SparseMixerConfig(num_experts=4, hidden_size=H, top_k=5)
     with pytest.raises(RoutingError, match="rate"):
         bias_update(torch.ones(3), rate=0)
     router = TopPRouter(TopPConfig(num_experts=3, hidden_size=H))

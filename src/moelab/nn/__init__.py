@@ -38,6 +38,7 @@ from moelab.nn.routers.expert_choice import ExpertChoiceConfig, ExpertChoiceRout
 from moelab.nn.routers.group_limited import GroupLimitedConfig, GroupLimitedRouter
 from moelab.nn.routers.null_experts import NullExpertsConfig, NullExpertsRouter, null_balance_loss
 from moelab.nn.routers.random_fixed import RandomFixedRouter, RandomRouterConfig, smoe_dropout_k
+from moelab.nn.routers.sparsemixer import SparseMixerConfig, SparseMixerRouter
 from moelab.nn.routers.thor import ThorConfig, ThorRouter, consistency_loss
 from moelab.nn.routers.threshold import ThresholdConfig, ThresholdRouter
 from moelab.nn.routers.top_p import TopPConfig, TopPRouter, top_p_select
@@ -80,6 +81,8 @@ __all__ = [
     "RouterConfig",
     "Routing",
     "RoutingError",
+    "SparseMixerConfig",
+    "SparseMixerRouter",
     "ThorConfig",
     "ThorRouter",
     "ThresholdConfig",

@@ -10,7 +10,9 @@ patched model land on moelab's parameters.
 settings), otherwise ``router(block_view) -> router module`` supplies a new one (e.g. dynamic
 top-p). ``unpatch(model)`` puts the original modules back.
 
-Not supported (a clear error): PhiMoE's SparseMixer routing, Llama4's input-side combine.
+PhiMoE runs `SparseMixerRouter` (its inference routing, also in training mode); Llama4 runs
+``MoELayer(combine="input")``. Families the view supports but this module cannot reproduce raise
+`UnsupportedModelError` before anything is changed.
 While patched, transformers' ``output_router_logits`` and the view's routing hooks do not see
 moelab's router; ``PatchedBlock.last_routing`` is not kept (no hidden state) — trace with
 ``MoELayer`` directly or through the view before patching.
@@ -29,6 +31,7 @@ from moelab.errors import UnsupportedModelError
 from moelab.nn.experts import Experts, ExpertsConfig
 from moelab.nn.layer import DenseMLP, MoELayer
 from moelab.nn.routers.group_limited import GroupLimitedConfig, GroupLimitedRouter
+from moelab.nn.routers.sparsemixer import SparseMixerConfig, SparseMixerRouter
 
 # view activation name -> moelab gated activation
 _ACT = {
@@ -46,13 +49,17 @@ def _share(t: Tensor, requires_grad: bool = True) -> nn.Parameter:
 
 def _check_supported(block) -> None:
     where = f"{block.path} ({block.family})"
-    if block.scoring not in ("softmax", "sigmoid"):
+    if block.scoring not in ("softmax", "sigmoid", "sparsemixer"):
         raise UnsupportedModelError(
             f"moelab.nn: {where}: scoring {block.scoring!r} has no moelab router yet"
         )
-    if block.combine != "output":
+    if block.scoring == "sparsemixer" and float(block.routed_scaling_factor) != 1.0:
         raise UnsupportedModelError(
-            f"moelab.nn: {where}: combine={block.combine!r} (weights scale expert inputs) is not supported"
+            f"moelab.nn: {where}: SparseMixer routing with a routed scaling factor is not supported"
+        )
+    if block.combine not in ("output", "input"):
+        raise UnsupportedModelError(
+            f"moelab.nn: {where}: combine={block.combine!r} is not supported"
         )
     if block.act not in _ACT:
         raise UnsupportedModelError(
@@ -60,10 +67,20 @@ def _check_supported(block) -> None:
         )
 
 
-def router_from_view(block) -> GroupLimitedRouter:
+def router_from_view(block) -> GroupLimitedRouter | SparseMixerRouter:
     """A router reproducing the block's own routing, sharing its weight (and biases)."""
     _check_supported(block)
     E, H = block.router_weight.shape
+    if block.scoring == "sparsemixer":
+        sm = SparseMixerConfig(num_experts=E, hidden_size=H, top_k=block.top_k,
+                               bias=block.router_bias is not None,
+                               jitter_eps=float(block.scoring_params["jitter_eps"]))
+        router = SparseMixerRouter(sm, device=block.router_weight.device,
+                                   dtype=block.router_weight.dtype)
+        router.weight = _share(block.router_weight)
+        if block.router_bias is not None:
+            router.bias = _share(block.router_bias)
+        return router
     n_group = block.n_group or 1
     cfg = GroupLimitedConfig(
         num_experts=E,
@@ -146,6 +163,7 @@ def from_view(block, router: nn.Module | None = None) -> MoELayer:
         experts_from_view(block),
         shared,
         gate,
+        combine=block.combine,
     )
 
 
@@ -166,6 +184,8 @@ class PatchedBlock(nn.Module):
         y = out.y if self.output_bias is None else out.y + self.output_bias
         if self.family == "GPT-OSS":  # GptOssMLP returns (hidden, router_scores)
             return y, out.routing.weights_TK.to(y.dtype)
+        if self.family == "Llama4":  # Llama4TextMoe returns (hidden, router_logits)
+            return y, out.routing.logits_TE.to(y.dtype)
         return y
 
 

@@ -90,6 +90,8 @@ class MoELayer(nn.Module):
 
     ``forward(x[..., H], **router_kwargs) -> MoEOutput``; router kwargs (e.g. ``domain_T`` for
     domain routing) are passed to the router. ``capacity_factor=None`` is dropless.
+    ``combine="output"`` gives ``y_t = sum_k w_tk E_k(x_t)``; ``combine="input"`` gives
+    ``y_t = sum_k E_k(w_tk x_t)`` (Llama 4 scales the experts' inputs by the router scores).
     """
 
     def __init__(
@@ -99,8 +101,12 @@ class MoELayer(nn.Module):
         shared_experts: nn.Module | None = None,
         shared_gate: nn.Module | None = None,
         capacity_factor: float | None = None,
+        combine: str = "output",
     ) -> None:
         super().__init__()
+        if combine not in ("output", "input"):
+            raise RoutingError(f"MoELayer: combine must be 'output' or 'input', got {combine!r}")
+        self.combine = combine
         r_e, x_e = getattr(router, "num_experts", None), getattr(experts, "num_experts", None)
         if r_e is not None and x_e is not None and r_e != x_e:
             raise RoutingError(
@@ -137,12 +143,25 @@ class MoELayer(nn.Module):
         dropped = torch.zeros((), dtype=torch.long, device=x_TH.device)
         if self.capacity_factor is not None:
             routing, dropped = apply_capacity(routing, self.num_experts, self.capacity_factor)
-        y_TH = self.experts(
-            x_TH, routing.ids_TK, routing.weights_TK.to(x_TH.dtype), routing.mask_TK
-        )
+        if self.combine == "output":
+            y_TH = self.experts(
+                x_TH, routing.ids_TK, routing.weights_TK.to(x_TH.dtype), routing.mask_TK
+            )
+        else:
+            y_TH = self._input_combine(x_TH, routing)
         if self.shared_experts is not None:
             s_TH = self.shared_experts(x_TH)
             if self.shared_gate is not None:
                 s_TH = s_TH * F.sigmoid(self.shared_gate(x_TH))
             y_TH = y_TH + s_TH
         return y_TH, routing, dropped
+
+    def _input_combine(self, x_TH: Tensor, routing: Routing) -> Tensor:
+        """``sum_k E_{ids[t,k]}(w[t,k] x_t)``: one slot per row of a [T*K, H] input, weight 1."""
+        T, K = routing.ids_TK.shape
+        w_TK1 = routing.weights_TK.to(x_TH.dtype).unsqueeze(-1)
+        xs_NH = (x_TH.unsqueeze(1) * w_TK1).reshape(T * K, x_TH.shape[1])
+        ones_N1 = torch.ones(T * K, 1, dtype=x_TH.dtype, device=x_TH.device)
+        mask = None if routing.mask_TK is None else routing.mask_TK.reshape(T * K, 1)
+        y_NH = self.experts(xs_NH, routing.ids_TK.reshape(T * K, 1), ones_N1, mask)
+        return y_NH.view(T, K, -1).sum(1)
