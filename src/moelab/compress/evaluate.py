@@ -1,0 +1,149 @@
+"""Evaluate a compressed model: per-domain perplexity and, against a reference, KL and top-1 agreement.
+
+Legend: W windows, S tokens per window, V vocab.
+
+Perplexity is exactly :func:`moelab.train.evaluate.evaluate_streams` (the first ``tokens`` tokens of
+each domain's validation split, non-overlapping windows of ``seq_len``, each predicting its last
+``S - 1`` tokens). With a reference model (usually the uncompressed one) the same forward calls also
+run the reference on the same windows, through a forward hook, and measure at every predicted
+position::
+
+    KL(ref || model) = sum_v p_ref(v) * (log p_ref(v) - log p_model(v))      (nats, mean per domain)
+    top-1 agreement  = 1[argmax_v p_ref = argmax_v p_model]                   (share per domain)
+
+Tokens at or beyond the model's vocabulary (a corpus from another tokenizer) are refused up front.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab.errors import MoelabError
+from moelab.train.evaluate import EVAL_SEQ_LEN, EVAL_TOKENS, evaluate_streams, validation_streams
+
+
+@dataclass
+class CompressionEval:
+    """Per-domain figures of one model; ``kl`` and ``top1`` are None without a reference."""
+
+    loss: dict[str, float]
+    tokens: dict[str, int]
+    params: int
+    kl: dict[str, float] | None = None
+    top1: dict[str, float] | None = None
+    load_LE: dict[str, list[list[float]]] = field(default_factory=dict, repr=False)
+
+    @property
+    def perplexity(self) -> dict[str, float]:
+        return {d: math.exp(v) for d, v in self.loss.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"perplexity": self.perplexity, "loss": self.loss, "tokens": self.tokens, "params": self.params,
+                "kl": self.kl, "top1": self.top1}
+
+
+def _vocab(model: nn.Module) -> int:
+    return int(model.get_input_embeddings().weight.shape[0])
+
+
+def check_vocab(streams: dict[str, Tensor], model: nn.Module, where: str) -> None:
+    """Raise MoelabError if any token id is negative or not below the model's vocabulary size."""
+    V = _vocab(model)
+    for domain, s in streams.items():
+        if s.numel() and (int(s.max()) >= V or int(s.min()) < 0):
+            raise MoelabError(
+                f"{where}: domain {domain!r} has token id {int(s.max())} but the model's vocabulary has {V} "
+                f"tokens; the corpus was tokenised with another tokenizer than the model's")
+
+
+class _Agreement:
+    """Forward hook on the evaluated model: runs the reference on the same input, sums KL and top-1."""
+
+    def __init__(self, reference: nn.Module) -> None:
+        self.reference = reference
+        self.kl, self.agree, self.count = 0.0, 0, 0
+        self.busy = False  # the reference may be the model itself: don't recurse
+
+    @torch.no_grad()
+    def __call__(self, _mod: nn.Module, _args: tuple, kwargs: dict, out: Any) -> None:
+        if self.busy:
+            return
+        ids_WS = kwargs["input_ids"]
+        self.busy = True
+        try:
+            ref_WSV = self.reference(input_ids=ids_WS, use_cache=False).logits[:, :-1].double()
+        finally:
+            self.busy = False
+        mod_WSV = out.logits[:, :-1].double()
+        logp_ref, logp_mod = F.log_softmax(ref_WSV, -1), F.log_softmax(mod_WSV, -1)
+        self.kl += float((logp_ref.exp() * (logp_ref - logp_mod)).sum())
+        self.agree += int((ref_WSV.argmax(-1) == mod_WSV.argmax(-1)).sum())
+        self.count += ref_WSV.shape[0] * ref_WSV.shape[1]
+
+    def take(self) -> tuple[float, float]:
+        kl, top1 = self.kl / max(self.count, 1), self.agree / max(self.count, 1)
+        self.kl, self.agree, self.count = 0.0, 0, 0
+        return kl, top1
+
+
+def evaluate_compressed(model: nn.Module, streams: dict[str, Tensor], *, reference: nn.Module | None = None,
+                        seq_len: int = EVAL_SEQ_LEN, batch_size: int = 16) -> CompressionEval:
+    """Perplexity per domain of ``model`` on ``streams`` (``domain -> [N]`` token ids) and, given
+    ``reference``, mean KL(reference || model) and top-1 agreement on the same windows."""
+    check_vocab(streams, model, "corpus")
+    if reference is not None and _vocab(reference) != _vocab(model):
+        raise MoelabError(f"reference: vocabulary of {_vocab(reference)} tokens, but the model has "
+                          f"{_vocab(model)}; KL needs the same tokenizer")
+    params = sum(p.numel() for p in model.parameters())
+    if reference is None:
+        res = evaluate_streams(model, streams, seq_len, batch_size)
+        return CompressionEval(res.loss, res.tokens, params, load_LE=res.load_LE)
+    was_training = reference.training
+    reference.eval()
+    agreement = _Agreement(reference)
+    loss, tokens, kl, top1, load = {}, {}, {}, {}, {}
+    handle = model.register_forward_hook(agreement, with_kwargs=True)
+    try:
+        for domain, stream in streams.items():  # one domain at a time: the hook's sums are per domain
+            res = evaluate_streams(model, {domain: stream}, seq_len, batch_size)
+            loss[domain], tokens[domain], load[domain] = res.loss[domain], res.tokens[domain], res.load_LE[domain]
+            kl[domain], top1[domain] = agreement.take()
+    finally:
+        handle.remove()
+        reference.train(was_training)
+    return CompressionEval(loss, tokens, params, kl, top1, load)
+
+
+def load_model(path: str | Path, what: str = "model") -> nn.Module:
+    """A local safetensors checkpoint in float32 (moelab's checked loader; never pickle)."""
+    from moelab.models.open import load_checkpoint
+
+    path = Path(path)
+    if not path.exists():
+        raise MoelabError(f"{what}: {path} does not exist (expected a model folder with config.json)")
+    return load_checkpoint(path, dtype=torch.float32)
+
+
+def check_same_tokenizer(model_dir: Path, corpus_dir: Path) -> None:
+    """Refuse a model folder whose ``tokenizer.json`` differs from the corpus's (when both have one)."""
+    a, b = Path(model_dir) / "tokenizer.json", Path(corpus_dir) / "tokenizer.json"
+    if a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes():
+        raise MoelabError(f"corpus: {b} differs from the model's {a}; the corpus is tokenised for another model")
+
+
+def evaluate_path(model_dir: str | Path, corpus_dir: str | Path, *, reference_dir: str | Path | None = None,
+                  tokens: int = EVAL_TOKENS, seq_len: int = EVAL_SEQ_LEN) -> CompressionEval:
+    """Load ``model_dir`` (and ``reference_dir``) and evaluate on ``corpus_dir``'s validation split."""
+    model_dir, corpus_dir = Path(model_dir), Path(corpus_dir)
+    check_same_tokenizer(model_dir, corpus_dir)
+    model = load_model(model_dir)
+    reference = load_model(reference_dir, "reference") if reference_dir is not None else None
+    streams = validation_streams(corpus_dir, tokens)
+    return evaluate_compressed(model, streams, reference=reference, seq_len=min(seq_len, tokens))
