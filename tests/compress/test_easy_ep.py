@@ -87,6 +87,38 @@ def test_scores_over_calibration_match_reference():
         torch.testing.assert_close(s_E, want[layer], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("family,norm,overrides", [
+    ("Mixtral", "post_attention_layernorm", {}),
+    ("GraniteMoE", "post_attention_layernorm", {"residual_multiplier": 0.5}),
+    ("DBRX", "norm_attn_norm.norm_2", {}),
+])
+def test_token_contribution_is_the_real_residual_update(family, norm, overrides):
+    """Without shared experts the decoder layer's output is h~ = h + m * routed, so s_t must equal
+    1 - cos(input of the pre-MoE norm, output of the decoder layer), read from the model by hooks."""
+    view = _view(family, **overrides)
+    calib = _calib()
+    got = easy_ep_scores(view, calib, keep_tokens=True)
+    before, after = {}, {}
+    handles = []
+    for b in view.blocks:
+        layer_module = view.model.get_submodule(b.path.rsplit(".", 1)[0])
+        handles.append(layer_module.get_submodule(norm).register_forward_pre_hook(
+            lambda m, args, layer=b.layer: before.setdefault(layer, []).append(args[0])))
+        handles.append(layer_module.register_forward_hook(
+            lambda m, args, out, layer=b.layer: after.setdefault(layer, []).append(
+                out[0] if isinstance(out, tuple) else out)))
+    with torch.no_grad():
+        for batch in calib.batches:
+            view.model(input_ids=batch)
+    for h in handles:
+        h.remove()
+    for b in view.blocks:
+        assert got.h_source[b.layer] == "residual"
+        for k, s_BS in enumerate(got.token_contrib[b.layer]):
+            want_BS = 1 - torch.nn.functional.cosine_similarity(before[b.layer][k], after[b.layer][k], dim=-1)
+            torch.testing.assert_close(s_BS, want_BS.clamp(min=0).to(torch.float64), rtol=1e-7, atol=1e-10)
+
+
 def test_zeroed_expert_is_pruned_first():
     view = _view("Mixtral")
     view.blocks[0].down[2].zero_()  # expert 2 of layer 0 now outputs nothing: c = 0 on every token

@@ -128,15 +128,19 @@ class _ResidualTap:
             seen = self.last.setdefault(block.layer, {})
             for name, mod in layer_module.named_modules():
                 if "norm" in type(mod).__name__.lower() and not _inside(name, block.path, parent):
-                    self.handles.append(mod.register_forward_hook(_recorder(seen, name)))
+                    self.handles.append(mod.register_forward_hook(_recorder(seen, name, block.hidden_size)))
 
     def residual(self, event: RoutingEvent) -> tuple[Tensor, str]:
         x_TH = event.hidden_TH
-        for inp, out in self.last.get(event.block.layer, {}).values():
+        seen = self.last.get(event.block.layer, {})
+        found = None
+        for inp, out in seen.values():
             if out.numel() == x_TH.numel() and out.dtype == x_TH.dtype \
                     and torch.equal(out.reshape(x_TH.shape), x_TH):
-                return inp.reshape(x_TH.shape), "residual"
-        return x_TH, "block_input"
+                found = inp.reshape(x_TH.shape)
+                break
+        seen.clear()  # hold at most one layer's norm activations at a time
+        return (found, "residual") if found is not None else (x_TH, "block_input")
 
     def remove(self) -> None:
         for h in self.handles:
@@ -150,9 +154,10 @@ def _inside(name: str, block_path: str, parent: str) -> bool:
     return full == block_path or full.startswith(block_path + ".")
 
 
-def _recorder(store: dict, name: str) -> Callable:
+def _recorder(store: dict, name: str, hidden: int) -> Callable:
     def hook(module: nn.Module, args: tuple, out: object) -> None:
-        if args and isinstance(args[0], Tensor) and isinstance(out, Tensor) and out.shape == args[0].shape:
+        if args and isinstance(args[0], Tensor) and isinstance(out, Tensor) and out.shape == args[0].shape \
+                and out.shape[-1] == hidden:
             store[name] = (args[0].detach(), out.detach())
     return hook
 
@@ -164,11 +169,13 @@ def _recorder(store: dict, name: str) -> Callable:
 @dataclass
 class EasyEPScores:
     """``scores[layer]``: ``[L, E]`` float64 sums ``I(E_e)`` per calibration label; ``labels`` names
-    the L rows; ``h_source[layer]``: 'residual' or 'block_input' (see the module docstring)."""
+    the L rows; ``h_source[layer]``: 'residual' or 'block_input' (see the module docstring);
+    ``token_contrib[layer]``: one ``[B, S]`` tensor of ``s_t`` per calibration batch, when asked for."""
 
     scores: dict[int, Tensor]
     labels: list[str | None]
     h_source: dict[int, str] = field(default_factory=dict)
+    token_contrib: dict[int, list[Tensor]] = field(default_factory=dict)
 
     def combined(self, mix_domains: bool = False) -> dict[int, Tensor]:
         """``layer -> [E]``: pooled sums, or (``mix_domains``) the mean of per-label shares."""
@@ -181,8 +188,12 @@ class EasyEPScores:
         return out
 
 
-def easy_ep_scores(view: ModelView, calib: Calibration) -> EasyEPScores:
-    """Run the model over ``calib`` and sum EASY-EP's ``c_{e,t} * s_t`` per layer, expert and label."""
+def easy_ep_scores(view: ModelView, calib: Calibration, keep_tokens: bool = False) -> EasyEPScores:
+    """Run the model over ``calib`` and sum EASY-EP's ``c_{e,t} * s_t`` per layer, expert and label.
+
+    ``keep_tokens`` also returns every token's contribution ``s_t`` (which tokens the routed experts
+    turn most), ``B*S`` floats per layer and batch.
+    """
     labels = sorted({lab for lab in calib.labels}, key=lambda x: (x is not None, x or ""))
     label_S = torch.tensor([labels.index(lab) for lab in calib.labels], dtype=torch.long)
     starts = [0]
@@ -192,6 +203,7 @@ def easy_ep_scores(view: ModelView, calib: Calibration) -> EasyEPScores:
     scores = {b.layer: torch.zeros(len(labels), b.num_experts, dtype=torch.float64) for b in view.blocks}
     calls = {b.layer: 0 for b in view.blocks}
     h_source: dict[int, str] = {}
+    token_contrib: dict[int, list[Tensor]] = {b.layer: [] for b in view.blocks} if keep_tokens else {}
     tap = _ResidualTap(view)
 
     def on_event(ev: RoutingEvent) -> None:
@@ -205,6 +217,8 @@ def easy_ep_scores(view: ModelView, calib: Calibration) -> EasyEPScores:
         c_TK, s_T = token_scores(ev.block, ev.hidden_TH, h_TH, ev.ids_TK, ev.weights_TK,
                                  residual_scale if src == "residual" else 1.0)
         seq_len = int(calib.batches[k].shape[1])
+        if keep_tokens:
+            token_contrib[layer].append(s_T.cpu().reshape(calib.batches[k].shape))
         seq_T = starts[k] + torch.arange(c_TK.shape[0]) // seq_len
         lab_TK = label_S[seq_T].unsqueeze(-1).expand_as(ev.ids_TK)
         scores[layer].index_put_((lab_TK.reshape(-1), ev.ids_TK.cpu().reshape(-1)),
@@ -214,7 +228,7 @@ def easy_ep_scores(view: ModelView, calib: Calibration) -> EasyEPScores:
         routing_pass(view, calib, on_event)
     finally:
         tap.remove()
-    return EasyEPScores(scores, labels, h_source)
+    return EasyEPScores(scores, labels, h_source, token_contrib)
 
 
 # ---------------------------------------------------------------------------------------------------
