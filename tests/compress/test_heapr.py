@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
+from moelab.compress.apply import apply_plan, save_compressed
 from moelab.compress.calib import Calibration
 from moelab.compress.heapr import (
     HeaprError,
@@ -26,9 +27,10 @@ from moelab.compress.heapr import (
     select_atoms,
 )
 from moelab.compress.registry import get_planner
+from moelab.compress.simulate import simulated
 from moelab.compress.spec import CompressSpec
 from moelab.models import glu_activation, open_model, reference_route
-from moelab.models.tiny import tiny_model
+from moelab.models.tiny import TINY_CONFIGS, tiny_model
 
 FAMILIES = ["Qwen3-MoE", "GPT-OSS", "Llama4", "DeepSeek-V3", "DBRX", "GraniteMoeShared"]
 
@@ -230,6 +232,64 @@ def test_ties_break_in_layer_expert_neuron_order():
 def test_registered_as_atomic_planner():
     kind, fn, needs_calib = get_planner("heapr")
     assert (kind, fn, needs_calib) == ("atomic", plan_heapr, True)
+
+
+# --- the checkpoint: zeroed neurons at fixed width, equal to the plan's simulation -----------------
+
+def _close(a, b, rtol=1e-6):
+    # rtol 1e-6 (as in test_apply): several families run the router softmax in float32
+    assert (a - b).abs().max().item() <= rtol * max(b.abs().max().item(), 1e-3)
+
+
+@pytest.mark.parametrize("family", list(TINY_CONFIGS))
+def test_applied_checkpoint_equals_simulation_and_zeroed_atoms(family, strong_model, input_ids):
+    model = strong_model(family)
+    view = open_model(model)
+    plan = plan_heapr(view, random_calib(n_batches=2, B=4, S=24), CompressSpec(ratio=0.5, budget="global"))
+    new = apply_plan(model, plan)
+    new_view = open_model(new)
+    with torch.no_grad():
+        base = model(input_ids=input_ids).logits
+        got = new(input_ids=input_ids).logits
+        with simulated(view, plan):
+            sim = model(input_ids=input_ids).logits
+        # the pruning matters, far above _close's tolerance (1e-6 x logit scale): the checks below can fail
+        assert (got - base).abs().max() > 100 * 1e-6 * base.abs().max()
+        _close(got, sim)
+        saved = {b.layer: b.down.clone() for b in view.blocks}  # zero the removed atoms in place
+        for b in view.blocks:
+            for e, out in enumerate(plan.layers[b.layer].experts):
+                b.down[e][:, ~out.neuron_mask] = 0
+        zeroed = model(input_ids=input_ids).logits
+        for b in view.blocks:
+            b.down.copy_(saved[b.layer])
+        _close(got, zeroed)
+    for nb in new_view.blocks:  # fixed width; removed neurons are zero in gate, up and down
+        ob = view.block(nb.layer)
+        assert (nb.num_experts, nb.intermediate_size) == (ob.num_experts, ob.intermediate_size)
+        mask_EI = torch.stack([o.neuron_mask for o in plan.layers[nb.layer].experts])
+        for t in (nb.gate, nb.up):
+            assert not t[~mask_EI].any()
+        assert not nb.down.transpose(1, 2)[~mask_EI].any()
+        torch.testing.assert_close(nb.down.transpose(1, 2)[mask_EI], ob.down.transpose(1, 2)[mask_EI])
+
+
+def test_ratio_zero_applies_as_identity_and_round_trips(strong_model, input_ids, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = strong_model("Qwen3-MoE")
+    view = open_model(model)
+    calib = random_calib()
+    with torch.no_grad():
+        base = model(input_ids=input_ids).logits
+        same = apply_plan(model, plan_heapr(view, calib, CompressSpec(ratio=0.0)))
+        torch.testing.assert_close(same(input_ids=input_ids).logits, base, rtol=0, atol=1e-12)
+        plan = plan_heapr(view, calib, CompressSpec(ratio=0.5, budget="global"))
+        new = apply_plan(model, plan)
+        out = save_compressed(new, plan, tmp_path / "heapr")
+        loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64, experts_implementation="eager")
+        torch.testing.assert_close(loaded(input_ids=input_ids).logits, new(input_ids=input_ids).logits,
+                                   rtol=0, atol=1e-12)
 
 
 # --- hygiene: no hooks, no requires_grad change, mode restored, also on error -----------------------
