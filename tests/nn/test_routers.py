@@ -412,3 +412,30 @@ def test_bad_configs():
     router = TopPRouter(TopPConfig(num_experts=3, hidden_size=H))
     with pytest.raises(RoutingError, match="non-finite"):
         router(torch.full((2, H), float("inf")))
+
+
+@pytest.mark.parametrize("name", sorted(router_factories(4)))
+def test_gradcheck_every_router_through_the_layer(name):
+    """d y / d x and d y / d router weight by finite differences, float64 experts; routers compute
+    in float32 by design, hence eps=1e-3 and rtol=1e-2 (selection does not flip at this eps here)."""
+    E = 4
+    torch.manual_seed(5)
+    router = router_factories(E)[name]()
+    if name == "sparsemixer":  # PhiMoE's eps: the kept set does not change within +-eps here
+        router.config.jitter_eps = 0.01
+    moe = MoELayer(router, experts(E))
+    x = torch.randn(5, H, dtype=F64, requires_grad=True)
+    kw = {"domain_T": torch.tensor([0, 1, 1, 0, 1])} if name == "domain" else {}
+    if name == "thor":  # random expert per token: the same draw on every call
+        def f(x):
+            return moe(x, generator=torch.Generator().manual_seed(0)).y
+    else:
+        def f(x):
+            return moe(x, **kw).y
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-3, atol=1e-3, rtol=1e-2)
+    w = getattr(router, "weight", None)
+    if isinstance(w, torch.nn.Parameter):
+        def g(w_):
+            return torch.func.functional_call(moe, {"router.weight": w_}, (x.detach(),), kw).y
+        assert torch.autograd.gradcheck(g, (w.detach().clone().requires_grad_(),),
+                                        eps=1e-3, atol=1e-3, rtol=1e-2)
