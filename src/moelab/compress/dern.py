@@ -6,7 +6,8 @@ three steps below are the paper's (abstract), the exact formulas are moelab's re
 are stated here so that they can be checked:
 
 1. **Drop experts by router statistics.** Importance of expert e over the calibration tokens:
-   ``s_e = sum_{t : e in S_t} w_{t,e}`` (``score="weight"``, the summed combine weights) or
+   ``s_e = sum_{t : e in S_t} g_{t,e}`` (``score="weight"``, the summed gates renormalised over the
+   top-k, as :mod:`moelab.compress.stats` and REAP define them) or
    ``s_e = |{t : e in S_t}|`` (``score="frequency"``). Each layer keeps its ``kept`` highest
    (ties: the lower index); the others are dropped.
 2. **Split dropped experts into segments and assign each to its most compatible kept expert.** A
@@ -129,7 +130,7 @@ def plan_dern(view: ModelView, calib: Calibration | None, spec: CompressSpec, *,
               alpha: float = 0.4, kept: int | dict[int, int] | None = None, min_tokens: int = 32) -> Plan:
     """DERN plan (see the module docstring).
 
-    Options: ``score`` 'weight' (summed combine weights, default) or 'frequency'; ``alpha`` least
+    Options: ``score`` 'weight' (summed top-k gates, default) or 'frequency'; ``alpha`` least
     cosine for a segment to be recombined (above 1: plain pruning by ``score``); ``kept`` overrides
     the experts kept (an int or ``{layer: n}``); ``min_tokens`` least calibration tokens accepted.
     """

@@ -39,6 +39,7 @@ from moelab.compress.calib import Calibration, routing_pass
 from moelab.compress.plan import LayerPlan, Plan
 from moelab.compress.simulate import masked_block
 from moelab.compress.spec import CompressSpec
+from moelab.compress.stats import ExpertStats, accumulate
 from moelab.errors import MoelabError
 from moelab.models import (
     ModelView,
@@ -57,14 +58,22 @@ CHUNK_ELEMENTS = 1 << 24  # expert outputs [E, T_chunk, H] held at once (float64
 @dataclass
 class LayerInputs:
     """What one MoE block received over the calibration data: hidden states, each token's sequence,
-    and the routing counts (``freq_E``: slots routed to each expert; ``weight_E``: sum of their
-    combine weights)."""
+    and its routing statistics (:class:`moelab.compress.stats.ExpertStats`, counts and gate sums)."""
 
     hidden_TH: Tensor  # float64
     seq_T: Tensor  # int64 index of the calibration sequence of each token
     num_seqs: int
-    freq_E: Tensor  # float64
-    weight_E: Tensor  # float64
+    stats: ExpertStats
+
+    @property
+    def freq_E(self) -> Tensor:
+        """Top-k selections of each expert, ``|T_e|`` (float64)."""
+        return self.stats.count_E
+
+    @property
+    def weight_E(self) -> Tensor:
+        """Sum of each expert's top-k-renormalised gates, ``sum_{t in T_e} g_{t,e}`` (float64)."""
+        return self.stats.gate_sum_E
 
 
 def check_calibration(calib: Calibration | None, method: str, min_tokens: int) -> Calibration:
@@ -97,18 +106,16 @@ def kept_counts(view: ModelView, spec: CompressSpec, kept: int | dict[int, int] 
 def layer_inputs(view: ModelView, calib: Calibration) -> dict[int, LayerInputs]:
     """``layer -> LayerInputs`` from one routing pass over the calibration batches (float64, CPU).
 
-    NOTE: the counts cover the slots the family reports (``ids_TK``), i.e. top-k selections.
+    The statistics are accumulated as :func:`moelab.compress.stats.expert_statistics` does (without
+    expert output norms), in the same pass that records the hidden states.
     """
     parts: dict[int, list[Tensor]] = {b.layer: [] for b in view.blocks}
-    freq = {b.layer: torch.zeros(b.num_experts, dtype=torch.float64) for b in view.blocks}
-    weight = {b.layer: torch.zeros(b.num_experts, dtype=torch.float64) for b in view.blocks}
+    zero = {b.layer: torch.zeros(b.num_experts, dtype=torch.float64) for b in view.blocks}
+    stats = {layer: ExpertStats(layer, 0, z.clone(), z.clone(), z.clone(), z.clone()) for layer, z in zero.items()}
 
     def collect(ev: RoutingEvent) -> None:
-        layer = ev.block.layer
-        parts[layer].append(ev.hidden_TH.detach().to("cpu", torch.float64))
-        ids = ev.ids_TK.detach().reshape(-1).cpu()
-        freq[layer].index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
-        weight[layer].index_add_(0, ids, ev.weights_TK.detach().reshape(-1).cpu().to(torch.float64))
+        parts[ev.block.layer].append(ev.hidden_TH.detach().to("cpu", torch.float64))
+        accumulate(stats[ev.block.layer], ev.ids_TK, ev.weights_TK, None)
 
     routing_pass(view, calib, collect)
     seq_len = int(calib.batches[0].shape[1])
@@ -116,7 +123,7 @@ def layer_inputs(view: ModelView, calib: Calibration) -> dict[int, LayerInputs]:
     for layer, xs in parts.items():
         hidden_TH = torch.cat(xs)
         T = hidden_TH.shape[0]
-        out[layer] = LayerInputs(hidden_TH, torch.arange(T) // seq_len, -(-T // seq_len), freq[layer], weight[layer])
+        out[layer] = LayerInputs(hidden_TH, torch.arange(T) // seq_len, -(-T // seq_len), stats[layer])
     return out
 
 
@@ -339,8 +346,8 @@ def install_skipping(model: nn.Module | ModelView, beta: float | dict[int, float
     """Turn on NAEE dynamic skipping in every MoE block of ``model`` (in place).
 
     ``beta``: one fraction for all layers, or ``{layer: beta}`` (e.g. from :func:`calibrate_skipping`;
-    layers not listed get 0, no skipping). Runs through :func:`moelab.nn.hf.patch` (moelab's layer,
-    same weights), so the families it does not support (PhiMoE, Llama4) raise
+    layers not listed get 0, no skipping). Runs through :func:`moelab.nn.hf.patch` (moelab's layer
+    over the same weights, every family's routing reproduced), so a family it cannot patch raises
     :class:`~moelab.errors.UnsupportedModelError`. ``handle.remove()`` restores the original blocks.
     """
     module = model.model if isinstance(model, ModelView) else model
