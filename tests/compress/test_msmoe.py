@@ -126,15 +126,15 @@ def test_ratio_zero_is_identity_plan():
 
 
 def _permuted_twin_model():
-    """Mixtral, 8 experts, top-1: expert 1 of layer 0 is expert 0 with its neurons permuted, and its router row is
-    0.01 x expert 0's (router-logit cosine 1; chosen only when all 7 other logits are negative)."""
+    """Mixtral, 8 experts, top-1: in every layer expert 1 is expert 0 with its neurons permuted, and its
+    router row is 0.01 x expert 0's (router-logit cosine 1; chosen only when all 7 other logits are < 0)."""
     view = _view("Mixtral", num_experts_per_tok=1, num_local_experts=8)
-    b = view.blocks[0]
-    perm_I = torch.randperm(b.intermediate_size, generator=torch.Generator().manual_seed(3))
-    b.gate[1].copy_(b.gate[0][perm_I])
-    b.up[1].copy_(b.up[0][perm_I])
-    b.down[1].copy_(b.down[0][:, perm_I])
-    b.router_weight[1].copy_(0.01 * b.router_weight[0])
+    perm_I = torch.randperm(view.blocks[0].intermediate_size, generator=torch.Generator().manual_seed(3))
+    for b in view.blocks:
+        b.gate[1].copy_(b.gate[0][perm_I])
+        b.up[1].copy_(b.up[0][perm_I])
+        b.down[1].copy_(b.down[0][:, perm_I])
+        b.router_weight[1].copy_(0.01 * b.router_weight[0])
     return view, perm_I
 
 
@@ -181,6 +181,21 @@ def test_merged_model_equals_original_on_tokens_routed_to_the_group():
                                rtol=1e-10, atol=1e-12)
 
 
+def test_aliased_merge_of_permuted_twins_is_the_original_model():
+    """The paper's form (router kept, members aliased): merging exact twins changes nothing at all."""
+    view, _ = _permuted_twin_model()
+    plan = plan_msmoe(view, _calib(num_seqs=8), CompressSpec(ratio=0.125), alias=True)
+    for lp in plan.layers.values():
+        assert lp.sources() == list(range(8)) and not lp.is_pruning()
+        assert [m.expert for m in lp.experts[1].members] == [0, 1]  # expert 1 is now the merge of its group
+    tokens = _calib(num_seqs=4, seed=11).batches[0]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = apply_plan(view, plan)
+        torch.testing.assert_close(merged(input_ids=tokens).logits, view.model(input_ids=tokens).logits,
+                                   rtol=1e-9, atol=1e-10)
+
+
 def test_deterministic():
     view = _view("OLMoE")
     a = plan_msmoe(view, _calib(seed=4), CompressSpec(ratio=0.5, seed=1))
@@ -214,5 +229,7 @@ def test_errors_and_registry():
         plan_msmoe(view, _calib(), CompressSpec(ratio=0.5), similarity="cosine")
     with pytest.raises(MoelabError, match="align"):
         plan_msmoe(view, _calib(), CompressSpec(ratio=0.5), align=1)
+    with pytest.raises(MoelabError, match="alias"):
+        plan_msmoe(view, _calib(), CompressSpec(ratio=0.5), alias="no")
     kind, fn, needs = get_planner("m-smoe")
     assert (kind, fn, needs) == ("merge", plan_msmoe, True)

@@ -16,6 +16,8 @@ more matter more. Like the official code, ``s_t`` is clamped at 0 (only rounding
 Each layer keeps its ``N`` best experts (the paper's setting); ``budget='global'`` instead ranks
 ``I(E_e) / mean_e' I(E_e')`` across layers.
 
+Nothing is random: the plan depends only on the model and the calibration (``spec.seed`` is recorded).
+
 Mixed domains (``mix_domains=True``, the official ``expert_selection_mix_domain.py``): the scores of
 each calibration label are normalised to sum 1 per layer and averaged over labels, so every domain
 weighs the same whatever its token count. Pruning "for code" is ``calibration_batches(..., label="code")``.

@@ -14,6 +14,10 @@ Per MoE layer, over the calibration tokens:
     merge            W_d' = sum_{m in G_d} f_m P_m(W_m) / sum_{m in G_d} f_m   for gate, up and down
                      (uniform 1/|G_d| when no member was used); the router row of d is kept.
 
+``ids`` is the block's actual selection (the official code takes top-k of the logits; the two agree
+unless the family selects with a correction bias or groups). Nothing is random: the plan depends only
+on the model and the calibration (``spec.seed`` is recorded, not used).
+
 Similarity: the paper's default, and the default here, is ``'router-logits'`` (columns of router logits
 over the calibration tokens, the official ``similarity_base='router-logits'`` with
 ``similarity_fn='cosine'``). ``'weight'`` (aligned weight cosine) and ``'output'`` (mean per-token
@@ -23,11 +27,14 @@ Budgets: ``budget='layer'`` keeps ``n = spec.kept_per_layer(E)`` groups in every
 the paper's allocation: the frequencies of all layers are ranked together (each layer's top ``min_keep``
 always kept, the official code's "at least one group per layer") and the ``sum_l kept_per_layer(E_l)``
 highest become dominants; moelab breaks ties by (layer, expert) so exactly that total is kept, where
-the official threshold ``f > f_(total)`` keeps fewer on ties.
+the official threshold ``f > f_(total)`` keeps fewer on ties. Unequal counts per layer cannot be
+written as a stock checkpoint (:func:`moelab.compress.apply.apply_plan` refuses them); evaluate them
+with :mod:`moelab.compress.simulate`, or use ``alias=True``.
 
 Where moelab differs: the official code *aliases* the members to the merged expert and leaves the
-router unchanged (same parameter count); a moelab plan drops the members' router rows so the
-compressed model really has ``n`` experts (``router_from`` = the dominant). The official code releases
+router unchanged (same parameter count); a moelab plan by default drops the members' router rows so
+the compressed model really has ``n`` experts (``router_from`` = the dominant); ``alias=True`` gives the
+official form (all E experts and router rows kept, each expert a copy of its group's merge). The official code releases
 the permutation alignment only for Switch Transformers; here it is applied to every gated family.
 
 Shape legend: T tokens, E experts, K top-k, I expert width.
@@ -44,7 +51,7 @@ from torch import Tensor
 from moelab.analysis.similarity import output_similarity, weight_similarity
 from moelab.compress.calib import Calibration, routing_pass
 from moelab.compress.hcsmoe import merge_cluster
-from moelab.compress.plan import LayerPlan, Plan
+from moelab.compress.plan import LayerPlan, OutExpert, Plan
 from moelab.compress.spec import CompressSpec
 from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView, RoutingEvent
@@ -173,20 +180,25 @@ def group_experts(f_E: Tensor, sim_EE: Tensor, num_groups: int) -> dict[int, lis
     return groups
 
 
-def merge_layer(block: MoEBlockView, groups: dict[int, list[int]], f_E: Tensor, align: bool = True) -> LayerPlan:
+def merge_layer(block: MoEBlockView, groups: dict[int, list[int]], f_E: Tensor, align: bool = True,
+                alias: bool = False) -> LayerPlan:
     """The layer plan of frequency-weighted merges of ``groups`` (output experts in dominant order).
 
     Each group is merged by :func:`moelab.compress.hcsmoe.merge_cluster` (coefficients ``f_m / sum f``,
     uniform when no member was used; router row and alignment target = the most frequent member, which
-    is the dominant: it comes first and no other member is more frequent).
+    is the dominant: it comes first and no other member is more frequent). ``alias``: the paper's form,
+    every original expert (in order, own router row) becomes a copy of its group's merged expert.
     """
-    experts = []
+    merged = {}
     for dom in sorted(groups):
         out = merge_cluster(block, groups[dom], f_E, align)
         if out.router_from != dom:  # cannot happen with groups from group_experts
-            raise MoelabError(f"groups: a member of dominant {dom}'s group {groups[dom]} is used more often than {dom}")
-        experts.append(out)
-    return LayerPlan(block.layer, experts)
+            raise MoelabError(f"groups: a member of dominant {dom}'s group {groups[dom]} is used more often "
+                              f"than {dom}")
+        merged.update({e: out for e in groups[dom]} if alias else {dom: out})
+    if not alias:
+        return LayerPlan(block.layer, list(merged.values()))
+    return LayerPlan(block.layer, [OutExpert(merged[e].members, router_from=e) for e in sorted(merged)])
 
 
 def _similarity(block: MoEBlockView, stats: RoutingStats, similarity: str, hidden_TH: Tensor | None) -> Tensor:
@@ -198,19 +210,21 @@ def _similarity(block: MoEBlockView, stats: RoutingStats, similarity: str, hidde
 
 
 def plan_msmoe(view: ModelView, calib: Calibration | None, spec: CompressSpec, *,
-               similarity: str = "router-logits", align: bool = True) -> Plan:
+               similarity: str = "router-logits", align: bool = True, alias: bool = False) -> Plan:
     """M-SMoE merging plan (see the module docstring): one output expert per dominant expert.
 
     ``similarity``: 'router-logits' (the paper's default), 'weight' or 'output'. ``align``: permute
     each member's neurons onto its dominant before averaging (the paper's alignment); False averages
-    the weights as stored.
+    the weights as stored. ``alias``: keep all E experts and the router, each expert replaced by its
+    group's merged expert, as the official code does (no parameter saving; the paper's routing exactly).
     """
     if calib is None:
         raise MoelabError(f"calib: {METHOD} needs calibration data (see moelab.compress.calibration_batches)")
     if similarity not in SIMILARITIES:
         raise MoelabError(f"similarity: expected one of {SIMILARITIES}, got {similarity!r}")
-    if not isinstance(align, bool):
-        raise MoelabError(f"align: expected True or False, got {align!r}")
+    for name, flag in (("align", align), ("alias", alias)):
+        if not isinstance(flag, bool):
+            raise MoelabError(f"{name}: expected True or False, got {flag!r}")
     t0 = time.perf_counter()
     stats, hidden = collect_stats(view, calib, keep_hidden=similarity == "output")
     freqs = {layer: s.frequency() for layer, s in stats.items()}
@@ -219,10 +233,10 @@ def plan_msmoe(view: ModelView, calib: Calibration | None, spec: CompressSpec, *
     for block in view.blocks:
         sim_EE = _similarity(block, stats[block.layer], similarity, hidden.get(block.layer))
         groups = group_experts(freqs[block.layer], sim_EE, counts[block.layer])
-        layers[block.layer] = merge_layer(block, groups, freqs[block.layer], align)
+        layers[block.layer] = merge_layer(block, groups, freqs[block.layer], align, alias)
         groups_meta[str(block.layer)] = [groups[d] for d in sorted(groups)]
     meta = {"method": METHOD, "ratio": spec.ratio, "budget": spec.budget, "seed": spec.seed,
-            "similarity": similarity, "align": align, "calibration": calib.describe(),
+            "similarity": similarity, "align": align, "alias": alias, "calibration": calib.describe(),
             "frequency": {str(layer): f_E.tolist() for layer, f_E in freqs.items()},
             "groups": groups_meta, "seconds": round(time.perf_counter() - t0, 3)}
     return Plan(METHOD, layers, meta=meta)
