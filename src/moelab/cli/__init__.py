@@ -21,6 +21,7 @@ _COMMAND_MODULES: list[str] = [
     "moelab.cli.data",
     "moelab.cli.train",
     "moelab.cli.trace",
+    "moelab.cli.compress",
 ]
 
 

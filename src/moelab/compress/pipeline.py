@@ -1,0 +1,150 @@
+"""The whole compression job as one library call: open, calibrate, plan, apply, save.
+
+Used by ``moelab prune`` / ``moelab merge``, the demo and ``bench/compress.py``::
+
+    result = compress("path/to/model", "reap", CompressSpec(ratio=0.5), out="pruned/")
+
+Calibration text: a ``moelab data build`` corpus is read from its **train** split (evaluation uses
+the val split, so calibration never sees the evaluated text); other corpora (text file, folder,
+JSONL) are read whole. Only what ``calib_tokens`` needs is tokenised: documents are shuffled with
+the seed and a random slice of each is taken until about 8 characters per wanted token are drawn.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from moelab.compress.apply import CompressWarning, apply_plan, save_compressed
+from moelab.compress.calib import Calibration, calibration_batches
+from moelab.compress.plan import Plan
+from moelab.compress.registry import get_planner
+from moelab.compress.spec import CompressSpec
+from moelab.errors import MoelabError
+from moelab.models import ModelView, open_model
+from moelab.trace.corpus import Document, is_moelab_corpus, read_corpus
+
+KINDS = {"prune": ("prune", "atomic"), "merge": ("merge",)}
+
+
+@dataclass
+class CompressResult:
+    """What :func:`compress` made: the plan, the compressed model, where it went, what changed."""
+
+    plan: Plan
+    model: nn.Module
+    out: Path | None
+    params_before: int
+    params_after: int
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def calibration_documents(corpus: str | os.PathLike, tokens: int, seed: int, label: str | None = None,
+                          seq_len: int = 256) -> list[Document]:
+    """Seeded random slices of the corpus' documents, about ``8 * tokens`` characters in all."""
+    path = Path(corpus)
+    docs = read_corpus(path, "train") if path.is_dir() and is_moelab_corpus(path) else read_corpus(path)
+    if label is not None:
+        names = sorted({d.label for d in docs if d.label is not None})
+        docs = [d for d in docs if d.label == label]
+        if not docs:
+            raise MoelabError(f"calib label {label!r}: the corpus {path} has labels {names or 'none'}")
+    rng = np.random.default_rng(seed)
+    want, chunk, out, total = 8 * tokens, 8 * seq_len, [], 0
+    for i in rng.permutation(len(docs)):
+        d = docs[int(i)]
+        start = int(rng.integers(0, max(1, len(d.text) - chunk)))
+        text = d.text[start:start + chunk]
+        out.append(Document(text, d.label, d.source))
+        total += len(text)
+        if total >= want:
+            break
+    return out
+
+
+@contextmanager
+def _count_tokens(model: nn.Module, advance: Callable[[int], None]) -> Iterator[None]:
+    """Advance a progress bar by the tokens of every forward of ``model`` (any planner's passes)."""
+
+    def hook(_mod, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            advance(int(ids.numel()))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def make_plan(view: ModelView, method: str, spec: CompressSpec, *, kind: str | None = None,
+              calib: Calibration | None = None, progress: bool = False, **options: Any) -> Plan:
+    """Run planner ``method`` (checked against ``kind``: 'prune' or 'merge') on ``view``."""
+    from moelab.trace.progress import token_progress
+
+    planner_kind, planner, needs_calib = get_planner(method)
+    if kind is not None and planner_kind not in KINDS[kind]:
+        other = "merge" if kind == "prune" else "prune"
+        raise MoelabError(f"method: {method!r} is a {planner_kind} method; use `moelab {other}` "
+                          f"(or one of: {', '.join(_names(kind))})")
+    if needs_calib and calib is None:
+        raise MoelabError(f"calib: method {method!r} needs calibration data")
+    total = calib.num_tokens if calib is not None else 0
+    with token_progress(max(total, 1), enabled=progress and total > 0, label=f"calibrating {method}") as adv, \
+            _count_tokens(view.model, adv):
+        return planner(view, calib if needs_calib else None, spec, **options)
+
+
+def _names(kind: str) -> list[str]:
+    from moelab.compress.registry import planners
+
+    return [n for k in KINDS[kind] for n in planners(k)]
+
+
+def compress(model: str | os.PathLike | nn.Module, method: str, spec: CompressSpec, *, kind: str | None = None,
+             out: str | os.PathLike | None = None, overwrite: bool = False,
+             calib_corpus: str | os.PathLike | None = None, calib_tokens: int = 16384,
+             calib_label: str | None = None, seq_len: int = 256, progress: bool = False,
+             **options: Any) -> CompressResult:
+    """Open ``model``, calibrate (if the method needs it), plan, apply, and save to ``out`` (if given).
+
+    ``calib_corpus`` defaults to the embedded corpus. ``out`` is checked before any work is done.
+    Warnings of :func:`apply_plan` (clamped top-k, groups switched off) are returned, not printed.
+    """
+    t0 = time.perf_counter()
+    if out is not None and Path(out).exists() and not overwrite:
+        raise MoelabError(f"out: {out} already exists; choose another folder or pass --overwrite")
+    view = open_model(model)
+    _, _, needs_calib = get_planner(method)
+    calib = None
+    if needs_calib:
+        if calib_corpus is None:
+            from moelab.data import default_corpus
+
+            calib_corpus = default_corpus()
+        docs = calibration_documents(calib_corpus, calib_tokens, spec.seed, calib_label, seq_len)
+        tok_dir = model if isinstance(model, (str, os.PathLike)) else None
+        calib = calibration_batches(view, docs, tokens=calib_tokens, seq_len=seq_len, seed=spec.seed,
+                                    tokenizer=tok_dir)
+    plan = make_plan(view, method, spec, kind=kind, calib=calib, progress=progress, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        new = apply_plan(view, plan)
+    notes = [str(w.message) for w in caught if issubclass(w.category, CompressWarning)]
+    if out is not None:
+        tok = model if isinstance(model, (str, os.PathLike)) else None
+        save_compressed(new, plan, out, tokenizer_from=tok, overwrite=overwrite)
+    return CompressResult(plan, new, Path(out) if out is not None else None,
+                          sum(p.numel() for p in view.model.parameters()),
+                          sum(p.numel() for p in new.parameters()), notes, time.perf_counter() - t0)

@@ -1,0 +1,99 @@
+"""``moelab prune`` / ``merge`` / ``eval`` on a tiny model saved with the embedded corpus' tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from moelab.cli import main
+from moelab.compress.apply import save_compressed
+from moelab.compress.plan import Plan
+from moelab.data import default_corpus
+from moelab.models import open_model
+from moelab.models.tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A float32 Qwen3-MoE (8 experts, top-2) with the corpus' 4096-token vocabulary and tokenizer."""
+    model = tiny_model("Qwen3-MoE", dtype=torch.float32, vocab_size=4096)
+    return save_compressed(model, Plan("none", {}), tmp_path_factory.mktemp("m") / "tiny",
+                           tokenizer_from=default_corpus())
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+def assert_error(result, *needles):
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "Traceback" not in result.output
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+CALIB = ("--calib-tokens", 256, "--seq-len", 32)
+
+
+def test_prune_reap_writes_a_stock_checkpoint(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    res = run("prune", model_dir, "--method", "reap", "--ratio", 0.5, "--calib-label", "code", *CALIB,
+              "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "reap: 4 experts per MoE layer, top-2" in res.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_experts == 4 and open_model(model).blocks[0].num_experts == 4
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["method"] == "reap" and plan["meta"]["calibration"]["labels"] == ["code"]
+    assert (out / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
+    again = run("prune", model_dir, "--method", "reap", "--ratio", 0.5, "--calib-label", "code", *CALIB,
+                "--out", tmp_path / "again")
+    assert again.exit_code == 0, again.output
+    assert json.loads((tmp_path / "again" / "plan.json").read_text())["layers"] == plan["layers"]  # seeded
+
+
+def test_prune_refusals(model_dir, tmp_path):
+    (tmp_path / "exists").mkdir()
+    assert_error(run("prune", model_dir, "--method", "random", "--ratio", 0.5, "--out", tmp_path / "exists"),
+                 "already exists", "--overwrite")
+    assert_error(run("prune", model_dir, "--method", "random", "--ratio", 1.5, "--out", tmp_path / "o"),
+                 "ratio", "[0, 1)")
+    assert_error(run("prune", model_dir, "--method", "nope", "--ratio", 0.5, "--out", tmp_path / "o"),
+                 "unknown planner 'nope'")
+    assert_error(run("merge", model_dir, "--method", "reap", "--ratio", 0.5, "--out", tmp_path / "o"),
+                 "'reap' is a prune method", "moelab prune")
+    assert_error(run("prune", model_dir, "--method", "frequency", "--ratio", 0.5, "--calib-label", "poetry",
+                     *CALIB, "--out", tmp_path / "o"), "calib label 'poetry'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_prune_random_overwrite_and_clamp_warning(model_dir, tmp_path):
+    out = tmp_path / "p"
+    out.mkdir()
+    res = run("prune", model_dir, "--method", "random", "--ratio", 0.9, "--out", out, "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert "warning: random: top_k clamped from 2 to 1" in res.output
+    assert json.loads((out / "config.json").read_text())["num_experts_per_tok"] == 1
+
+
+def test_eval_table_with_reference(model_dir, tmp_path):
+    out = tmp_path / "p"
+    assert run("prune", model_dir, "--method", "random", "--ratio", 0.5, "--out", out).exit_code == 0
+    res = run("eval", out, "--reference", model_dir, "--tokens", 64, "--seq-len", 32)
+    assert res.exit_code == 0, res.output
+    for needle in ("perplexity", "KL (nats)", "top-1 agree", "code", "drama", "prose"):
+        assert needle in res.output
+    plain = run("eval", model_dir, "--tokens", 64, "--seq-len", 32)
+    assert plain.exit_code == 0 and "KL" not in plain.output
+
+
+def test_eval_refuses_another_tokenizer(tmp_path):
+    model = tiny_model("Qwen3-MoE", dtype=torch.float32)  # vocabulary of 64: the corpus ids go beyond
+    path = save_compressed(model, Plan("none", {}), tmp_path / "small")
+    assert_error(run("eval", path, "--tokens", 64, "--seq-len", 32), "vocabulary has 64 tokens",
+                 "another tokenizer")
