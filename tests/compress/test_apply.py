@@ -250,3 +250,16 @@ def test_tokenizer_files_are_copied(tmp_path):
     with pytest.raises(MoelabError, match="tokenizer_from"):
         save_compressed(apply_plan(model, plan), plan, tmp_path / "o2", tokenizer_from=tmp_path / "nope")
     assert not (tmp_path / "o2").exists()
+
+
+def test_apply_keeps_dtypes_and_draws_no_random_numbers():
+    from moelab.models.tiny import tiny_model
+
+    model = tiny_model("HunYuan-MoE", dtype=torch.bfloat16)
+    model.model.layers[0].mlp.gate.wg.float()  # mixed precision, as HunYuan keeps its router in fp32
+    state = torch.random.get_rng_state()
+    new = apply_plan(model, _prune_plan(open_model(model), [0, 1]))
+    assert torch.equal(state, torch.random.get_rng_state())
+    assert new.model.layers[0].mlp.gate.wg.weight.dtype == torch.float32
+    assert new.model.layers[1].mlp.gate.wg.weight.dtype == torch.bfloat16
+    assert new.model.embed_tokens.weight.dtype == torch.bfloat16

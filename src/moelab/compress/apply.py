@@ -214,12 +214,43 @@ def _storage_ptrs(view: ModelView) -> set[int]:
     return ptrs
 
 
+def _tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter and buffer (persistent or not) by dotted name; tied ones under each name."""
+    out = {}
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        for name, t in (*mod._parameters.items(), *mod._buffers.items()):
+            if t is not None:
+                out[f"{prefix}.{name}" if prefix else name] = t
+    return out
+
+
+def _empty_like_old(old_model: nn.Module, config: Any) -> nn.Module:
+    """A model of the old class built from ``config`` on the meta device (no random init), then
+    allocated with each tensor's dtype and device taken from the same-named old tensor."""
+    with torch.device("meta"):
+        new_model = type(old_model)(config)
+    first = next(old_model.parameters())
+    new_model.to_empty(device=first.device)
+    old = _tensors(old_model)
+    for prefix, mod in new_model.named_modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in store.items():
+                src = old.get(f"{prefix}.{name}" if prefix else name)
+                dtype = src.dtype if src is not None else first.dtype
+                if t is not None and t.is_floating_point() and t.dtype != dtype:
+                    if isinstance(t, nn.Parameter):
+                        t.data = t.data.to(dtype)
+                    else:
+                        store[name] = t.to(dtype)
+    return new_model
+
+
 @torch.no_grad()
 def _copy_rest(old_model: nn.Module, new_model: nn.Module, written: set[int]) -> None:
     """Copy every same-shaped tensor; fail on a tensor neither copied nor written through the view."""
-    old_sd = old_model.state_dict()
-    for name, t in new_model.state_dict().items():
-        src = old_sd.get(name)
+    old = _tensors(old_model)
+    for name, t in _tensors(new_model).items():
+        src = old.get(name)
         if src is not None and src.shape == t.shape:
             t.copy_(src)
         elif t.untyped_storage().data_ptr() not in written:
@@ -239,9 +270,7 @@ def apply_plan(model: nn.Module | ModelView, plan: Plan) -> nn.Module:
     for note in rs.notes:
         warnings.warn(f"{plan.method}: {note}", CompressWarning, stacklevel=2)
     old_model = view.model
-    param = next(old_model.parameters())
-    config = compressed_config(old_model.config, rs)
-    new_model = type(old_model)(config).to(device=param.device, dtype=param.dtype)
+    new_model = _empty_like_old(old_model, compressed_config(old_model.config, rs))
     new_view = open_model(new_model)
     _copy_rest(old_model, new_model, _storage_ptrs(new_view))
     for nb in new_view.blocks:
