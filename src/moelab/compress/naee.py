@@ -52,7 +52,7 @@ from moelab.models import (
 from moelab.nn.hf import patch, router_from_view, unpatch
 from moelab.nn.routing import Routing
 
-CHUNK_ELEMENTS = 1 << 24  # expert outputs [E, T_chunk, H] held at once (float64: 128 MiB)
+CHUNK_ELEMENTS = 1 << 24  # expert outputs [T_chunk, E, H] / Grams [T_chunk, E, E] held at once (float64: 128 MiB)
 
 
 @dataclass
@@ -138,10 +138,10 @@ def _cpu_block(block: MoEBlockView) -> MoEBlockView:
     return replace(block, shared=None, output_bias=None, **cpu)
 
 
-def routed_output(block: MoEBlockView, ids_TK: Tensor, w_TK: Tensor, y_ETH: Tensor) -> Tensor:
-    """``sum_k w[t, k] * y[ids[t, k], t]`` from precomputed expert outputs ``y_ETH`` (float64)."""
-    t_TK = torch.arange(ids_TK.shape[0], device=ids_TK.device).unsqueeze(1).expand_as(ids_TK)
-    return (w_TK.unsqueeze(-1) * y_ETH[ids_TK, t_TK]).sum(1)
+def dense_weights(ids_TK: Tensor, w_TK: Tensor, num_experts: int) -> Tensor:
+    """The combine weights as a dense ``[T, E]`` float64 matrix (0 for experts a token did not pick)."""
+    return torch.zeros(ids_TK.shape[0], num_experts, dtype=torch.float64).scatter_add_(
+        1, ids_TK, w_TK.to(torch.float64))
 
 
 class SubsetLoss:
@@ -150,52 +150,64 @@ class SubsetLoss:
     ``F_S`` routes with :func:`moelab.compress.simulate.masked_block` (the reference that pruning
     to S equals), on a float64 CPU copy of the block.
 
-    For ``combine='output'`` blocks the expert outputs on every token are computed once per chunk
-    (cached across calls while they fit ``cache_elements``) and each subset costs only a routing and
-    a weighted gather. Other blocks fall back to :func:`moelab.models.reference_forward` per subset.
+    For ``combine='output'`` blocks the routed output is ``F(x_t) = sum_e W[t, e] y_e(x_t)``, so the
+    error of a subset is a quadratic form in the weight change ``d = W - W_S``:
+
+        ||F(x_t) - F_S(x_t)||^2 = d_t^T G_t d_t,     G_t[e, f] = <y_e(x_t), y_f(x_t)>
+
+    The Gram matrices ``G_TEE`` are computed once per chunk (cached across calls while they fit
+    ``cache_elements``); each subset then costs a routing and ``T E^2`` multiply-adds. Other blocks
+    (Llama4 scales expert inputs) fall back to :func:`moelab.models.reference_forward` per subset.
     """
 
     def __init__(self, block: MoEBlockView, inputs: LayerInputs, cache_elements: int = 1 << 27) -> None:
         self.block, self.inputs = _cpu_block(block), inputs
         x_TH = inputs.hidden_TH
         E, H = block.num_experts, block.hidden_size
-        step = max(1, CHUNK_ELEMENTS // (E * H))
+        step = max(1, CHUNK_ELEMENTS // (E * max(H, E)))
         self.chunks = [(x_TH[i:i + step], inputs.seq_T[i:i + step]) for i in range(0, len(x_TH), step)]
         self.fast = block.combine == "output"
-        self.keep_cache = E * len(x_TH) * H <= cache_elements
+        self.keep_cache = E * E * len(x_TH) <= cache_elements
         self.cache: dict[int, tuple[Tensor, Tensor]] = {}
         self.evaluated = 0
 
-    def _outputs(self, c: int) -> tuple[Tensor, Tensor]:
-        """Expert outputs ``y_ETH`` and the full block's routed output ``z_TH`` of chunk ``c``."""
+    def _gram(self, c: int) -> tuple[Tensor, Tensor]:
+        """Gram matrices ``G_TEE`` of the expert outputs and the full routing ``W_TE`` of chunk ``c``."""
         if c in self.cache:
             return self.cache[c]
         x_TH = self.chunks[c][0]
-        y_ETH = torch.stack([expert_forward(self.block, e, x_TH) for e in range(self.block.num_experts)])
+        y_TEH = torch.stack([expert_forward(self.block, e, x_TH) for e in range(self.block.num_experts)], 1)
         _, ids_TK, w_TK = reference_route(self.block, x_TH)
-        out = (y_ETH, routed_output(self.block, ids_TK, w_TK, y_ETH))
+        out = (y_TEH @ y_TEH.transpose(1, 2), dense_weights(ids_TK, w_TK, self.block.num_experts))
         if self.keep_cache:
             self.cache[c] = out
+        return out
+
+    def _chunk_errors(self, c: int, subsets: list[tuple[int, ...]]) -> Tensor:
+        """Squared error ``[N, T_chunk]`` of every subset on the tokens of chunk ``c``."""
+        x_TH = self.chunks[c][0]
+        E = self.block.num_experts
+        out = torch.empty(len(subsets), x_TH.shape[0], dtype=torch.float64)
+        if self.fast:
+            g_TEE, w_TE = self._gram(c)
+        else:
+            z_TH = reference_forward(self.block, x_TH).to(torch.float64)
+        for n, keep in enumerate(subsets):
+            masked = masked_block(self.block, list(keep))
+            if self.fast:
+                _, ids_TK, ws_TK = reference_route(masked, x_TH)
+                d_TE = w_TE - dense_weights(ids_TK, ws_TK, E)
+                out[n] = torch.einsum("te,tef,tf->t", d_TE, g_TEE, d_TE).clamp_min(0.0)
+            else:
+                out[n] = (z_TH - reference_forward(masked, x_TH).to(torch.float64)).pow(2).sum(-1)
         return out
 
     @torch.no_grad()
     def __call__(self, subsets: list[tuple[int, ...]]) -> np.ndarray:
         """``L(S)`` of each subset, ``[N]`` float64."""
         sq_NQ = torch.zeros(len(subsets), self.inputs.num_seqs, dtype=torch.float64)
-        for c, (x_TH, seq_T) in enumerate(self.chunks):
-            if self.fast:
-                y_ETH, z_TH = self._outputs(c)
-            else:
-                z_TH = reference_forward(self.block, x_TH).to(torch.float64)
-            for n, keep in enumerate(subsets):
-                masked = masked_block(self.block, list(keep))
-                if self.fast:
-                    _, ids_TK, w_TK = reference_route(masked, x_TH)
-                    zs_TH = routed_output(masked, ids_TK, w_TK, y_ETH)
-                else:
-                    zs_TH = reference_forward(masked, x_TH).to(torch.float64)
-                err_T = (z_TH - zs_TH).pow(2).sum(-1)
-                sq_NQ[n].index_add_(0, seq_T, err_T)
+        for c, (_, seq_T) in enumerate(self.chunks):
+            sq_NQ.index_add_(1, seq_T, self._chunk_errors(c, subsets))
         self.evaluated += len(subsets)
         return sq_NQ.sqrt().sum(1).numpy()
 
@@ -378,6 +390,6 @@ def calibrate_skipping(view: ModelView, calib: Calibration, quantile: float = 0.
     return {layer: float(torch.quantile(torch.cat(r), quantile)) if r else 0.0 for layer, r in ratios.items()}
 
 
-__all__ = ["LayerInputs", "SkipHandle", "SkipRouter", "SubsetLoss", "beam_search", "calibrate_skipping",
+__all__ = ["LayerInputs", "SkipHandle", "SkipRouter", "SubsetLoss", "beam_search", "calibrate_skipping", "dense_weights",
            "check_calibration", "exhaustive_search", "install_skipping", "kept_counts", "layer_inputs",
            "plan_naee"]
