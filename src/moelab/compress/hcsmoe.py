@@ -118,11 +118,11 @@ def plan_hcsmoe(view: ModelView, calib: Calibration | None, spec: CompressSpec, 
         groups = agglomerative(o_EH, counts[b.layer], linkage)
         layers[b.layer] = LayerPlan(b.layer, [merge_cluster(b, g, li.freq_E, align) for g in groups])
         clusters[str(b.layer)] = groups
-    meta = {"method": "hcsmoe", "ratio": spec.ratio, "seed": spec.seed, "linkage": linkage, "align": align,
+    meta = {"method": "hc-smoe", "ratio": spec.ratio, "seed": spec.seed, "linkage": linkage, "align": align,
             "calibration": calib.describe(), "clusters": clusters,
             "frequency": {str(layer): li.freq_E.tolist() for layer, li in inputs.items()},
             "seconds": time.perf_counter() - start}
-    return Plan("hcsmoe", layers, meta=meta)
+    return Plan("hc-smoe", layers, meta=meta)
 
 
 __all__ = ["LINKAGES", "agglomerative", "merge_cluster", "pairwise_distances", "plan_hcsmoe"]
