@@ -104,9 +104,9 @@ def test_deterministic_identity_and_alignment():
 def test_bad_input_names_the_argument():
     view, calib = _setup("Mixtral")
     spec = CompressSpec(ratio=0.5)
-    with pytest.raises(MoelabError, match="calib: hcsmoe needs calibration data"):
+    with pytest.raises(MoelabError, match="calib: hc-smoe needs calibration data"):
         plan_hcsmoe(view, None, spec)
-    with pytest.raises(MoelabError, match=r"calib: hcsmoe got 128 .*min_tokens"):
+    with pytest.raises(MoelabError, match=r"calib: hc-smoe got 128 .*min_tokens"):
         plan_hcsmoe(view, calib, spec, min_tokens=129)
     with pytest.raises(MoelabError, match="kept: layer 1 would keep 0 of its 4 experts"):
         plan_hcsmoe(view, calib, spec, kept={1: 0})

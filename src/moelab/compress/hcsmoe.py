@@ -108,8 +108,8 @@ def plan_hcsmoe(view: ModelView, calib: Calibration | None, spec: CompressSpec, 
     start = time.perf_counter()
     if linkage not in LINKAGES:
         raise MoelabError(f"linkage: expected one of {LINKAGES}, got {linkage!r}")
-    calib = check_calibration(calib, "hcsmoe", min_tokens)
-    counts = kept_counts(view, spec, kept, "hcsmoe")
+    calib = check_calibration(calib, "hc-smoe", min_tokens)
+    counts = kept_counts(view, spec, kept, "hc-smoe")
     inputs = layer_inputs(view, calib)
     layers, clusters = {}, {}
     for b in view.blocks:
