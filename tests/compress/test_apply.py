@@ -64,7 +64,12 @@ def test_keep_all_and_groups_of_one_are_identity(family, strong_model, input_ids
     with torch.no_grad():
         base = model(input_ids=input_ids).logits
         for plan in (Plan("empty", {}), _prune_plan(view, list(range(E))), one):
-            assert torch.equal(apply_plan(model, plan)(input_ids=input_ids).logits, base)
+            new = apply_plan(model, plan)
+            assert torch.equal(new(input_ids=input_ids).logits, base)
+    # same parameters, tied ones still tied
+    assert sum(p.numel() for p in new.parameters()) == sum(p.numel() for p in model.parameters())
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert (new.get_output_embeddings().weight is new.get_input_embeddings().weight) == tied
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("DeepSeek-V2", "DeepSeek-V3")])

@@ -231,6 +231,7 @@ def _empty_like_old(old_model: nn.Module, config: Any) -> nn.Module:
         new_model = type(old_model)(config)
     first = next(old_model.parameters())
     new_model.to_empty(device=first.device)
+    new_model.tie_weights()  # to_empty allocates tied parameters separately: tie them again per config
     old = _tensors(old_model)
     for prefix, mod in new_model.named_modules():
         for store in (mod._parameters, mod._buffers):
