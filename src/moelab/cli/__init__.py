@@ -17,6 +17,7 @@ from moelab.errors import MoelabError
 
 # modules under moelab.cli whose `COMMANDS` list is added to the group, in help order
 _COMMAND_MODULES: list[str] = [
+    "moelab.cli.demo",
     "moelab.cli.models",
     "moelab.cli.data",
     "moelab.cli.train",
