@@ -145,3 +145,11 @@ def test_frequency_plan_applies_like_the_mask(strong_model, input_ids):
     with torch.no_grad(), masked_logits(view, keep_sets(plan)):
         ref = model(input_ids=input_ids).logits
     torch.testing.assert_close(new(input_ids=input_ids).logits, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_calibration_in_another_tokenizers_ids_is_refused(strong_model):
+    from moelab.compress.calib import calibration_batches
+
+    view = open_model(strong_model("Mixtral"))  # vocabulary of 64
+    with pytest.raises(MoelabError, match=r"ids must lie in \[0, 64\)"):
+        calibration_batches(view, [[1, 2, 3, 99] * 20], tokens=32, seq_len=16)
