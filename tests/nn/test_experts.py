@@ -141,3 +141,23 @@ def test_bad_input():
         ExpertsConfig(num_experts=0, hidden_size=2, inner_size=2)
     with pytest.raises(RoutingError, match="fine_grained"):
         ExpertsConfig(num_experts=2, hidden_size=2, inner_size=3).fine_grained(2)
+
+
+def test_non_contiguous_weights_forward_and_backward():
+    """Weights stored transposed (Llama4's ``[E, H, 2I]`` layout) give the same values and grads."""
+    ex = make(E=3, H=6, I=4)
+    x, ids, w, mask = inputs(8, 2, 3, 6)
+    ref = make(E=3, H=6, I=4)
+    with torch.no_grad():
+        for name in ("gate", "up", "down"):
+            t = getattr(ex, name).detach()
+            setattr(ex, name, torch.nn.Parameter(t.transpose(1, 2).contiguous().transpose(1, 2)))
+            getattr(ref, name).copy_(t)
+    assert not ex.up.is_contiguous()
+    x.requires_grad_()
+    y, r = ex(x, ids, w, mask), ref.reference(x, ids, w, mask)
+    torch.testing.assert_close(y, r, rtol=1e-10, atol=1e-10)
+    g1 = torch.autograd.grad((y * y).sum(), [x, ex.gate, ex.up, ex.down])
+    g2 = torch.autograd.grad((r * r).sum(), [x, ref.gate, ref.up, ref.down])
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -30,9 +30,25 @@ def _gpt_oss_swiglu(g: Tensor, u: Tensor, alpha: float = 1.702, limit: float = 7
     return (u.clamp(min=-limit, max=limit) + 1) * g * torch.sigmoid(alpha * g)
 
 
+def _swiglu(g: Tensor, u: Tensor) -> Tensor:
+    return F.silu(g) * u
+
+
+def _swiglu_grad(g: Tensor, u: Tensor, da: Tensor) -> tuple[Tensor, Tensor]:
+    """Closed-form ``(d/dg, d/du)`` of ``silu(g) * u`` (the dispatch backward's fast path)."""
+    s = torch.sigmoid(g)
+    silu = g * s
+    du = da * silu
+    # silu'(g) = s + g s (1 - s) = s (1 + g - silu)
+    dg = da.mul_(u).mul_((g - silu).add_(1).mul_(s))
+    return dg, du
+
+
+_swiglu.grad = _swiglu_grad  # read by moelab.nn._dispatch; other activations use autograd
+
 # name -> (function, gated). Gated functions take (h_gate, h_up); plain ones take h_up.
 ACTIVATIONS = {
-    "swiglu": (lambda g, u: F.silu(g) * u, True),
+    "swiglu": (_swiglu, True),
     "geglu": (lambda g, u: F.gelu(g, approximate="tanh") * u, True),
     "geglu_exact": (lambda g, u: F.gelu(g) * u, True),
     "reglu": (lambda g, u: F.relu(g) * u, True),
@@ -221,8 +237,7 @@ def _grouped_mm_forward(experts: Experts, x_TH: Tensor, w_TK: Tensor, plan) -> T
         raise RoutingError(
             "ExpertsConfig.impl='grouped_mm' does not support biases; use impl='loop'"
         )
-    tok_R = plan.order_N[: plan.num_real] // plan.K
-    xs_RH = x_TH.index_select(0, tok_R)
+    xs_RH = x_TH.index_select(0, plan.tok_R)
     offs = torch.tensor(plan.counts, device=x_TH.device).cumsum(0).to(torch.int32)
     h_up = F.grouped_mm(xs_RH, experts.up.transpose(1, 2), offs=offs)
     if experts.gate is None:
@@ -230,7 +245,8 @@ def _grouped_mm_forward(experts: Experts, x_TH: Tensor, w_TK: Tensor, plan) -> T
     else:
         a = experts.act(F.grouped_mm(xs_RH, experts.gate.transpose(1, 2), offs=offs), h_up)
     o_RH = F.grouped_mm(a, experts.down.transpose(1, 2), offs=offs)
-    return _dispatch._combine(o_RH, w_TK, plan)[0]
+    w_R = _dispatch.slot_weights(w_TK, plan, x_TH.dtype)
+    return _dispatch.scatter_tokens(o_RH * w_R[:, None], plan)
 
 
 def split_experts(experts: Experts, m: int) -> Experts:
