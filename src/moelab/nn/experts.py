@@ -73,7 +73,9 @@ class ExpertsConfig:
     """E experts of hidden size H and inner size I.
 
     ``activation`` is one of ``ACTIVATIONS``; the ``*glu`` ones have a gate projection.
-    ``impl`` picks the dispatch: ``"loop"`` (per-expert GEMMs, default) or ``"grouped_mm"``.
+    ``impl`` picks the dispatch: ``"loop"`` (per-expert GEMMs with a hand-written backward,
+    default; inference with fewer than 4 rows per expert on average, e.g. decoding, switches to
+    ``grouped_mm`` where torch accepts the tensors) or ``"grouped_mm"`` (always).
     """
 
     num_experts: int
@@ -196,7 +198,21 @@ class Experts(nn.Module):
         )
         if needs_grad:
             return _dispatch.GroupedExperts.apply(x_TH, weights_TK, *params, plan, self.act)
+        if self._few_rows_grouped_ok(x_TH, plan):
+            return _grouped_mm_forward(self, x_TH, weights_TK, plan)
         return _dispatch.experts_forward(x_TH, weights_TK, plan, *params, self.act)
+
+    def _few_rows_grouped_ok(self, x_TH: Tensor, plan) -> bool:
+        """Inference with few rows per expert (decoding): one ``grouped_mm`` call per projection
+        beats a Python loop of ~8 small ops per active expert, whose dispatch overhead then costs
+        as much as reading the weights. Only where ``grouped_mm`` accepts the tensors."""
+        if not hasattr(F, "grouped_mm") or self.config.bias or x_TH.dtype not in _GROUPED_DTYPES:
+            return False
+        if not 0 < plan.num_real < 4 * self.num_experts:
+            return False
+        align = 16 // x_TH.element_size()
+        ws = [w for w in (self.gate, self.up, self.down) if w is not None]
+        return all(w.is_contiguous() for w in ws) and all(d % align == 0 for d in self.up.shape[1:])
 
     def expert(self, e: int, x_RH: Tensor) -> Tensor:
         """Expert e on rows x_RH, with plain autograd ops (the reference)."""
@@ -225,6 +241,9 @@ class Experts(nn.Module):
                     )
             rows.append(y)
         return torch.stack(rows) if rows else x_TH.new_zeros(x_TH.shape)
+
+
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _grouped_mm_forward(experts: Experts, x_TH: Tensor, w_TK: Tensor, plan) -> Tensor:
