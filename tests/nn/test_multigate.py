@@ -161,3 +161,17 @@ def test_bad_input():
         moe(torch.randn(4, D, dtype=F64), torch.randn(3, 4, D, dtype=F64))
     with pytest.raises(RoutingError, match="at least 2 samples"):
         build(norm="batch", num_tasks=1).train()(torch.randn(1, D, dtype=F64))
+
+
+def test_each_expert_reads_its_own_input():
+    """Shared experts read x; category c's experts read x_category[c]; task t's experts read its
+    category's input (default) — checked by perturbing one input at a time."""
+    moe = build(**HOME_LEVEL)  # categories: tasks 0, 1 -> 0; task 2 -> 1
+    x, xc = torch.randn(4, D, dtype=F64), torch.randn(2, 4, D, dtype=F64)
+    base = moe(x, xc).outputs_NEH
+    changed = {}
+    for name, args in (("x", (x + 1, xc)), ("c0", (x, xc + torch.tensor([1.0, 0])[:, None, None])),
+                       ("c1", (x, xc + torch.tensor([0, 1.0])[:, None, None]))):
+        out = moe(*args).outputs_NEH
+        changed[name] = [e for e in range(moe.num_experts) if not torch.equal(out[:, e], base[:, e])]
+    assert changed == {"x": [0, 1], "c0": [2, 3, 6, 7], "c1": [4, 5, 8]}
