@@ -53,7 +53,8 @@ QUICK_CASES = {
 }
 MODES = [("forward", 4096), ("forward+backward", 4096), ("forward", 16), ("forward", 1)]
 QUICK_MODES = [("forward", 256), ("forward+backward", 256), ("forward", 16), ("forward", 1)]
-# issue 3's goals: (mode, tokens, reference, minimum ratio); --quick checks them at its own sizes
+# issue 3's goals: (mode, tokens, reference, minimum ratio); --quick checks them at its own sizes.
+# The issue states them with figures for the fine-grained block; both blocks are checked here.
 GOALS = [
     ("training step >= 80 % of dense bound", "forward+backward", 4096, "dense bound", 0.80),
     ("training step >= 1.3x best transformers", "forward+backward", 4096, "best hf", 1.30),
@@ -223,8 +224,12 @@ def check_goals(case_res: dict, block: Block, quick: bool) -> list[dict]:
         value = r["ratios"][key]
         g = {"goal": name, "target": target, "value": value, "met": value >= target}
         if not g["met"]:
-            g["why"] = {"note": NOTES.get((mode, tokens), ""),
-                        "profile": profile_top(block, mode, tokens)}
+            note = NOTES.get((mode, tokens), "")
+            if ref == "best hf":
+                hf_vs_bound = r["impl"]["dense bound"]["median_s"] / r["impl"][r["best_hf"]]["median_s"]
+                note = (f"{r['best_hf']} runs at {100 * hf_vs_bound:.0f} % of the dense bound here, so "
+                        f"{target}x it means {100 * target * hf_vs_bound:.0f} % of the bound; " + note)
+            g["why"] = {"note": note, "profile": profile_top(block, mode, tokens)}
         goals.append(g)
     return goals
 
