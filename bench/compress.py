@@ -1,0 +1,179 @@
+"""Benchmark: every compression planner on the embedded default model, per domain, against the original.
+
+    python bench/compress.py                          # -> bench/results/compress.json, docs/results/compression.md
+    python bench/compress.py --ratios 0.5 --methods random,reap --model DIR --corpus DIR
+
+For each planner in the registry and each ratio (share of experts removed; for the atomic HEAPr the
+same share of routed-expert parameters, ranked globally across layers as in its paper), calibrate on
+``--calib-tokens`` tokens of the corpus' training split (seeded), plan, apply, and evaluate on the
+first ``--eval-tokens`` validation tokens of each domain: perplexity, KL(original || compressed) and
+top-1 agreement. Domain-specific rows calibrate EASY-EP and frequency pruning on one domain's text
+only, so the two compare on that domain. ``random`` is run with several seeds (mean and spread).
+
+The markdown table is regenerated between the markers of ``docs/results/compression.md``; the
+hand-written notes below them are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import moelab
+from moelab.compress.evaluate import evaluate_compressed, load_model
+from moelab.compress.pipeline import compress
+from moelab.compress.registry import PLANNERS
+from moelab.compress.spec import CompressSpec
+from moelab.demo import eval_streams
+
+BEGIN, END = "<!-- bench/compress.py: begin -->", "<!-- bench/compress.py: end -->"
+DOMAIN_METHODS = ("easy-ep", "frequency")  # calibrated per domain as well
+RANDOM_SEEDS = (0, 1, 2)
+
+
+def runs(methods: list[str], ratios: list[float], domains: list[str]) -> list[dict]:
+    """The (method, ratio, label, seed, budget) of every row, in table order."""
+    out = []
+    for ratio in ratios:
+        for m in methods:
+            seeds = RANDOM_SEEDS if m == "random" else (0,)
+            budget = "global" if PLANNERS[m][0] == "atomic" else "layer"
+            out += [dict(method=m, ratio=ratio, label=None, seed=s, budget=budget) for s in seeds]
+            if m in DOMAIN_METHODS:
+                out += [dict(method=m, ratio=ratio, label=d, seed=0, budget="layer") for d in domains]
+    return out
+
+
+def routed_nonzero(model: torch.nn.Module) -> int:
+    """Non-zero routed-expert weights (atomic pruning zeroes neurons without shrinking tensors)."""
+    from moelab.models import view_model
+
+    return sum(int((t != 0).sum()) for b in view_model(model).blocks for t in (b.gate, b.up, b.down) if t is not None)
+
+
+def run_one(r: dict, model_dir: Path, corpus: Path, streams, reference, args) -> dict:
+    spec = CompressSpec(ratio=r["ratio"], budget=r["budget"], seed=r["seed"])
+    res = compress(model_dir, r["method"], spec, calib_corpus=corpus, calib_tokens=args.calib_tokens,
+                   calib_label=r["label"], seq_len=args.seq_len)
+    ev = evaluate_compressed(res.model, streams, reference=reference, seq_len=args.seq_len)
+    return {**r, "kind": PLANNERS[r["method"]][0], "params": res.params_after,
+            "routed_nonzero": routed_nonzero(res.model), "perplexity": ev.perplexity, "kl": ev.kl,
+            "top1": ev.top1, "seconds": round(res.seconds, 2), "warnings": res.warnings}
+
+
+def aggregate_random(rows: list[dict]) -> list[dict]:
+    """One row per ratio for ``random``: the mean over seeds, with the per-seed spread kept."""
+    out, seen = [], set()
+    for r in rows:
+        if r["method"] != "random":
+            out.append(r)
+            continue
+        if r["ratio"] in seen:
+            continue
+        seen.add(r["ratio"])
+        group = [x for x in rows if x["method"] == "random" and x["ratio"] == r["ratio"]]
+        mean = {k: {d: statistics.mean(x[k][d] for x in group) for d in r[k]} for k in ("perplexity", "kl", "top1")}
+        spread = {d: (min(x["perplexity"][d] for x in group), max(x["perplexity"][d] for x in group))
+                  for d in r["perplexity"]}
+        out.append({**r, **mean, "seed": list(RANDOM_SEEDS), "ppl_range": spread,
+                    "seconds": statistics.mean(x["seconds"] for x in group)})
+    return out
+
+
+def markdown(rows: list[dict], original: dict, meta: dict) -> str:
+    domains = list(original["perplexity"])
+    head = ["method", "calibrated on", "removed", "routed params kept", *[f"ppl {d}" for d in domains],
+            "KL", "top-1", "s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines.append("| original | - | 0% | 100% | " + " | ".join(f"{original['perplexity'][d]:.2f}" for d in domains)
+                 + " | - | - | - |")
+    for r in rows:
+        kept = r["routed_nonzero"] / original["routed_nonzero"]
+        ppl = [f"{r['perplexity'][d]:.2f}" + (f" ({r['ppl_range'][d][0]:.1f}-{r['ppl_range'][d][1]:.1f})"
+                                              if "ppl_range" in r else "") for d in domains]
+        kl, top1 = statistics.mean(r["kl"].values()), statistics.mean(r["top1"].values())
+        name = r["method"] + (" (mean of 3 seeds)" if r["method"] == "random" else "")
+        lines.append(f"| {name} | {r['label'] or 'all'} | {r['ratio']:.0%} | {kept:.0%} | " + " | ".join(ppl)
+                     + f" | {kl:.3f} | {top1:.3f} | {r['seconds']:.1f} |")
+    info = (f"Generated by `python bench/compress.py` on {meta['date']} ({meta['machine']}, torch {meta['torch']}, "
+            f"{meta['threads']} threads). Model: `{meta['model']}`; calibration: {meta['calib_tokens']:,} tokens "
+            f"of the training split per run (seed 0; random: seeds {list(RANDOM_SEEDS)}); evaluation: the first "
+            f"{meta['eval_tokens']:,} validation tokens of each domain, windows of {meta['seq_len']}. KL is "
+            "KL(original || compressed) in nats per token and top-1 the share of identical argmax predictions, "
+            "both averaged over domains; s is seconds to calibrate, plan and apply.")
+    return "\n".join([BEGIN, info, "", *lines, END])
+
+
+def write_doc(path: Path, table: str) -> None:
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + table + old[old.index(END) + len(END):]
+    else:
+        new = "# Compression methods on the embedded default model\n\n" + table + "\n\n## Notes\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="model folder (default: the embedded model)")
+    ap.add_argument("--corpus", type=Path, default=None, help="corpus folder (default: the embedded corpus)")
+    ap.add_argument("--methods", default=",".join(sorted(PLANNERS)), help="comma-separated planners")
+    ap.add_argument("--ratios", default="0.25,0.5", help="comma-separated shares of experts removed")
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/compress.json"))
+    ap.add_argument("--doc", type=Path, default=Path("docs/results/compression.md"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model_dir = args.model or moelab.default_model()
+    corpus = args.corpus or moelab.default_corpus()
+    reference = load_model(model_dir)
+    streams = eval_streams(corpus, model_dir, args.eval_tokens)
+    base = evaluate_compressed(reference, streams, seq_len=args.seq_len)
+    original = {"perplexity": base.perplexity, "params": base.params, "routed_nonzero": routed_nonzero(reference)}
+    todo = runs(args.methods.split(","), [float(x) for x in args.ratios.split(",")], list(streams))
+    console = Console(stderr=True)
+    rows = []
+    for i, r in enumerate(todo):
+        console.print(f"[{i + 1}/{len(todo)}] {r['method']} ratio {r['ratio']} label {r['label']} seed {r['seed']}")
+        rows.append(run_one(r, model_dir, corpus, streams, reference, args))
+    rows = aggregate_random(rows)
+    meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine":
+            f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__, "threads": args.threads,
+            "model": str(model_dir.relative_to(Path.cwd()) if model_dir.is_relative_to(Path.cwd()) else model_dir),
+            "calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens, "seq_len": args.seq_len,
+            "python": sys.version.split()[0]}
+    table = Table("method", "calib", "ratio", *[f"ppl {d}" for d in streams], "KL", title="compression")
+    table.add_row("original", "-", "0", *[f"{original['perplexity'][d]:.2f}" for d in streams], "-")
+    for r in rows:
+        table.add_row(r["method"], r["label"] or "all", f"{r['ratio']:.2f}",
+                      *[f"{r['perplexity'][d]:.2f}" for d in streams], f"{statistics.mean(r['kl'].values()):.3f}")
+    Console().print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"meta": meta, "original": original, "rows": rows}, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, args.out)
+    write_doc(args.doc, markdown(rows, original, meta))
+    print(f"wrote {args.out} and {args.doc}")
+
+
+if __name__ == "__main__":
+    main()
