@@ -25,7 +25,7 @@ def need_chromium():
 def test_report_loads_in_chromium(full_trace, model_dir, tmp_path):
     path = write_report(build_report(full_trace, model=str(model_dir)), tmp_path / "report.html")
     check = check_page(path, screenshot=path.with_suffix(".png"))
-    assert check.images_total == 7
+    assert check.images_total == 9
     assert check.images_ok == check.images_total, check
     assert check.console == [], check.console
     shot = check.screenshot.read_bytes()

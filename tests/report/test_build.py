@@ -18,7 +18,7 @@ from moelab.models.tiny import tiny_model
 from moelab.report import Section, build_report, figure_html, new_figure, table_html
 
 ORDER = ["Summary", "Expert load", "Dead experts", "Co-activation", "Local routing consistency",
-         "Specialisation", "Super experts"]
+         "Specialisation", "Super experts", "Expert similarity"]
 
 
 def _titles(page: str) -> list[str]:
@@ -40,8 +40,9 @@ def full_page(full_trace, model_dir):
 
 def test_full_report_sections_and_figures(full_page, full_trace):
     assert _titles(full_page) == ORDER
-    # load heatmap, load by domain, co-activation, SRP, SCH, specialisation, activation maxima
-    assert _check_figures(full_page) == 7
+    # load heatmap, load by domain, co-activation, SRP, SCH, specialisation, activation maxima,
+    # weight similarity, output similarity
+    assert _check_figures(full_page) == 9
     assert f"{full_trace.num_tokens:,}" in full_page
     assert "code, drama, prose" in full_page
     assert "--act-max" not in full_page and "--model" not in full_page  # nothing missing
@@ -72,6 +73,7 @@ def test_without_model_the_super_expert_table_asks_for_it(full_trace):
     page = build_report(full_trace)
     assert "<code>moelab report TRACE --model M</code>" in page
     assert "<th>Δ loss</th>" not in page
+    assert "Expert similarity needs the model" in page
 
 
 def test_extra_sections_come_last(full_trace):
@@ -80,7 +82,7 @@ def test_extra_sections_come_last(full_trace):
     extra = Section("Compression", table_html(["ratio", "loss"], [[0.5, 3.1]]) + figure_html(fig, "Loss against ratio."))
     page = build_report(full_trace, extra_sections=[extra], max_layers=1)
     assert _titles(page) == [*ORDER, "Compression"]
-    assert page.index("<h2>Compression</h2>") > page.index("<h2>Super experts</h2>")
+    assert page.index("<h2>Compression</h2>") > page.index("<h2>Expert similarity</h2>")
     assert "Showing 1 of 2 layers" in page
 
 
@@ -106,3 +108,13 @@ def test_label_selection_keeps_working(full_trace):
     page = build_report(full_trace.select(labels=["code"], layers=[1]))
     assert _titles(page) == ORDER
     assert np.isin(full_trace.select(labels=["code"]).labels, [0]).all()
+
+
+def test_similarity_section_has_weight_and_output_figures(full_page, full_trace, model_dir):
+    from moelab.analysis.similarity import weight_similarity
+
+    view = open_model(str(model_dir))
+    assert weight_similarity(view.blocks[0]).shape == (8, 8)
+    section = full_page.split("<h2>Expert similarity</h2>")[1]
+    assert section.count("<img ") == 2
+    assert f"same {min(full_trace.num_tokens, 1024):,} traced hidden states" in section

@@ -2,7 +2,8 @@
 
 Sections, in order: summary (trace facts and the headline table), expert load (per layer and by
 domain), dead experts, co-activation, local routing consistency (SRP and SCH curves), specialisation
-(domain and vocabulary), super experts (and, with the model, the loss when each is zeroed), then the
+(domain and vocabulary), super experts (and, with the model, the loss when each is zeroed), expert
+similarity (with the model: aligned weight cosine and output cosine on traced tokens), then the
 caller's ``extra_sections``. A section whose input the trace lacks says which ``moelab trace`` flag
 or input would add it, instead of failing.
 
@@ -24,6 +25,7 @@ from moelab.analysis.consistency import segment_routing
 from moelab.analysis.expert_zeroing import trace_batches, zeroing_effect
 from moelab.analysis.headline import Headline, headline
 from moelab.analysis.load import expert_load, load_by_label
+from moelab.analysis.similarity import block_inputs, output_similarity, weight_similarity
 from moelab.analysis.specialisation import domain_specialisation, vocabulary_specialisation
 from moelab.errors import MoelabError
 from moelab.report import figures
@@ -235,6 +237,31 @@ def _super_experts(ctx: _Ctx, h: Headline, view: Any, loss_tokens: int) -> Secti
     return Section(title, body)
 
 
+def _similarity(ctx: _Ctx, view: Any, tokens: int, max_experts: int = 64) -> Section:
+    title = "Expert similarity"
+    if view is None:
+        return Section(title, note_html("Expert similarity needs the model's weights: pass the model "
+                                        "(`moelab report TRACE --model M`)."))
+    layers = [x for x in ctx.shown if view.block(x).num_experts <= max_experts]
+    if not layers:
+        return Section(title, note_html(f"Skipped: every layer has more than {max_experts} experts (the "
+                                        "aligned comparison of all pairs is slow); use moelab.analysis.similarity."))
+    body = figure_html(
+        figures.similarity_grid({x: weight_similarity(view.block(x)) for x in layers}, "aligned weight cosine",
+                                centred=False),
+        "Cosine between two experts' weights after matching their neurons (Hungarian alignment); the colour "
+        "scale spans the observed range. Bright pairs compute alike: the natural candidates for merging "
+        "(alignment alone lifts unrelated experts a little above 0)." + ctx.shown_note())
+    if ctx.trace.token_ids is not None:
+        hidden = block_inputs(view, trace_batches(ctx.trace.token_ids, ctx.seq, tokens), layers)
+        body += figure_html(
+            figures.similarity_grid({x: output_similarity(view.block(x), hidden[x]) for x in layers},
+                                    "mean output cosine"),
+            f"Mean cosine between two experts' outputs on the same {len(next(iter(hidden.values()))):,} "
+            "traced hidden states (every expert run on every token): red pairs respond alike, blue ones oppositely.")
+    return Section(title, body)
+
+
 def _as_view(model: Any) -> Any:
     from moelab.models import ModelView, open_model
 
@@ -277,7 +304,8 @@ def build_report(trace: Any, model: Any = None, extra_sections: Sequence[Section
     desc = "none (pass --model)" if view is None else f"{view.family} ({type(view.model).__name__})"
     sections = [_summary(ctx, h, desc), _load(ctx), _dead(ctx), _coactivation(ctx),
                 _consistency(ctx, seg_lens), _specialisation(ctx, _decoder(model)),
-                _super_experts(ctx, h, view, loss_tokens), *extra_sections]
+                _super_experts(ctx, h, view, loss_tokens), _similarity(ctx, view, min(loss_tokens, 1024)),
+                *extra_sections]
     name = title or f"moelab report: {Path(str(getattr(trace, 'directory', 'trace'))).name}"
     sub = f"{trace.num_tokens:,} tokens, {len(ctx.layers)} MoE layers" + (
         f", labels {', '.join(ctx.names)}" if ctx.names else "")

@@ -180,3 +180,33 @@ def act_max_heatmap(act_max_LE: np.ndarray, super_layer_S: np.ndarray, super_exp
     ax.set_yticks(range(0, a.shape[0], step))
     fig.colorbar(im, ax=ax, label="max |activation|", shrink=0.9)
     return fig
+
+
+def similarity_grid(sim_by_layer: dict[int, np.ndarray], label: str, centred: bool = True) -> Figure:
+    """Per layer, an ``[E, E]`` similarity matrix, diagonal blanked. ``centred``: a diverging colour
+    scale symmetric about 0 spanning the largest off-diagonal |value| (at least 0.05); otherwise a
+    sequential scale from the smallest to the largest off-diagonal value, so weak structure shows."""
+    layers = list(sim_by_layer)
+    fig, axes = _grid(len(layers))
+    mats = {}
+    for layer in layers:
+        mats[layer] = np.array(sim_by_layer[layer], dtype=np.float64)
+        np.fill_diagonal(mats[layer], np.nan)
+    values = np.concatenate([m[np.isfinite(m)] for m in mats.values()])
+    if values.size == 0:  # one expert per layer: nothing off the diagonal
+        values = np.zeros(1)
+    if centred:
+        lim = max(0.05, float(np.abs(values).max()))
+        cmap, lo, hi = "RdBu_r", -lim, lim
+    else:
+        cmap, lo, hi = "magma", float(values.min()), max(float(values.max()), float(values.min()) + 1e-6)
+    im = None
+    for ax, layer in zip(axes, layers, strict=True):
+        im = ax.imshow(mats[layer], cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+        ax.set_title(f"layer {layer}", fontsize=9)
+        _expert_ticks(ax, mats[layer].shape[1])
+        ax.set_yticks(ax.get_xticks())
+        ax.set_xlabel("expert j", fontsize=8)
+        ax.set_ylabel("expert i", fontsize=8)
+    fig.colorbar(im, ax=axes, label=label, shrink=0.8)
+    return fig
