@@ -17,11 +17,10 @@ from moelab.compress.easy_ep import (
     easy_ep_scores,
     plan_easy_ep,
     reference_token_scores,
-    select_experts,
     token_scores,
 )
 from moelab.compress.registry import get_planner
-from moelab.compress.spec import CompressSpec
+from moelab.compress.spec import CompressSpec, select_experts
 from moelab.errors import MoelabError
 from moelab.models import open_model, reference_route
 from moelab.models.tiny import TINY_CONFIGS, tiny_model

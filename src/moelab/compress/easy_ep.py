@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from moelab.compress.calib import Calibration, routing_pass
 from moelab.compress.plan import LayerPlan, Plan
-from moelab.compress.spec import CompressSpec
+from moelab.compress.spec import CompressSpec, select_experts
 from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView, RoutingEvent, expert_forward
 
@@ -235,34 +235,6 @@ def easy_ep_scores(view: ModelView, calib: Calibration, keep_tokens: bool = Fals
 
 # ---------------------------------------------------------------------------------------------------
 # budgets and the planner
-
-
-def select_experts(scores: dict[int, Tensor], spec: CompressSpec) -> dict[int, list[int]]:
-    """Experts each layer keeps (ascending indices), highest scores first; ties keep the lower index.
-
-    'layer': ``spec.kept_per_layer(E)`` per layer. 'global': the same total is removed, lowest
-    ``score / mean(layer's scores)`` first across layers, never below ``spec.min_keep`` in a layer.
-    """
-    if spec.budget == "layer":
-        keep = {}
-        for layer, s_E in scores.items():
-            order = sorted(range(len(s_E)), key=lambda e: (-float(s_E[e]), e))
-            keep[layer] = sorted(order[:spec.kept_per_layer(len(s_E))])
-        return keep
-    to_remove = sum(len(s_E) - spec.kept_per_layer(len(s_E)) for s_E in scores.values())
-    rel = []
-    for layer, s_E in scores.items():
-        mean = float(s_E.mean())
-        rel += [(float(s_E[e]) / mean if mean > 0 else 0.0, layer, e) for e in range(len(s_E))]
-    left = {layer: len(s_E) for layer, s_E in scores.items()}
-    removed: set[tuple[int, int]] = set()
-    for _, layer, e in sorted(rel, key=lambda r: (r[0], r[1], -r[2])):  # ties: keep the lower index
-        if len(removed) == to_remove:
-            break
-        if left[layer] > spec.min_keep:
-            removed.add((layer, e))
-            left[layer] -= 1
-    return {layer: [e for e in range(len(s_E)) if (layer, e) not in removed] for layer, s_E in scores.items()}
 
 
 def plan_easy_ep(view: ModelView, calib: Calibration | None, spec: CompressSpec, *,
