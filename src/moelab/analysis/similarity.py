@@ -28,6 +28,10 @@ These are the inputs that expert merging needs.
   :func:`mean_expert_outputs`).
 
 All computation is float64 on the device of the weights; results are numpy arrays on the CPU.
+Cost of :func:`aligned_weight_similarity`: E(E-1)/2 assignments of O(I^3) each (about 0.03 s at
+I = 256 and 0.4 s at I = 768 on one CPU core) and the neuron vectors of all experts in memory
+(E * I * 3H float64); for very wide experts (I in the thousands) use ``align=False`` or align only
+the pairs a merge needs with :func:`align_neurons`.
 
 Shape legend: E experts, I expert intermediate width, H hidden size, T tokens, F neuron feature
 length (3H, +2 with gate/up biases).
@@ -167,9 +171,13 @@ def aligned_weight_similarity(block: MoEBlockView, align: bool = True) -> Weight
     perm = np.broadcast_to(np.arange(width), (num_e, num_e, width)).copy()
     for i in range(num_e):
         for j in range(i + 1, num_e):
-            score_II = (feats[i] @ feats[j].T).cpu().numpy()
-            p = linear_assignment(score_II) if align else np.arange(width)
-            dot = float(score_II[np.arange(width), p].sum())
+            if align:
+                score_II = (feats[i] @ feats[j].T).cpu().numpy()
+                p = linear_assignment(score_II)
+                dot = float(score_II[np.arange(width), p].sum())
+            else:  # identity alignment: no [I, I] score matrix needed
+                p = np.arange(width)
+                dot = float((feats[i] * feats[j]).sum())
             if down_b is not None:
                 dot += float(down_b[i] @ down_b[j])
             denom = norm_E[i] * norm_E[j]

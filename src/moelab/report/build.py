@@ -237,15 +237,17 @@ def _super_experts(ctx: _Ctx, h: Headline, view: Any, loss_tokens: int) -> Secti
     return Section(title, body)
 
 
-def _similarity(ctx: _Ctx, view: Any, tokens: int, max_experts: int = 64) -> Section:
+def _similarity(ctx: _Ctx, view: Any, tokens: int, max_experts: int = 64, max_width: int = 1024) -> Section:
     title = "Expert similarity"
     if view is None:
         return Section(title, note_html("Expert similarity needs the model's weights: pass the model "
                                         "(`moelab report TRACE --model M`)."))
-    layers = [x for x in ctx.shown if view.block(x).num_experts <= max_experts]
+    layers = [x for x in ctx.shown if view.block(x).num_experts <= max_experts
+              and view.block(x).intermediate_size <= max_width]
     if not layers:
-        return Section(title, note_html(f"Skipped: every layer has more than {max_experts} experts (the "
-                                        "aligned comparison of all pairs is slow); use moelab.analysis.similarity."))
+        return Section(title, note_html(
+            f"Skipped: no layer has at most {max_experts} experts of width at most {max_width} (aligning "
+            "every pair of wider or more experts is slow); use moelab.analysis.similarity on chosen pairs."))
     body = figure_html(
         figures.similarity_grid({x: weight_similarity(view.block(x)) for x in layers}, "aligned weight cosine",
                                 centred=False),
