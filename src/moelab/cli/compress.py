@@ -64,6 +64,11 @@ def _run(kind: str, model: Path | None, method: str, ratio: float, budget: str, 
     click.echo(f"{method}: {info.get('num_experts')} experts per MoE layer, top-{info.get('top_k')}, "
                f"{res.params_before:,} -> {res.params_after:,} parameters "
                f"({1 - res.params_after / res.params_before:.1%} fewer) -> {res.out} ({res.seconds:.1f} s)")
+    masks = [o.neuron_mask for lp in res.plan.layers.values() for o in lp.experts if o.neuron_mask is not None]
+    if masks:
+        zeroed = sum(int((~m.bool()).sum()) for m in masks) / sum(m.numel() for m in masks)
+        click.echo(f"{zeroed:.1%} of the masked experts' neurons are zeroed (stored as zeros: a stock config "
+                   f"holds one expert width, so they do not shrink the checkpoint)")
 
 
 @click.command("prune", epilog="Methods: random, frequency, weighted-frequency, reap and the other "
