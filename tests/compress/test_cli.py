@@ -97,3 +97,14 @@ def test_eval_refuses_another_tokenizer(tmp_path):
     path = save_compressed(model, Plan("none", {}), tmp_path / "small")
     assert_error(run("eval", path, "--tokens", 64, "--seq-len", 32), "vocabulary has 64 tokens",
                  "another tokenizer")
+
+
+def test_compress_a_loaded_model_keeps_its_tokenizer(model_dir, tmp_path):
+    from moelab.compress.pipeline import compress
+    from moelab.compress.spec import CompressSpec
+    from moelab.models.open import load_checkpoint
+
+    model = load_checkpoint(model_dir)
+    res = compress(model, "random", CompressSpec(ratio=0.5), kind="prune", out=tmp_path / "o")
+    assert (res.out / "tokenizer.json").is_file() and res.params_after < res.params_before
+    assert res.plan.meta["apply"]["num_experts"] == 4

@@ -72,6 +72,12 @@ def calibration_documents(corpus: str | os.PathLike, tokens: int, seed: int, lab
     return out
 
 
+def _tokenizer_source(model: Any, view: ModelView) -> Path | None:
+    """The folder whose tokenizer files go beside the checkpoint: the model's own, when it has one."""
+    path = Path(model) if isinstance(model, (str, os.PathLike)) else Path(view.config._name_or_path or "")
+    return path if str(path) and (path / "tokenizer.json").is_file() else None
+
+
 @contextmanager
 def _count_tokens(model: nn.Module, advance: Callable[[int], None]) -> Iterator[None]:
     """Advance a progress bar by the tokens of every forward of ``model`` (any planner's passes)."""
@@ -143,8 +149,7 @@ def compress(model: str | os.PathLike | nn.Module, method: str, spec: CompressSp
         new = apply_plan(view, plan)
     notes = [str(w.message) for w in caught if issubclass(w.category, CompressWarning)]
     if out is not None:
-        tok = model if isinstance(model, (str, os.PathLike)) else None
-        save_compressed(new, plan, out, tokenizer_from=tok, overwrite=overwrite)
+        save_compressed(new, plan, out, tokenizer_from=_tokenizer_source(model, view), overwrite=overwrite)
     return CompressResult(plan, new, Path(out) if out is not None else None,
                           sum(p.numel() for p in view.model.parameters()),
                           sum(p.numel() for p in new.parameters()), notes, time.perf_counter() - t0)
