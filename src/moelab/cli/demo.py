@@ -56,8 +56,10 @@ def _print_summary(result) -> None:
     from rich.table import Table
 
     labels = list(result.rows[0]["perplexity"])
-    table = Table("method", "experts", "params (M)", *[f"ppl {d}" for d in labels], "KL", "top-1",
-                  title="validation perplexity per domain")
+    table = Table(title="validation perplexity per domain")
+    table.add_column("method", no_wrap=True)  # never truncated: it says which row is which
+    for name in ("experts", "params (M)", *[f"ppl {d}" for d in labels], "KL", "top-1"):
+        table.add_column(name, justify="right")
     for r in result.rows:
         kl = "-" if not r["kl"] else f"{sum(r['kl'].values()) / len(r['kl']):.3f}"
         top1 = "-" if not r["top1"] else f"{sum(r['top1'].values()) / len(r['top1']):.3f}"
