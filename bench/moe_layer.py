@@ -15,7 +15,9 @@ tokens, forward at 1 and 16 tokens. All implementations get the same weights and
 - ``dense bound``: one SwiGLU MLP (H -> I -> H) over tokens*k rows: the same FLOPs as the experts,
   as three plain GEMMs;
 - ``memory bound``: bytes of the active experts' weights (3*H*I*4 per expert hit) over the copy
-  bandwidth measured in the same run (``dst.copy_(src)`` of 256 MiB, read + write bytes / time).
+  bandwidth measured in the same run (``dst.copy_(src)`` of 1 GiB, read + write bytes / time).
+  The machine's last-level cache can hold a whole block (480 MiB here), so the 1- and 16-token
+  runs first write a 1 GiB buffer: the weights come from DRAM, as when decoding a whole model.
 
 Each timing is the median of ``--reps`` runs after one warm-up; the implementations are interleaved
 within every repetition so that load drifting on a shared machine hits them alike. FLOPs: forward
@@ -86,8 +88,20 @@ def hf_experts(case: dict, impl: str, gate: torch.Tensor, up: torch.Tensor, down
     return mod
 
 
-def measure_bandwidth(reps: int, mib: int = 256) -> float:
-    """Copy bandwidth in bytes/s: (read + write bytes) / time of ``dst.copy_(src)``, median."""
+_FLUSH: list[torch.Tensor] = []
+
+
+def flush_caches(mib: int) -> None:
+    """Write a buffer larger than the last-level cache, so the next run reads weights from DRAM
+    (as decoding a model whose layers do not all fit in cache does)."""
+    if not _FLUSH or _FLUSH[0].numel() != mib * 2**20 // 4:
+        _FLUSH[:] = [torch.empty(mib * 2**20 // 4)]
+    _FLUSH[0].fill_(1.0)
+
+
+def measure_bandwidth(reps: int, mib: int = 1024) -> float:
+    """Copy bandwidth in bytes/s: (read + write bytes) / time of ``dst.copy_(src)``, median.
+    The buffers (2 x ``mib``) exceed the last-level cache, so this is DRAM bandwidth."""
     n = mib * 2**20 // 4
     src, dst = torch.rand(n), torch.empty(n)
     dst.copy_(src)
@@ -140,9 +154,12 @@ class Block:
         return list(mod.parameters())
 
 
-def run_once(block: Block, name: str, fn, backward: bool) -> float:
-    """Seconds for one forward (no_grad) or one forward+backward (input and weights need grads)."""
+def run_once(block: Block, name: str, fn, backward: bool, flush_mib: int = 0) -> float:
+    """Seconds for one forward (no_grad) or one forward+backward (input and weights need grads);
+    ``flush_mib`` > 0 evicts the caches first (decoding modes: weights come from DRAM)."""
     x = block.xd if name == "dense bound" else block.x
+    if flush_mib:
+        flush_caches(flush_mib)
     if not backward:
         with torch.no_grad():
             t0 = time.perf_counter()
@@ -158,8 +175,10 @@ def run_once(block: Block, name: str, fn, backward: bool) -> float:
     return time.perf_counter() - t0
 
 
-def bench_mode(block: Block, mode: str, tokens: int, reps: int, bandwidth: float) -> dict:
+def bench_mode(block: Block, mode: str, tokens: int, reps: int, bandwidth: float,
+               flush_mib: int) -> dict:
     backward = mode == "forward+backward"
+    flush_mib = flush_mib if tokens <= 16 else 0  # compute-bound modes: caches do not matter
     fns = block.functions(tokens)
     g = torch.Generator().manual_seed(3)
     block.dy = torch.randn(block.x.shape, generator=g)
@@ -172,13 +191,14 @@ def bench_mode(block: Block, mode: str, tokens: int, reps: int, bandwidth: float
         run_once(block, n, fn, backward)
     for _ in range(reps):
         for n, fn in fns.items():
-            times[n].append(run_once(block, n, fn, backward))
+            times[n].append(run_once(block, n, fn, backward, flush_mib))
     H, inner = block.case["H"], block.case["I"]
     rows = tokens * block.case["k"]
     flops = (18 if backward else 6) * rows * H * inner
     active = int(torch.unique(block.ids).numel())
     weight_bytes = active * 3 * H * inner * 4
     out: dict = {"mode": mode, "tokens": tokens, "rows": rows, "flops": flops,
+                 "caches_flushed_before_each_run": bool(flush_mib),
                  "active_experts": active, "active_weight_bytes": weight_bytes, "impl": {}}
     for n, ts in times.items():
         med = statistics.median(ts)
@@ -283,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                             else Path(__file__).parent / "results" / "moe_layer.json")
     import transformers
 
-    bandwidth = measure_bandwidth(reps)
+    flush_mib = 64 if args.quick else 1024
+    bandwidth = measure_bandwidth(reps, flush_mib)
     report = {"command": "python bench/moe_layer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -294,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.case or list(cases):
         block = Block(cases[name])
         res = {"case": cases[name], "reps": reps, "bandwidth_gbytes_per_s": bandwidth / 1e9,
-               "modes": [bench_mode(block, m, t, reps, bandwidth) for m, t in modes]}
+               "modes": [bench_mode(block, m, t, reps, bandwidth, flush_mib) for m, t in modes]}
         res["goals"] = check_goals(res, block, args.quick)
         print_case(name, res)
         report["cases"][name] = res
