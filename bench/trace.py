@@ -99,7 +99,7 @@ def _hooks(view, ids, batch, fields):
 def _record(view, ids, batch, fields, tmp: Path, tag: str) -> Path:
     out = tmp / tag
     moelab.trace.record(view, ids, out, seq_len=ids.shape[1], batch_size=batch, progress=False,
-                        overwrite=True, **fields)
+                        overwrite=True, resume=False, **fields)  # time a full run, never a resume
     return out
 
 
