@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from click.testing import CliRunner
 
 from moelab.cli import main
 from moelab.compress.apply import save_compressed
 from moelab.compress.plan import Plan
-from moelab.data import default_corpus
 from moelab.models import open_model
 from moelab.models.tiny import tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A float32 Qwen3-MoE (8 experts, top-2) with the corpus' 4096-token vocabulary and tokenizer."""
-    model = tiny_model("Qwen3-MoE", dtype=torch.float32, vocab_size=4096)
-    return save_compressed(model, Plan("none", {}), tmp_path_factory.mktemp("m") / "tiny",
-                           tokenizer_from=default_corpus())
 
 
 def run(*args):
@@ -38,11 +28,11 @@ def assert_error(result, *needles):
 CALIB = ("--calib-tokens", 256, "--seq-len", 32)
 
 
-def test_prune_reap_writes_a_stock_checkpoint(model_dir, tmp_path):
+def test_prune_reap_writes_a_stock_checkpoint(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "pruned"
-    res = run("prune", model_dir, "--method", "reap", "--ratio", 0.5, "--calib-label", "code", *CALIB,
+    res = run("prune", tiny_model_dir, "--method", "reap", "--ratio", 0.5, "--calib-label", "code", *CALIB,
               "--out", out)
     assert res.exit_code == 0, res.output
     assert "reap: 4 experts per MoE layer, top-2" in res.output
@@ -50,45 +40,45 @@ def test_prune_reap_writes_a_stock_checkpoint(model_dir, tmp_path):
     assert model.config.num_experts == 4 and open_model(model).blocks[0].num_experts == 4
     plan = json.loads((out / "plan.json").read_text())
     assert plan["method"] == "reap" and plan["meta"]["calibration"]["labels"] == ["code"]
-    assert (out / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
-    again = run("prune", model_dir, "--method", "reap", "--ratio", 0.5, "--calib-label", "code", *CALIB,
+    assert (out / "tokenizer.json").read_bytes() == (tiny_model_dir / "tokenizer.json").read_bytes()
+    again = run("prune", tiny_model_dir, "--method", "reap", "--ratio", 0.5, "--calib-label", "code", *CALIB,
                 "--out", tmp_path / "again")
     assert again.exit_code == 0, again.output
     assert json.loads((tmp_path / "again" / "plan.json").read_text())["layers"] == plan["layers"]  # seeded
 
 
-def test_prune_refusals(model_dir, tmp_path):
+def test_prune_refusals(tiny_model_dir, tmp_path):
     (tmp_path / "exists").mkdir()
-    assert_error(run("prune", model_dir, "--method", "random", "--ratio", 0.5, "--out", tmp_path / "exists"),
+    assert_error(run("prune", tiny_model_dir, "--method", "random", "--ratio", 0.5, "--out", tmp_path / "exists"),
                  "already exists", "--overwrite")
-    assert_error(run("prune", model_dir, "--method", "random", "--ratio", 1.5, "--out", tmp_path / "o"),
+    assert_error(run("prune", tiny_model_dir, "--method", "random", "--ratio", 1.5, "--out", tmp_path / "o"),
                  "ratio", "[0, 1)")
-    assert_error(run("prune", model_dir, "--method", "nope", "--ratio", 0.5, "--out", tmp_path / "o"),
+    assert_error(run("prune", tiny_model_dir, "--method", "nope", "--ratio", 0.5, "--out", tmp_path / "o"),
                  "unknown planner 'nope'")
-    assert_error(run("merge", model_dir, "--method", "reap", "--ratio", 0.5, "--out", tmp_path / "o"),
+    assert_error(run("merge", tiny_model_dir, "--method", "reap", "--ratio", 0.5, "--out", tmp_path / "o"),
                  "'reap' is a prune method", "moelab prune")
-    assert_error(run("prune", model_dir, "--method", "frequency", "--ratio", 0.5, "--calib-label", "poetry",
+    assert_error(run("prune", tiny_model_dir, "--method", "frequency", "--ratio", 0.5, "--calib-label", "poetry",
                      *CALIB, "--out", tmp_path / "o"), "calib label 'poetry'")
     assert not (tmp_path / "o").exists()
 
 
-def test_prune_random_overwrite_and_clamp_warning(model_dir, tmp_path):
+def test_prune_random_overwrite_and_clamp_warning(tiny_model_dir, tmp_path):
     out = tmp_path / "p"
     out.mkdir()
-    res = run("prune", model_dir, "--method", "random", "--ratio", 0.9, "--out", out, "--overwrite")
+    res = run("prune", tiny_model_dir, "--method", "random", "--ratio", 0.9, "--out", out, "--overwrite")
     assert res.exit_code == 0, res.output
     assert "warning: random: top_k clamped from 2 to 1" in res.output
     assert json.loads((out / "config.json").read_text())["num_experts_per_tok"] == 1
 
 
-def test_eval_table_with_reference(model_dir, tmp_path):
+def test_eval_table_with_reference(tiny_model_dir, tmp_path):
     out = tmp_path / "p"
-    assert run("prune", model_dir, "--method", "random", "--ratio", 0.5, "--out", out).exit_code == 0
-    res = run("eval", out, "--reference", model_dir, "--tokens", 64, "--seq-len", 32)
+    assert run("prune", tiny_model_dir, "--method", "random", "--ratio", 0.5, "--out", out).exit_code == 0
+    res = run("eval", out, "--reference", tiny_model_dir, "--tokens", 64, "--seq-len", 32)
     assert res.exit_code == 0, res.output
     for needle in ("perplexity", "KL (nats)", "top-1 agree", "code", "drama", "prose"):
         assert needle in res.output
-    plain = run("eval", model_dir, "--tokens", 64, "--seq-len", 32)
+    plain = run("eval", tiny_model_dir, "--tokens", 64, "--seq-len", 32)
     assert plain.exit_code == 0 and "KL" not in plain.output
 
 
@@ -99,12 +89,12 @@ def test_eval_refuses_another_tokenizer(tmp_path):
                  "another tokenizer")
 
 
-def test_compress_a_loaded_model_keeps_its_tokenizer(model_dir, tmp_path):
+def test_compress_a_loaded_model_keeps_its_tokenizer(tiny_model_dir, tmp_path):
     from moelab.compress.pipeline import compress
     from moelab.compress.spec import CompressSpec
     from moelab.models.open import load_checkpoint
 
-    model = load_checkpoint(model_dir)
+    model = load_checkpoint(tiny_model_dir)
     res = compress(model, "random", CompressSpec(ratio=0.5), kind="prune", out=tmp_path / "o")
     assert (res.out / "tokenizer.json").is_file() and res.params_after < res.params_before
     assert res.plan.meta["apply"]["num_experts"] == 4

@@ -22,15 +22,8 @@ from moelab.compress.easy_ep import (
 from moelab.compress.registry import get_planner
 from moelab.compress.spec import CompressSpec, select_experts
 from moelab.errors import MoelabError
-from moelab.models import open_model, reference_route
-from moelab.models.tiny import TINY_CONFIGS, tiny_model
-
-
-def _view(family: str, **overrides):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        return open_model(tiny_model(family, **overrides))
+from moelab.models import reference_route
+from moelab.models.tiny import TINY_CONFIGS, tiny_view
 
 
 def _calib(num_seqs: int = 4, seq_len: int = 12, labels: list | None = None, seed: int = 0) -> Calibration:
@@ -42,7 +35,7 @@ def _calib(num_seqs: int = 4, seq_len: int = 12, labels: list | None = None, see
 
 @pytest.mark.parametrize("family", ["Mixtral", "Qwen2-MoE", "DeepSeek-V3", "Llama4", "GPT-OSS"])
 def test_token_scores_match_loop_reference(family):
-    view = _view(family)
+    view = tiny_view(family)
     block = view.blocks[0]
     g = torch.Generator().manual_seed(1)
     x_TH = torch.randn(20, block.hidden_size, generator=g, dtype=torch.float64)
@@ -57,7 +50,7 @@ def test_token_scores_match_loop_reference(family):
 
 def test_scores_over_calibration_match_reference():
     """End to end on Mixtral: h is the input of post_attention_layernorm, scores are sum_t c * s."""
-    view = _view("Mixtral")
+    view = tiny_view("Mixtral")
     calib = _calib()
     got = easy_ep_scores(view, calib)
     assert got.h_source == {0: "residual", 1: "residual"}
@@ -94,7 +87,7 @@ def test_scores_over_calibration_match_reference():
 def test_token_contribution_is_the_real_residual_update(family, norm, overrides):
     """Without shared experts the decoder layer's output is h~ = h + m * routed, so s_t must equal
     1 - cos(input of the pre-MoE norm, output of the decoder layer), read from the model by hooks."""
-    view = _view(family, **overrides)
+    view = tiny_view(family, **overrides)
     calib = _calib()
     got = easy_ep_scores(view, calib, keep_tokens=True)
     before, after = {}, {}
@@ -119,7 +112,7 @@ def test_token_contribution_is_the_real_residual_update(family, norm, overrides)
 
 
 def test_zeroed_expert_is_pruned_first():
-    view = _view("Mixtral")
+    view = tiny_view("Mixtral")
     view.blocks[0].down[2].zero_()  # expert 2 of layer 0 now outputs nothing: c = 0 on every token
     calib = _calib()
     scores = easy_ep_scores(view, calib).combined()
@@ -133,7 +126,7 @@ def test_zeroed_expert_is_pruned_first():
 
 
 def test_ratio_zero_is_identity_plan():
-    view = _view("Qwen2-MoE")
+    view = tiny_view("Qwen2-MoE")
     plan = plan_easy_ep(view, _calib(), CompressSpec(ratio=0.0))
     for b in view.blocks:
         lp = plan.layers[b.layer]
@@ -147,7 +140,7 @@ def test_ratio_zero_is_identity_plan():
 
 
 def test_deterministic():
-    view = _view("OLMoE")
+    view = tiny_view("OLMoE")
     calib = _calib(seed=3)
     a = plan_easy_ep(view, calib, CompressSpec(ratio=0.5, seed=7))
     b = plan_easy_ep(view, calib, CompressSpec(ratio=0.5, seed=7))
@@ -157,7 +150,7 @@ def test_deterministic():
 
 def test_labels_are_scored_per_sequence():
     """Per-label rows equal the scores of a calibration of that label's sequences alone."""
-    view = _view("Mixtral")
+    view = tiny_view("Mixtral")
     tokens_BS = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(5))
     labels = ["code", "math", "code", "math"]
     mixed = easy_ep_scores(view, Calibration(list(tokens_BS.split(2)), labels, 40, 0))
@@ -189,7 +182,7 @@ def test_select_experts_budgets():
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_plans_are_valid_for_every_family(family):
-    view = _view(family)
+    view = tiny_view(family)
     plan = plan_easy_ep(view, _calib(num_seqs=2, seq_len=8), CompressSpec(ratio=0.5))
     plan.validate(per_layer(view), expert_ffn(view))
     assert set(plan.layers) == {b.layer for b in view.blocks}
@@ -197,7 +190,7 @@ def test_plans_are_valid_for_every_family(family):
 
 
 def test_errors_and_registry():
-    view = _view("Mixtral")
+    view = tiny_view("Mixtral")
     with pytest.raises(MoelabError, match="calib"):
         plan_easy_ep(view, None, CompressSpec(ratio=0.5))
     with pytest.raises(MoelabError, match="mix_domains"):

@@ -26,14 +26,7 @@ from moelab.compress.registry import get_planner
 from moelab.compress.spec import CompressSpec
 from moelab.errors import MoelabError
 from moelab.models import expert_forward, open_model, reference_forward, reference_route
-from moelab.models.tiny import TINY_CONFIGS, tiny_model
-
-
-def _view(family: str, **overrides):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(0)
-        return open_model(tiny_model(family, **overrides))
+from moelab.models.tiny import TINY_CONFIGS, tiny_view
 
 
 def _calib(num_seqs: int = 4, seq_len: int = 12, seed: int = 0) -> Calibration:
@@ -55,7 +48,7 @@ def test_streamed_stats_match_loop_reference():
 
 
 def test_collected_stats_match_reference_on_model():
-    view = _view("Qwen3-MoE")
+    view = tiny_view("Qwen3-MoE")
     calib = _calib()
     stats, _ = collect_stats(view, calib)
     events = []
@@ -99,7 +92,7 @@ def test_dominant_counts_budgets():
 
 
 def test_merge_coefficients_follow_frequency():
-    view = _view("Mixtral")
+    view = tiny_view("Mixtral")
     block = view.blocks[0]
     f_E = torch.tensor([0.5, 0.25, 0.0, 0.25], dtype=torch.float64)
     lp = merge_layer(block, {0: [0, 1, 3], 2: [2]}, f_E, align=False)
@@ -112,7 +105,7 @@ def test_merge_coefficients_follow_frequency():
 
 
 def test_ratio_zero_is_identity_plan():
-    view = _view("DeepSeek-V2")
+    view = tiny_view("DeepSeek-V2")
     plan = plan_msmoe(view, _calib(), CompressSpec(ratio=0.0))
     for b in view.blocks:
         lp = plan.layers[b.layer]
@@ -128,7 +121,7 @@ def test_ratio_zero_is_identity_plan():
 def _permuted_twin_model():
     """Mixtral, 8 experts, top-1: in every layer expert 1 is expert 0 with its neurons permuted, and its
     router row is 0.01 x expert 0's (router-logit cosine 1; chosen only when all 7 other logits are < 0)."""
-    view = _view("Mixtral", num_experts_per_tok=1, num_local_experts=8)
+    view = tiny_view("Mixtral", num_experts_per_tok=1, num_local_experts=8)
     perm_I = torch.randperm(view.blocks[0].intermediate_size, generator=torch.Generator().manual_seed(3))
     for b in view.blocks:
         b.gate[1].copy_(b.gate[0][perm_I])
@@ -197,7 +190,7 @@ def test_aliased_merge_of_permuted_twins_is_the_original_model():
 
 
 def test_deterministic():
-    view = _view("OLMoE")
+    view = tiny_view("OLMoE")
     a = plan_msmoe(view, _calib(seed=4), CompressSpec(ratio=0.5, seed=1))
     b = plan_msmoe(view, _calib(seed=4), CompressSpec(ratio=0.5, seed=1))
     assert a.meta["groups"] == b.meta["groups"] and a.meta["frequency"] == b.meta["frequency"]
@@ -210,7 +203,7 @@ def test_deterministic():
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_plans_are_valid_for_every_family(family):
-    view = _view(family)
+    view = tiny_view(family)
     plan = plan_msmoe(view, _calib(num_seqs=2, seq_len=8), CompressSpec(ratio=0.5))
     plan.validate(per_layer(view), expert_ffn(view))
     for b in view.blocks:
@@ -222,7 +215,7 @@ def test_plans_are_valid_for_every_family(family):
 
 
 def test_errors_and_registry():
-    view = _view("Mixtral")
+    view = tiny_view("Mixtral")
     with pytest.raises(MoelabError, match="calib"):
         plan_msmoe(view, None, CompressSpec(ratio=0.5))
     with pytest.raises(MoelabError, match="similarity"):

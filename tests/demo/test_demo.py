@@ -5,34 +5,22 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from moelab.cli import main
-from moelab.compress.apply import save_compressed
-from moelab.compress.plan import Plan
-from moelab.data import default_corpus
 from moelab.demo import DemoConfig
 from moelab.errors import MoelabError
-from moelab.models.tiny import tiny_model
 
 SMALL = ("--trace-tokens", 512, "--calib-tokens", 256, "--eval-tokens", 512)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    model = tiny_model("Qwen3-MoE", dtype=torch.float32, vocab_size=4096)
-    return save_compressed(model, Plan("none", {}), tmp_path_factory.mktemp("m") / "tiny",
-                           tokenizer_from=default_corpus())
 
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], env={"COLUMNS": "200"})
 
 
-def test_demo_writes_the_report_checkpoints_and_summary(model_dir, tmp_path):
+def test_demo_writes_the_report_checkpoints_and_summary(tiny_model_dir, tmp_path):
     out = tmp_path / "demo"
-    res = run("demo", model_dir, "--out", out, "--methods", "random,frequency", *SMALL, "--no-progress")
+    res = run("demo", tiny_model_dir, "--out", out, "--methods", "random,frequency", *SMALL, "--no-progress")
     assert res.exit_code == 0, res.output
     assert "report:" in res.output and "frequency" in res.output
     summary = json.loads((out / "demo.json").read_text())
@@ -48,15 +36,15 @@ def test_demo_writes_the_report_checkpoints_and_summary(model_dir, tmp_path):
 
     assert AutoModelForCausalLM.from_pretrained(out / "frequency").config.num_experts == 4
     # a second run replaces the demo's own folder
-    again = run("demo", model_dir, "--out", out, "--methods", "random", *SMALL, "--no-progress")
+    again = run("demo", tiny_model_dir, "--out", out, "--methods", "random", *SMALL, "--no-progress")
     assert again.exit_code == 0, again.output
     assert [r["method"] for r in json.loads((out / "demo.json").read_text())["rows"]] == ["original", "random"]
 
 
-def test_demo_refuses_a_foreign_folder_and_bad_arguments(model_dir, tmp_path):
+def test_demo_refuses_a_foreign_folder_and_bad_arguments(tiny_model_dir, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    res = run("demo", model_dir, "--out", tmp_path / "mine", *SMALL)
+    res = run("demo", tiny_model_dir, "--out", tmp_path / "mine", *SMALL)
     assert res.exit_code == 2 and "not written by `moelab demo`" in res.output
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     with pytest.raises(MoelabError, match="ratio"):

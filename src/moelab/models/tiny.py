@@ -253,6 +253,17 @@ def tiny_model(
     return model.to(dtype).eval()
 
 
+def tiny_view(family: str, **kwargs: Any):
+    """:func:`moelab.models.open_model` of :func:`tiny_model`, with transformers' config warnings silenced."""
+    import warnings
+
+    from moelab.models.open import open_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return open_model(tiny_model(family, **kwargs))
+
+
 def _randomise_zero_init(model: nn.Module) -> None:
     """Give zero-initialised routing buffers/biases small random values so tests exercise them."""
     with torch.no_grad():
