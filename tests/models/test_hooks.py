@@ -1,7 +1,9 @@
 """Routing hooks under transformers' fast experts kernels, and hook handles as context managers."""
 
+import pytest
 import torch
 
+from moelab.errors import MoelabError
 from moelab.models import open_model, reference_route
 from moelab.models.tiny import tiny_model
 
@@ -39,6 +41,7 @@ def test_hook_sees_every_forward_until_removed():
         view.model(ids)
         view.model(torch.randint(0, 64, (2, 4)))
         handle.remove()
-        handle.remove()  # removing twice is harmless
+        with pytest.raises(MoelabError, match="already removed"):
+            handle.remove()  # a second removal is a mistake worth naming
         view.model(ids)
     assert seen == [(3, 2), (8, 2)]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moelab.models.rule import route_logits
 from moelab.models.view import MoEBlockView, SharedExpertsView
 
 
@@ -46,70 +47,19 @@ def glu_activation(
     raise ValueError(f"unknown activation {name!r}")
 
 
-def _sparsemixer_eval(scores_TE: Tensor, top_k: int, jitter_eps: float) -> tuple[Tensor, Tensor]:
-    """PhiMoE's SparseMixer routing at inference (Liu et al. 2023, "Sparse Backpropagation for MoE
-    Training"): for each of k rounds pick the arg-max logit m among experts not yet taken; its weight
-    is a softmax over the experts whose logit lies within ``2 * jitter_eps`` of m relative to
-    ``max(|logit|, m)`` (the others masked out), the already-taken ones excluded.
-    """
-    masked = scores_TE.clone()
-    ids, weights = [], []
-    for _ in range(top_k):
-        m, idx = masked.max(dim=-1, keepdim=True)
-        factor = scores_TE.abs().clamp(min=m)
-        drop = ((m - scores_TE) / factor) > (2 * jitter_eps)
-        gated = masked.masked_fill(drop, float("-inf"))
-        weights.append(torch.softmax(gated, dim=-1).gather(-1, idx))
-        ids.append(idx)
-        masked = masked.scatter(-1, idx, float("-inf"))
-    return torch.cat(ids, -1), torch.cat(weights, -1)
-
-
-def _group_mask(sel_TE: Tensor, n_group: int, topk_group: int, group_score: str) -> Tensor:
-    """Keep only the experts in each token's ``topk_group`` best groups (others set to -inf)."""
-    T, E = sel_TE.shape
-    grouped_TGX = sel_TE.view(T, n_group, E // n_group)
-    if group_score == "max":
-        score_TG = grouped_TGX.max(dim=-1).values
-    elif group_score == "top2_sum":
-        score_TG = grouped_TGX.topk(2, dim=-1).values.sum(dim=-1)
-    else:
-        raise ValueError(f"unknown group_score {group_score!r}")
-    keep_TG = torch.zeros_like(score_TG, dtype=torch.bool)
-    keep_TG.scatter_(1, score_TG.topk(topk_group, dim=-1).indices, True)
-    keep_TE = keep_TG.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
-    return sel_TE.masked_fill(~keep_TE, float("-inf"))
-
-
 def reference_route(block: MoEBlockView, hidden_TH: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Route ``hidden_TH [T, H]`` with the block's settings only, in float64.
 
     Returns ``(logits_TE [T, E] float64, ids_TK [T, K] int64, weights_TK [T, K] float64)``; weights are
-    the final combine weights (renormalised and scaled as the family does).
+    the final combine weights (renormalised and scaled as the family does). The selection rule is
+    :func:`moelab.models.rule.route_logits`, the one routing edits re-select with.
     """
     x_TH = hidden_TH.reshape(-1, block.hidden_size).to(torch.float64)
     logits_TE = x_TH @ _f64(block.router_weight).T
     if block.router_bias is not None:
         logits_TE = logits_TE + _f64(block.router_bias)
-    k = block.top_k
-    if block.scoring == "sparsemixer":
-        ids_TK, w_TK = _sparsemixer_eval(logits_TE, k, block.scoring_params["jitter_eps"])
-        return logits_TE, ids_TK, w_TK * block.routed_scaling_factor
-    if block.scoring == "softmax":
-        scores_TE = torch.softmax(logits_TE, dim=-1)
-    elif block.scoring == "sigmoid":
-        scores_TE = torch.sigmoid(logits_TE)
-    else:
-        raise ValueError(f"unknown scoring {block.scoring!r}")
-    sel_TE = scores_TE if block.correction_bias is None else scores_TE + _f64(block.correction_bias)
-    if block.n_group is not None and block.n_group > 1:
-        sel_TE = _group_mask(sel_TE, block.n_group, block.topk_group, block.group_score)
-    ids_TK = sel_TE.topk(k, dim=-1).indices
-    w_TK = scores_TE.gather(-1, ids_TK)
-    if block.norm_topk_prob:
-        norm = w_TK.abs().pow(block.norm_p).sum(-1, keepdim=True).pow(1.0 / block.norm_p)
-        w_TK = w_TK / norm.clamp(min=block.norm_min)
-    return logits_TE, ids_TK, w_TK * block.routed_scaling_factor
+    ids_TK, w_TK, _ = route_logits(block, logits_TE)
+    return logits_TE, ids_TK, w_TK
 
 
 def _shared_forward(shared: SharedExpertsView, x_TH: Tensor) -> Tensor:

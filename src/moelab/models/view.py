@@ -31,6 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moelab.models.edits import Handle, RoutingEdit, seam_of
+from moelab.routing import Routing
+
 
 @dataclass(eq=False)
 class SharedExpertsView:
@@ -57,11 +60,13 @@ class SharedExpertsView:
 
 @dataclass(eq=False)
 class RoutingEvent:
-    """What the experts of one block received in one forward.
+    """What the experts of one block received in one forward, after every routing edit.
 
     hidden_TH: block input flattened to ``[T, H]``; ids_TK: chosen experts (int64);
     weights_TK: final combine weights (after renormalisation and scaling); logits_TE: raw router
-    logits in float32, or None where the family does not expose them.
+    logits in float32, or None where the family does not expose them; mask_TK: bool, False where
+    an edit switched a slot off (its weight is 0; the trace writes its id as -1), or None.
+    All tensors are detached.
     """
 
     block: MoEBlockView
@@ -69,28 +74,33 @@ class RoutingEvent:
     ids_TK: Tensor
     weights_TK: Tensor
     logits_TE: Tensor | None
+    mask_TK: Tensor | None = None
+
+    @classmethod
+    def from_routing(cls, block: MoEBlockView, hidden_TH: Tensor, routing: Routing) -> RoutingEvent:
+        """Detached, flattened event of a routing (ids int64, logits float32)."""
+        logits = routing.logits_TE
+        K = routing.ids_TK.shape[-1]
+        return cls(
+            block=block,
+            hidden_TH=hidden_TH.detach().reshape(-1, hidden_TH.shape[-1]),
+            ids_TK=routing.ids_TK.detach().reshape(-1, K).to(torch.int64),
+            weights_TK=routing.weights_TK.detach().reshape(-1, K),
+            logits_TE=None if logits is None else logits.detach().reshape(-1, logits.shape[-1]).float(),
+            mask_TK=None if routing.mask_TK is None else routing.mask_TK.detach().reshape(-1, K),
+        )
+
+    @property
+    def routing(self) -> Routing:
+        return Routing(self.logits_TE, self.ids_TK, self.weights_TK, self.mask_TK)
 
 
-class RoutingHookHandle:
-    """Returned by :meth:`MoEBlockView.register_routing_hook`; ``remove()`` detaches every hook it holds."""
+# Removing a routing hook or edit; ``remove()`` once, or a ``with`` block.
+RoutingHookHandle = Handle
 
-    def __init__(self, handles: list[torch.utils.hooks.RemovableHandle]) -> None:
-        self._handles = handles
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> RoutingHookHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-
-# installs fn on a block and returns the torch hook handles; one per family kind (see families/_common.py)
-HookInstaller = Callable[["MoEBlockView", Callable[[RoutingEvent], None]], list]
+# installs a block's routing seam: ``install(block, run) -> torch hook handles``, where
+# ``run(hidden_TH, routing) -> Routing | None`` applies the edits and hooks (see models/edits.py)
+HookInstaller = Callable[["MoEBlockView", Callable[[Tensor, Routing], "Routing | None"]], list]
 
 
 @dataclass(eq=False)
@@ -164,15 +174,23 @@ class MoEBlockView:
             return 0
         return sum(t.numel() for t in (s.gate, s.up, s.down, s.gate_weight) if t is not None)
 
-    def register_routing_hook(self, fn: Callable[[RoutingEvent], None]) -> RoutingHookHandle:
-        """Call ``fn(event)`` on every forward of this block with what its experts received.
+    def register_routing_hook(self, fn: Callable[[RoutingEvent], None]) -> Handle:
+        """Call ``fn(event)`` on every forward of this block with what its experts received, after
+        every routing edit (:class:`RoutingEvent`).
 
         The hook never changes the model's outputs. ``handle.remove()`` (or using the handle as a
         context manager) removes it.
         """
-        if self.hook_installer is None:
-            raise NotImplementedError(f"{self.family}: routing hooks are not available")
-        return RoutingHookHandle(self.hook_installer(self, fn))
+        return seam_of(self).add("hook", self, fn)
+
+    def register_routing_edit(self, fn: RoutingEdit) -> Handle:
+        """Change this block's routing: ``fn(block, hidden_TH, routing) -> routing`` on every forward.
+
+        Edits compose in registration order; returning new ``logits_TE`` with the same ``ids_TK``
+        re-selects the experts by the family's own rule (see :mod:`moelab.models.edits`). Gradients
+        flow through the edit to the router and experts. ``handle.remove()`` undoes it.
+        """
+        return seam_of(self).add("edit", self, fn)
 
 
 @dataclass(eq=False)

@@ -1,4 +1,4 @@
-"""The `Routing` record every router returns, and the helpers routers share.
+"""The helpers routers share; `Routing` itself lives at the bottom of the package (`moelab.routing`).
 
 Shape legend: T tokens, H hidden size, E experts, K slots per token (top-k, or the largest number of
 experts any token got when a router picks a variable number).
@@ -6,52 +6,13 @@ experts any token got when a router picks a variable number).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor
 
-from moelab.errors import MoelabError
+from moelab.routing import Routing, RoutingError
 
-
-class RoutingError(MoelabError, ValueError):
-    """A router got an argument or produced logits it cannot route with."""
-
-
-@dataclass
-class Routing:
-    """What one router decided for T tokens.
-
-    Attributes:
-        logits_TE: float32 raw router logits (before softmax/sigmoid), one column per real expert.
-        ids_TK: int64 chosen expert per slot. Where ``mask_TK`` is False the id must be ignored;
-            null-expert routers (AdaMoE) put the null expert's index ``E + j`` there.
-        weights_TK: combine weights exactly as the experts receive them (after any renormalisation
-            and scaling); 0 where ``mask_TK`` is False.
-        mask_TK: bool, True where the slot goes to a real expert; None means every slot is real.
-        aux: statistics the losses need (e.g. ``probs_TE`` for sigmoid routers, ``null_logits_TN``).
-    """
-
-    logits_TE: Tensor
-    ids_TK: Tensor
-    weights_TK: Tensor
-    mask_TK: Tensor | None = None
-    aux: dict[str, Tensor] = field(default_factory=dict)
-
-    @property
-    def num_experts(self) -> int:
-        return self.logits_TE.shape[-1]
-
-    def real_mask(self) -> Tensor:
-        """[T,K] bool mask of real slots (all True when ``mask_TK`` is None)."""
-        if self.mask_TK is None:
-            return torch.ones_like(self.ids_TK, dtype=torch.bool)
-        return self.mask_TK
-
-    def tokens_per_expert(self) -> Tensor:
-        """[E] int64 number of real slots routed to each expert."""
-        keep = self.real_mask()
-        return torch.bincount(self.ids_TK[keep], minlength=self.num_experts)[: self.num_experts]
+__all__ = ["Routing", "RoutingError", "check_finite", "check_num_experts", "check_top_k",
+           "pad_selection", "router_logits"]
 
 
 def router_logits(x_TH: Tensor, weight_EH: Tensor, bias_E: Tensor | None = None) -> Tensor:

@@ -15,7 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from moelab.errors import CheckpointError
-from moelab.models.view import MoEBlockView, RoutingEvent, SharedExpertsView
+from moelab.models.edits import for_experts
+from moelab.models.view import MoEBlockView, SharedExpertsView
+from moelab.routing import Routing
 
 # transformers ``hidden_act`` names -> moelab's GLU activation names (see reference.glu_activation)
 _ACT_NAMES = {
@@ -145,8 +147,15 @@ def check_experts(
     return view
 
 
-def _as_logits(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach().reshape(-1, t.shape[-1]).float()
+def flat_routing(logits: Tensor | None, ids: Tensor, weights: Tensor) -> Routing:
+    """A family's routing flattened to ``[T, E]`` / ``[T, K]`` (ids int64); not detached, so edits
+    can differentiate through the logits and weights."""
+    K = ids.shape[-1]
+    return Routing(
+        None if logits is None else logits.reshape(-1, logits.shape[-1]),
+        ids.reshape(-1, K).to(torch.int64),
+        weights.reshape(-1, K),
+    )
 
 
 _STD_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
@@ -154,26 +163,32 @@ _STD_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
 
 def experts_prehook_installer(
     logits_index: int = 0, arg_names: tuple[str, str, str] = _STD_ARGS
-) -> Callable[[MoEBlockView, Callable[[RoutingEvent], None]], list]:
-    """Hooks for families whose experts module is called as ``experts(hidden, ids, weights)``.
+) -> Callable[[MoEBlockView, Callable], list]:
+    """The routing seam of families whose experts module is called as ``experts(hidden, ids, weights)``.
 
     ``arg_names`` are the experts' parameter names, for calls made with keywords. A forward hook on
     the router keeps its raw logits (output ``logits_index``, or the whole output if it is a
-    tensor); a forward
-    pre-hook on the experts module then emits the event. Neither returns anything, so the model's
-    computation is untouched.
+    tensor); a forward pre-hook on the experts module runs the seam and, when an edit changed the
+    routing, calls the experts with the edited ids and weights instead (same dtypes as the family's).
     """
 
-    def install(block: MoEBlockView, fn: Callable[[RoutingEvent], None]) -> list:
+    def install(block: MoEBlockView, run: Callable) -> list:
         seen: dict[str, Tensor | None] = {"logits": None}
 
         def on_router(_mod, _args, out):
-            seen["logits"] = _as_logits(out[logits_index] if isinstance(out, tuple) else out)
+            seen["logits"] = out[logits_index] if isinstance(out, tuple) else out
 
         def on_experts(_mod, args, kwargs):
             hidden, ids, weights = _merge_args(args, kwargs, arg_names)[:3]
             logits, seen["logits"] = seen["logits"], None
-            fn(_event(block, hidden, ids, weights, logits))
+            H = hidden.shape[-1]
+            new = run(hidden.reshape(-1, H), flat_routing(logits, ids, weights))
+            if new is None:
+                return None
+            new_ids, new_w = for_experts(new, block.num_experts)
+            lead = ids.shape[:-1]  # the family's own layout (DBRX: [T, K] beside a [B, S, H] input)
+            values = (new_ids.to(ids.dtype).reshape(*lead, -1), new_w.to(weights.dtype).reshape(*lead, -1))
+            return _replace_args(args, kwargs, arg_names[1:3], values)
 
         return [
             block.router_module.register_forward_hook(on_router),
@@ -191,17 +206,12 @@ def _merge_args(args: tuple, kwargs: dict, names: tuple[str, ...]) -> tuple:
     return tuple(out)
 
 
-def _event(block, hidden, ids, weights, logits) -> RoutingEvent:
-    H = hidden.shape[-1]
-    return RoutingEvent(
-        block=block,
-        hidden_TH=hidden.detach().reshape(-1, H),
-        ids_TK=ids.detach().reshape(-1, ids.shape[-1]).to(torch.int64),
-        weights_TK=weights.detach().reshape(-1, weights.shape[-1]),
-        logits_TE=logits,
-    )
-
-
-def emit(block, fn, hidden, ids, weights, logits) -> None:
-    """Build a RoutingEvent (detached, flattened, ids int64, logits float32) and hand it to ``fn``."""
-    fn(_event(block, hidden, ids, weights, _as_logits(logits)))
+def _replace_args(args: tuple, kwargs: dict, names: tuple[str, str], values: tuple) -> tuple:
+    """``(args, kwargs)`` with the arguments ``names`` (positions 1 and 2) set to ``values``."""
+    args, kwargs = list(args), dict(kwargs)
+    for pos, (name, value) in enumerate(zip(names, values, strict=True), start=1):
+        if pos < len(args):
+            args[pos] = value
+        else:
+            kwargs[name] = value
+    return tuple(args), kwargs

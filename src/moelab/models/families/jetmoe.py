@@ -13,37 +13,53 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moelab.models.edits import for_experts
 from moelab.models.families._common import (
     act_name,
     check_experts,
     config_num_experts,
     d,
-    emit,
+    flat_routing,
     fused_gate_up,
 )
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
 
 
-def _install(block: MoEBlockView, fn) -> list:
+def _install(block: MoEBlockView, run) -> list:
     """Rebuild ``ids_TK``/``weights_TK`` from the gating's expert-sorted outputs: it returns the
-    sort permutation of the flattened ``[T*K]`` choices, the sorted gates and tokens per expert."""
+    sort permutation of the flattened ``[T*K]`` choices, the sorted gates and tokens per expert. An
+    edited routing goes back in the same expert-sorted form."""
 
     def on_router(_mod, args, out):
         index_sorted, _batch_index, batch_gates, expert_size, logits = out
         T, K = logits.shape[0], block.top_k
+        dev = logits.device
         sorted_ids = torch.repeat_interleave(
-            torch.arange(len(expert_size), device=logits.device),
-            torch.tensor(expert_size, device=logits.device),
+            torch.arange(len(expert_size), device=dev), torch.tensor(expert_size, device=dev)
         )
-        ids = torch.empty(T * K, dtype=torch.int64, device=logits.device).scatter_(
-            0, index_sorted, sorted_ids
+        ids = torch.empty(T * K, dtype=torch.int64, device=dev).scatter_(0, index_sorted, sorted_ids)
+        gates = torch.zeros(T * K, dtype=batch_gates.dtype, device=dev).index_put(
+            (index_sorted,), batch_gates
         )
-        gates = torch.empty(T * K, dtype=batch_gates.dtype, device=logits.device)
-        gates = gates.scatter_(0, index_sorted, batch_gates)
-        emit(block, fn, args[0], ids.view(T, K), gates.view(T, K), logits)
+        new = run(args[0], flat_routing(logits, ids.view(T, K), gates.view(T, K)))
+        if new is None:
+            return None
+        return _sorted_form(new, block.num_experts, batch_gates.dtype, logits)
 
     return [block.router_module.register_forward_hook(on_router)]
+
+
+def _sorted_form(routing, num_experts: int, dtype, logits):
+    """JetMoE's gating outputs for a routing: (sort permutation, token of each sorted slot, sorted
+    gates, tokens per expert, logits), as ``JetMoeTopKGating`` builds them."""
+    ids_TK, w_TK = for_experts(routing, num_experts)
+    K = ids_TK.shape[1]
+    _, index_sorted = ids_TK.flatten().sort(0)
+    batch_index = index_sorted.div(K, rounding_mode="trunc")
+    batch_gates = w_TK.flatten().to(dtype)[index_sorted]
+    expert_size = torch.bincount(ids_TK.flatten(), minlength=num_experts).tolist()
+    return index_sorted, batch_index, batch_gates, expert_size, logits
 
 
 def read(model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlockView:

@@ -10,14 +10,16 @@ chosen experts contribute. Storage: ``gate_up_proj [E, H, 2I]`` (gate then up, c
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from moelab.models.edits import for_experts
 from moelab.models.families._common import (
     act_name,
     check_experts,
     config_num_experts,
     d,
-    emit,
+    flat_routing,
     glu_mlp,
     transposed_gate_up,
 )
@@ -25,14 +27,21 @@ from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
 
 
-def _install(block: MoEBlockView, fn) -> list:
+def _install(block: MoEBlockView, run) -> list:
     """Llama4's experts see ``x * score`` for every (expert, token); the router output holds the
-    scores ``[T, E]`` (0 where not chosen) and the logits, from which ids and weights are read."""
+    scores ``[T, E]`` (0 where not chosen) and the logits, from which ids and weights are read. An
+    edited routing goes back as new scores: its weights scattered at its ids, 0 elsewhere."""
 
     def on_router(_mod, args, out):
         scores_TE, logits_TE = out
         ids_TK = logits_TE.topk(block.top_k, dim=-1).indices
-        emit(block, fn, args[0], ids_TK, scores_TE.gather(-1, ids_TK), logits_TE)
+        new = run(args[0], flat_routing(logits_TE, ids_TK, scores_TE.gather(-1, ids_TK)))
+        if new is None:
+            return None
+        ids, w = for_experts(new, block.num_experts)
+        # scatter_add: a switched-off slot (weight 0) may share its id with a real one
+        new_scores = torch.zeros_like(scores_TE).scatter_add(-1, ids, w.to(scores_TE.dtype))
+        return new_scores, logits_TE
 
     return [block.router_module.register_forward_hook(on_router)]
 

@@ -12,7 +12,7 @@ routing rules, which a :class:`SoftmaxFamily` record states:
   the block in the decoder layer.
 * ERNIE-4.5-MoE: selection on ``softmax + e_score_correction_bias``; weights renormalised as
   ``w / max(sum w, moe_norm_min)``; optional shared experts.
-* PhiMoE: SparseMixer routing (see :func:`moelab.models.reference._sparsemixer_eval`), always 2
+* PhiMoE: SparseMixer routing (see :func:`moelab.models.rule.sparsemixer_select`), always 2
   experts per token whatever ``num_experts_per_tok`` says.
 * HunYuan-MoE: always-on ``shared_mlp`` of width ``intermediate_size``.
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from moelab.models.reference import _sparsemixer_eval
+from moelab.models.rule import sparsemixer_select
 from moelab.nn.routers.base import Router, RouterConfig
 from moelab.nn.routing import Routing, RoutingError, check_top_k
 
@@ -49,7 +49,7 @@ class SparseMixerRouter(Router):
     config: SparseMixerConfig
 
     def route(self, logits_TE: Tensor) -> Routing:
-        ids_TK, weights_TK = _sparsemixer_eval(
+        ids_TK, weights_TK = sparsemixer_select(
             logits_TE.float(), self.config.top_k, float(self.config.jitter_eps)
         )
         return Routing(logits_TE, ids_TK, weights_TK)

@@ -1,0 +1,149 @@
+"""The routing seam of every MoE block: routing edits change what the router decided, routing hooks
+observe it afterwards.
+
+Shape legend: T tokens (batch x sequence, flattened), H hidden, E experts, K slots per token.
+
+A *routing edit* is ``fn(block, hidden_TH, routing) -> routing`` (:class:`moelab.routing.Routing`):
+it sees the family's own router logits (its dtype, with gradients), the chosen ids and combine
+weights, and returns a routing for the experts to run with. Edits of a block compose in the order
+they were registered; routing hooks then see the routing *after* every edit, so a steered model can
+be traced. An edit that returns new ``logits_TE`` with the *same* ``ids_TK`` object asks for the
+experts to be chosen again from those logits by the family's own rule (:func:`reselect`); an edit
+may also call :func:`reselect` itself (e.g. with forced experts). Slots an edit switches off
+(``mask_TK`` False) reach the family's experts with weight 0.
+
+Where it attaches is family knowledge: each adapter's ``hook_installer(block, run)`` installs torch
+hooks that build a ``Routing`` from the family's own call, hand it to ``run(hidden_TH, routing)``
+and, when ``run`` returns a routing, pass that to the experts instead (see ``families/_common.py``).
+The seam lives on the block module itself, so every view opened on the same model shares it; its
+torch hooks are installed with the first edit or hook and removed with the last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+
+from moelab.errors import MoelabError
+from moelab.models.rule import select
+from moelab.routing import Routing
+
+if TYPE_CHECKING:
+    from moelab.models.view import MoEBlockView, RoutingEvent
+
+RoutingEdit = Callable[["MoEBlockView", Tensor, Routing], Routing]
+
+_ATTR = "_moelab_routing_seam"
+
+
+class Handle:
+    """Undo for something installed on a model: ``remove()`` once (a second call is an error), or
+    use it as a context manager."""
+
+    def __init__(self, what: str, undo: Callable[[], None]) -> None:
+        self.what, self._undo = what, undo
+
+    @property
+    def removed(self) -> bool:
+        return self._undo is None
+
+    def remove(self) -> None:
+        if self._undo is None:
+            raise MoelabError(f"{self.what}: this handle was already removed")
+        undo, self._undo = self._undo, None
+        undo()
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._undo is not None:
+            self.remove()
+
+
+class _Seam:
+    """Edits and hooks of one block module, and the torch hooks that run them."""
+
+    def __init__(self) -> None:
+        self.edits: list[tuple[MoEBlockView, RoutingEdit]] = []
+        self.hooks: list[tuple[MoEBlockView, Callable[[RoutingEvent], None]]] = []
+        self.installed: list = []
+        self.block: MoEBlockView | None = None
+
+    def add(self, kind: str, block: MoEBlockView, fn: Callable) -> Handle:
+        if not callable(fn):
+            raise MoelabError(f"{block.path}: a routing {kind} must be callable, got {type(fn).__name__}")
+        if block.hook_installer is None:
+            raise MoelabError(f"{block.path} ({block.family}): routing {kind}s are not available")
+        entry = (block, fn)
+        target = self.edits if kind == "edit" else self.hooks
+        target.append(entry)
+        if not self.installed:
+            self.block = block
+            self.installed = block.hook_installer(block, self.run)
+
+        def undo() -> None:
+            target.remove(entry)
+            if not self.edits and not self.hooks:
+                for h in self.installed:
+                    h.remove()
+                self.installed = []
+
+        return Handle(f"{block.path}: routing {kind}", undo)
+
+    def run(self, hidden_TH: Tensor, routing: Routing) -> Routing | None:
+        """Apply the edits in order, show the result to the hooks; None when nothing was edited."""
+        edited = routing
+        for block, fn in list(self.edits):
+            out = fn(block, hidden_TH, edited)
+            if not isinstance(out, Routing):
+                raise MoelabError(
+                    f"{block.path}: a routing edit must return a moelab.routing.Routing, "
+                    f"got {type(out).__name__}"
+                )
+            if out.logits_TE is not edited.logits_TE and out.ids_TK is edited.ids_TK:
+                out = reselect(block, out)
+            edited = out
+        if self.hooks:
+            from moelab.models.view import RoutingEvent
+
+            for block, fn in list(self.hooks):
+                fn(RoutingEvent.from_routing(block, hidden_TH, edited))
+        return None if edited is routing else edited
+
+
+def seam_of(block: MoEBlockView) -> _Seam:
+    """The seam stored on the block's module (created on first use)."""
+    seam = getattr(block.module, _ATTR, None)
+    if seam is None:
+        seam = _Seam()
+        object.__setattr__(block.module, _ATTR, seam)  # a plain attribute, not a submodule
+    return seam
+
+
+def reselect(block: MoEBlockView, routing: Routing, forced_E: Tensor | None = None) -> Routing:
+    """Choose the experts again from ``routing.logits_TE`` with the block's own rule
+    (:func:`moelab.models.rule.select`); ``forced_E`` (bool ``[E]``) puts those experts first.
+
+    Weights come back in the dtype of ``routing.weights_TK`` and stay differentiable in the logits.
+    """
+    if routing.logits_TE is None:
+        raise MoelabError(f"{block.path}: re-selecting experts needs router logits")
+    ids_TK, w_TK, mask_TK = select(block, routing.logits_TE, forced_E)
+    mask = None if bool(mask_TK.all()) else mask_TK
+    return Routing(routing.logits_TE, ids_TK, w_TK.to(routing.weights_TK.dtype), mask, routing.aux)
+
+
+def for_experts(routing: Routing, num_experts: int) -> tuple[Tensor, Tensor]:
+    """``(ids_TK, weights_TK)`` a family's own experts can run: switched-off slots get weight 0 and,
+    where their id is not a real expert, id 0 (their contribution is 0 either way)."""
+    ids, w = routing.ids_TK, routing.weights_TK
+    if routing.mask_TK is None:
+        return ids, w
+    bad = ~routing.mask_TK & ((ids < 0) | (ids >= num_experts))
+    return ids.masked_fill(bad, 0), w.masked_fill(~routing.mask_TK, 0)
+
+
+__all__ = ["Handle", "RoutingEdit", "for_experts", "reselect", "seam_of"]

@@ -1,0 +1,119 @@
+"""A block's own selection rule, from router logits to ``(ids, weights)``, written from the view.
+
+Shape legend: T tokens, E experts, K top-k, G groups.
+
+One function serves both the float64 oracle (:func:`moelab.models.reference_route` calls it on
+float64 logits) and routing edits that change logits (:func:`select`, differentiable, run in the
+logits' own dtype, at least float32 as every family's softmax is). Because the oracle matches each
+family's own block, so does this rule.
+
+The rule, in the view's convention: ``scores = softmax|sigmoid(logits)``; selection on ``scores
+(+ correction_bias)``, optionally group-limited; weights are the chosen scores, renormalised as
+``w / max(||w||_p, norm_min)`` when ``norm_topk_prob``, times ``routed_scaling_factor``. PhiMoE's
+SparseMixer has its own rounds (:func:`sparsemixer_select`).
+
+Two extensions routing edits need, both no-ops on plain logits:
+    * an expert whose logit is ``-inf`` is never chosen (not even through a correction bias); a slot
+      left with no finite choice is masked (weight 0, ``mask`` False);
+    * ``forced_E`` (bool ``[E]``) puts those experts first in every token's selection; their weight is
+      still their own score.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from moelab.models.view import MoEBlockView
+
+_NEG = float("-inf")
+
+
+def sparsemixer_select(
+    logits_TE: Tensor, top_k: int, jitter_eps: float, choice_TE: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """PhiMoE's SparseMixer routing at inference (Liu et al. 2023, "Sparse Backpropagation for MoE
+    Training"): for each of k rounds pick the expert m with the largest choice key (the logit) among
+    those not yet taken; its weight is a softmax over the experts whose logit lies within
+    ``2 * jitter_eps`` of m's relative to ``max(|logit|, m)``, the already-taken ones excluded.
+    ``choice_TE`` (default: the logits) lets forced experts come first.
+    """
+    key = (logits_TE if choice_TE is None else choice_TE).clone()
+    masked = logits_TE.clone()
+    ids, weights = [], []
+    for _ in range(top_k):
+        idx = key.argmax(dim=-1, keepdim=True)
+        m = logits_TE.gather(-1, idx)
+        factor = logits_TE.abs().clamp(min=m)
+        drop = ((m - logits_TE) / factor) > (2 * jitter_eps)
+        gated = masked.masked_fill(drop, _NEG)
+        weights.append(torch.softmax(gated, dim=-1).gather(-1, idx))
+        ids.append(idx)
+        masked = masked.scatter(-1, idx, _NEG)
+        key = key.scatter(-1, idx, _NEG)
+    return torch.cat(ids, -1), torch.cat(weights, -1)
+
+
+def group_mask(sel_TE: Tensor, n_group: int, topk_group: int, group_score: str) -> Tensor:
+    """Keep only the experts in each token's ``topk_group`` best groups (others set to -inf)."""
+    T, E = sel_TE.shape
+    grouped_TGX = sel_TE.view(T, n_group, E // n_group)
+    if group_score == "max":
+        score_TG = grouped_TGX.max(dim=-1).values
+    elif group_score == "top2_sum":
+        score_TG = grouped_TGX.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        raise ValueError(f"unknown group_score {group_score!r}")
+    keep_TG = torch.zeros_like(score_TG, dtype=torch.bool)
+    keep_TG.scatter_(1, score_TG.topk(topk_group, dim=-1).indices, True)
+    keep_TE = keep_TG.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+    return sel_TE.masked_fill(~keep_TE, _NEG)
+
+
+def route_logits(
+    block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(ids_TK int64, weights_TK, mask_TK bool)`` by the block's rule, in ``logits_TE``'s dtype."""
+    k = block.top_k
+    off_TE = torch.isneginf(logits_TE)
+    if block.scoring == "sparsemixer":
+        choice = None if forced_E is None else logits_TE.masked_fill(forced_E, float("inf"))
+        ids_TK, w_TK = sparsemixer_select(logits_TE, k, block.scoring_params["jitter_eps"], choice)
+        mask_TK = ~off_TE.gather(-1, ids_TK)
+        return ids_TK, w_TK * block.routed_scaling_factor * mask_TK, mask_TK
+    if block.scoring == "softmax":
+        scores_TE = torch.softmax(logits_TE, dim=-1)
+    elif block.scoring == "sigmoid":
+        scores_TE = torch.sigmoid(logits_TE)
+    else:
+        raise ValueError(f"unknown scoring {block.scoring!r}")
+    sel_TE = scores_TE
+    if block.correction_bias is not None:
+        sel_TE = scores_TE + block.correction_bias.detach().to(scores_TE.dtype)
+    if forced_E is not None:
+        sel_TE = sel_TE.masked_fill(forced_E, float("inf"))
+    sel_TE = sel_TE.masked_fill(off_TE, _NEG)
+    if block.n_group is not None and block.n_group > 1:
+        sel_TE = group_mask(sel_TE, block.n_group, block.topk_group, block.group_score)
+    key_TK, ids_TK = sel_TE.topk(k, dim=-1)
+    mask_TK = ~torch.isneginf(key_TK)
+    w_TK = scores_TE.gather(-1, ids_TK) * mask_TK
+    if block.norm_topk_prob:
+        norm = w_TK.abs().pow(block.norm_p).sum(-1, keepdim=True).pow(1.0 / block.norm_p)
+        w_TK = w_TK / norm.clamp(min=block.norm_min if block.norm_min > 0 else 1e-30)
+    return ids_TK, w_TK * block.routed_scaling_factor, mask_TK
+
+
+def select(
+    block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`route_logits` at no less than float32 (every family's softmax runs in float32 at least),
+    differentiable in the logits; weights come back in that compute dtype."""
+    compute = torch.promote_types(logits_TE.dtype, torch.float32)
+    return route_logits(block, logits_TE.to(compute), forced_E)
+
+
+__all__ = ["group_mask", "route_logits", "select", "sparsemixer_select"]

@@ -1,0 +1,258 @@
+"""Stock routing edits: switch experts off or on, offset router logits, scale combine weights, skip
+weak slots. Each works on every supported family through ``block.register_routing_edit``.
+
+Shape legend: T tokens, E experts, K slots per token.
+
+    experts_off(view, {layer: [e, ...]})      the experts receive no token: the family's routing
+                                             proceeds as if their logits were -inf
+    experts_on(view, {layer: [e, ...]})       forced into every token's top-k (at most top-k)
+    logit_offsets(view, {layer: offset_E})    logits + offset_E, experts re-chosen by the family's
+                                             rule; offset_E may require grad
+    scale_weights(view, {layer: {e: f}})      w_tk *= f[ids_tk] (RICE-style reinforcement; no
+                                             renormalisation)
+    skip_below(view, {layer: beta})           NAEE dynamic skipping (Lu et al. 2024, section 3.2):
+                                             a non-first slot is switched off when w_k < beta * w_1;
+                                             with ``renormalize`` the kept weights are rescaled to
+                                             the token's original total
+
+Each returns an :class:`EditHandle`: ``remove()`` (once) or a ``with`` block, and ``counts``: per
+layer the tokens seen and the tokens ``affected``: whose set of experts the edit changed
+(``scale_weights``: routed to a scaled expert).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moelab.errors import MoelabError
+from moelab.models import ModelView, MoEBlockView, open_model
+from moelab.models.edits import Handle, reselect
+from moelab.routing import Routing
+
+# an edit body: (block, hidden_TH, routing) -> (routing, extra counts of this call)
+_Body = Callable[[MoEBlockView, Tensor, Routing], tuple[Routing, dict[str, int]]]
+
+
+class EditHandle:
+    """The stock edit installed on some layers; ``counts[layer]`` holds ``tokens`` and ``affected``
+    (plus edit-specific counts, e.g. skip_below's ``candidates`` and ``skipped`` slots)."""
+
+    def __init__(self, what: str, layers: list[int]) -> None:
+        self.what = what
+        self.counts: dict[int, dict[str, int]] = {layer: {"tokens": 0, "affected": 0} for layer in layers}
+        self._handles: list[Handle] = []
+        self._removed = False
+
+    def reset(self) -> None:
+        """Zero every count."""
+        for c in self.counts.values():
+            for key in c:
+                c[key] = 0
+
+    def remove(self) -> None:
+        if self._removed:
+            raise MoelabError(f"{self.what}: this handle was already removed")
+        self._removed = True
+        for h in self._handles:
+            h.remove()
+
+    def __enter__(self) -> EditHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._removed:
+            self.remove()
+
+
+def _chosen(routing: Routing, num_experts: int) -> Tensor:
+    """``[T, E]`` bool: the experts each token's real slots go to."""
+    ids = routing.ids_TK
+    real = routing.real_mask()
+    out = torch.zeros(ids.shape[0], num_experts + 1, dtype=torch.bool, device=ids.device)
+    return out.scatter(-1, ids.masked_fill(~real, num_experts), True)[:, :num_experts]
+
+
+def _install(view: ModelView, what: str, per_layer: Mapping[int, Any],
+             make: Callable[[MoEBlockView, Any], _Body]) -> EditHandle:
+    """Validate every layer's argument (``make`` raises), then register one counting edit per layer."""
+    bodies = {layer: make(_block(view, layer, what), value) for layer, value in per_layer.items()}
+    handle = EditHandle(what, list(bodies))
+    for layer, body in bodies.items():
+        counts = handle.counts[layer]
+
+        def edit(block, hidden_TH, routing, body=body, counts=counts):
+            out, extra = body(block, hidden_TH, routing)
+            if "affected" not in extra:  # tokens whose set of experts changed
+                E = block.num_experts
+                extra["affected"] = int((_chosen(out, E) != _chosen(routing, E)).any(-1).sum())
+            counts["tokens"] += int(routing.ids_TK.shape[0])
+            for key, n in extra.items():
+                counts[key] = counts.get(key, 0) + n
+            return out
+
+        handle._handles.append(view.block(layer).register_routing_edit(edit))
+    return handle
+
+
+def _view(model: ModelView | nn.Module) -> ModelView:
+    return model if isinstance(model, ModelView) else open_model(model)
+
+
+def _block(view: ModelView, layer: Any, what: str) -> MoEBlockView:
+    moe_layers = [b.layer for b in view.blocks]
+    if not isinstance(layer, int) or layer not in moe_layers:
+        raise MoelabError(f"{what}: layer {layer!r} is not an MoE layer (MoE layers: {moe_layers})")
+    return view.block(layer)
+
+
+def _experts(block: MoEBlockView, experts: Iterable[Any], what: str) -> list[int]:
+    out = list(experts) if not isinstance(experts, (int, str)) else [experts]
+    for e in out:
+        if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < block.num_experts:
+            raise MoelabError(
+                f"{what}: layer {block.layer}: expert {e!r} is not an expert id in [0, {block.num_experts})"
+            )
+    if len(set(out)) != len(out):
+        raise MoelabError(f"{what}: layer {block.layer}: expert ids repeat: {out}")
+    return out
+
+
+def _flags(block: MoEBlockView, experts: list[int], like: Tensor) -> Tensor:
+    flags = torch.zeros(block.num_experts, dtype=torch.bool, device=like.device)
+    flags[experts] = True
+    return flags
+
+
+def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int]]) -> EditHandle:
+    """Switch experts off: ``{layer: [expert, ...]}``; routing proceeds as if their logits were -inf."""
+    view = _view(model)
+
+    def make(block: MoEBlockView, value) -> _Body:
+        off = _experts(block, value, "experts_off")
+        if block.num_experts - len(off) < block.top_k:
+            raise MoelabError(
+                f"experts_off: layer {block.layer}: switching off {len(off)} of {block.num_experts} "
+                f"experts leaves fewer than top_k={block.top_k}"
+            )
+
+        def body(block, hidden_TH, routing):
+            logits = routing.logits_TE.masked_fill(_flags(block, off, routing.logits_TE), -math.inf)
+            return reselect(block, routing.replace(logits_TE=logits)), {}
+
+        return body
+
+    return _install(view, "experts_off", experts, make)
+
+
+def experts_on(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int]]) -> EditHandle:
+    """Force experts into every token's top-k: ``{layer: [expert, ...]}``, at most top-k per layer."""
+    view = _view(model)
+
+    def make(block: MoEBlockView, value) -> _Body:
+        on = _experts(block, value, "experts_on")
+        if len(on) > block.top_k:
+            raise MoelabError(
+                f"experts_on: layer {block.layer}: {len(on)} experts forced but a token has only "
+                f"top_k={block.top_k} slots"
+            )
+
+        def body(block, hidden_TH, routing):
+            return reselect(block, routing, forced_E=_flags(block, on, routing.ids_TK)), {}
+
+        return body
+
+    return _install(view, "experts_on", experts, make)
+
+
+def logit_offsets(model: ModelView | nn.Module, offsets: Mapping[int, Tensor]) -> EditHandle:
+    """Add ``offset_E`` to the router logits of each layer; the experts are re-chosen by the family's
+    rule. Offsets may require grad (test-time routing optimises them)."""
+    view = _view(model)
+
+    def make(block: MoEBlockView, offset) -> _Body:
+        if not isinstance(offset, Tensor) or offset.shape != (block.num_experts,):
+            got = tuple(offset.shape) if isinstance(offset, Tensor) else type(offset).__name__
+            raise MoelabError(
+                f"logit_offsets: layer {block.layer}: expected a tensor of shape [E={block.num_experts}], "
+                f"got {got}"
+            )
+        if not offset.is_floating_point() or not bool(torch.isfinite(offset.detach()).all()):
+            raise MoelabError(f"logit_offsets: layer {block.layer}: offsets must be finite floats")
+
+        def body(block, hidden_TH, routing):
+            logits = routing.logits_TE
+            shifted = logits + offset.to(device=logits.device, dtype=logits.dtype)
+            return reselect(block, routing.replace(logits_TE=shifted)), {}
+
+        return body
+
+    return _install(view, "logit_offsets", offsets, make)
+
+
+def scale_weights(model: ModelView | nn.Module,
+                  factors: Mapping[int, Mapping[int, float]]) -> EditHandle:
+    """Multiply experts' combine weights: ``{layer: {expert: factor}}`` (RICE reinforcement)."""
+    view = _view(model)
+
+    def make(block: MoEBlockView, value) -> _Body:
+        if not isinstance(value, Mapping):
+            raise MoelabError(
+                f"scale_weights: layer {block.layer}: expected {{expert: factor}}, got {type(value).__name__}"
+            )
+        _experts(block, list(value), "scale_weights")
+        for e, f in value.items():
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f):
+                raise MoelabError(f"scale_weights: layer {block.layer}: factor of expert {e} is {f!r}, "
+                                  "expected a finite number")
+        scale = torch.ones(block.num_experts, dtype=torch.float64)
+        for e, f in value.items():
+            scale[e] = float(f)
+
+        def body(block, hidden_TH, routing):
+            w = routing.weights_TK
+            s_TK = scale.to(device=w.device, dtype=w.dtype)[routing.ids_TK.clamp(0, block.num_experts - 1)]
+            hit_T = ((s_TK != 1) & routing.real_mask()).any(-1)
+            return routing.replace(weights_TK=w * s_TK), {"affected": int(hit_T.sum())}
+
+        return body
+
+    return _install(view, "scale_weights", factors, make)
+
+
+def skip_below(model: ModelView | nn.Module, beta: Mapping[int, float],
+               renormalize: bool = True) -> EditHandle:
+    """NAEE dynamic skipping: ``{layer: beta}``; counts add ``candidates`` (non-first slots) and
+    ``skipped`` slots, so ``skipped / candidates`` is the paper's skip rate."""
+    view = _view(model)
+
+    def make(block: MoEBlockView, b) -> _Body:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b <= 1:
+            raise MoelabError(f"skip_below: layer {block.layer}: beta must be a number in [0, 1], got {b!r}")
+        return lambda block, hidden_TH, routing: _skip(routing, float(b), renormalize)
+
+    return _install(view, "skip_below", beta, make)
+
+
+def _skip(r: Routing, beta: float, renormalize: bool) -> tuple[Routing, dict[str, int]]:
+    real_TK = r.real_mask()
+    w_TK = r.weights_TK
+    masked_TK = w_TK.detach().float().masked_fill(~real_TK, -math.inf)
+    first_TK = torch.zeros_like(real_TK).scatter(1, masked_TK.argmax(-1, keepdim=True), True)
+    skip_TK = real_TK & ~first_TK & (masked_TK < beta * masked_TK.max(-1, keepdim=True).values)
+    extra = {"candidates": int((real_TK & ~first_TK).sum()), "skipped": int(skip_TK.sum())}
+    if extra["skipped"] == 0:
+        return r, extra
+    keep_TK = real_TK & ~skip_TK
+    new_TK = w_TK.masked_fill(~keep_TK, 0)
+    if renormalize:
+        total_T1 = w_TK.masked_fill(~real_TK, 0).sum(-1, keepdim=True)
+        new_TK = new_TK * (total_T1 / new_TK.sum(-1, keepdim=True))
+    return r.replace(weights_TK=new_TK, mask_TK=keep_TK), extra
+
+
+__all__ = ["EditHandle", "experts_off", "experts_on", "logit_offsets", "scale_weights", "skip_below"]
