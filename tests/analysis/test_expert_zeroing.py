@@ -16,7 +16,7 @@ from moelab.analysis.expert_zeroing import (
     zeroed_expert,
     zeroing_effect,
 )
-from moelab.models import expert_forward, open_model
+from moelab.models import open_model
 from moelab.models.tiny import tiny_model
 
 
@@ -39,10 +39,13 @@ def test_zeroed_expert_outputs_zero_and_restores(family):
     v = open_model(tiny_model(family))
     block = v.blocks[0]
     before = _state(v.model)
-    x = torch.randn(4, block.hidden_size, dtype=torch.float64)
-    with zeroed_expert(block, 1):
-        assert torch.count_nonzero(expert_forward(block, 1, x)) == 0
-        assert torch.count_nonzero(expert_forward(block, 0, x)) > 0
+    ids = torch.randint(0, v.model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    seen = []
+    with torch.no_grad(), zeroed_expert(block, 1), block.register_routing_hook(seen.append):
+        v.model(ids)
+    ev = seen[0]
+    assert (ev.ids_TK == 1).any(), "expert 1 should still take routing slots"
+    assert (ev.weights_TK[ev.ids_TK == 1] == 0).all() and (ev.weights_TK[ev.ids_TK != 1] != 0).all()
     after = _state(v.model)
     assert all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(RuntimeError, match="boom"), zeroed_expert(block, 2):

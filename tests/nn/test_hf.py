@@ -111,3 +111,23 @@ def test_top_level_lazy_names():
     import moelab
 
     assert moelab.patch is patch and moelab.unpatch is unpatch
+
+
+@pytest.mark.parametrize("family", ["Qwen3-MoE", "DeepSeek-V3", "Llama4"])
+def test_routing_edits_and_hooks_work_under_patch(family):
+    """The seam runs on moelab's router: a patched, steered model equals the steered original."""
+    from moelab.steer import experts_off
+
+    model = tiny_model(family)
+    view = open_model(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    b = view.blocks[0]
+    with torch.no_grad(), experts_off(view, {b.layer: [1]}):
+        want = model(ids).logits
+        patch(model)
+        seen = []
+        with b.register_routing_hook(seen.append):
+            got = model(ids).logits
+        unpatch(model)
+    assert len(seen) == 1 and not (seen[0].ids_TK[seen[0].routing.real_mask()] == 1).any()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # moelab's float32 router

@@ -188,3 +188,19 @@ def test_token_ids_texts_and_bad_inputs(make_tiny, model_dir, tmp_path):
         moelab.trace.record(model, ["text"], tmp_path / "n", progress=False)
     with pytest.raises(TraceError, match="seq_len must be a positive integer"):
         moelab.trace.record(model, ids, tmp_path / "z", seq_len=0, progress=False)
+
+
+def test_a_steered_model_is_traced_after_its_edits(make_tiny, model_dir, corpus_dir, tmp_path):
+    """Observers see the routing after edits: switched-off experts never appear, skipped slots are -1."""
+    from moelab.steer import experts_off, skip_below
+
+    model = make_tiny()
+    view = open_model(model)
+    with experts_off(view, {0: [0, 1]}), skip_below(view, {1: 1.0}):
+        trace = moelab.trace.record(view, corpus_dir, tmp_path / "t", tokenizer=model_dir, seq_len=16,
+                                    max_tokens=64, progress=False, expert_norms=True)
+    ids0, ids1 = trace.ids(0), trace.ids(1)
+    assert not np.isin(ids0, [0, 1]).any()
+    assert (ids1 == -1).sum(axis=1).tolist() == [1] * len(ids1)  # top-2: the weaker slot is skipped
+    norms1 = trace.expert_norms(1)
+    assert (norms1[ids1 == -1] == 0).all() and (norms1[ids1 >= 0] > 0).all()

@@ -3,14 +3,14 @@
 Su et al. 2025, "Unveiling Super Experts in Mixture-of-Experts Large Language Models"
 (arXiv 2507.23279; github.com/ZunhaiSu/Super-Experts-Profilling) prune a super expert by zeroing its
 down projection and report how the model's loss and outputs degrade. Here expert e of a block is
-zeroed by setting ``down[e]`` (and ``down_bias[e]``) to 0 through the model view, so the expert still
-takes its routing slot but adds nothing to the block's output. The effect is
+zeroed by a routing edit that sets its combine weight to 0 (equal to zeroing ``down[e]`` and
+``down_bias[e]``), so the expert still takes its routing slot but adds nothing to the block's output. The effect is
 
     delta(l, e) = loss(model with expert e of layer l zeroed) - loss(model)
 
 where loss is the mean next-token negative log-likelihood (nats/token) over every predicted token
-of the given batches (position s predicts token s + 1 of the same row). The weights are restored
-after each measurement, also on error.
+of the given batches (position s predicts token s + 1 of the same row). The edit is removed after
+each measurement, also on error; the model's weights are never written.
 
 Shape legend: B rows per batch, S tokens per row, V vocabulary, S_ number of experts measured.
 """
@@ -28,27 +28,20 @@ from torch import Tensor
 
 from moelab.analysis._inputs import AnalysisInputError, EmptySelectionError
 from moelab.models import ModelView, MoEBlockView
+from moelab.steer.edits import scale_weights
 
 
 @contextlib.contextmanager
 def zeroed_expert(block: MoEBlockView, expert: int) -> Iterator[None]:
-    """Within the block, expert ``expert``'s down projection (and bias) is zero; restored on exit."""
-    if block.down is None:
-        raise AnalysisInputError(f"block {block.path!r} exposes no down projection to zero")
+    """Within the block, expert ``expert`` keeps its routing slots but adds nothing: its combine
+    weight is multiplied by 0 (the routing edit :func:`moelab.steer.scale_weights`), which equals
+    zeroing its down projection and bias. The weights are never touched; the edit is removed on exit."""
     if not 0 <= int(expert) < block.num_experts:
         raise AnalysisInputError(
             f"expert: expected 0..{block.num_experts - 1} for layer {block.layer}, got {expert}"
         )
-    saved = [(t, t[expert].clone()) for t in (block.down, block.down_bias) if t is not None]
-    try:
-        with torch.no_grad():
-            for t, _ in saved:
-                t[expert].zero_()
+    with scale_weights(block, {block.layer: {int(expert): 0.0}}):
         yield
-    finally:
-        with torch.no_grad():
-            for t, old in saved:
-                t[expert].copy_(old)
 
 
 def _check_batches(batches: Sequence[Tensor]) -> list[Tensor]:

@@ -77,6 +77,7 @@ from moelab.compress.plan import LayerPlan, Member, OutExpert, Plan
 from moelab.compress.spec import CompressSpec
 from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView, RoutingEvent, glu_activation
+from moelab.routing import Routing
 
 # options that would ask an atomic method for a number of experts instead of a share of parameters
 _EXPERT_COUNT_OPTIONS = ("num_experts", "n_experts", "experts", "keep", "keep_experts", "num_keep",
@@ -209,20 +210,20 @@ def _empty_stats(view: ModelView, dtype: torch.dtype) -> dict[int, AtomStats]:
 
 
 def _block_output_hook(layer: int, outs: dict[int, Tensor]) -> Callable:
-    """Forward hook keeping a block's output ``[..., H]`` for the gradient. Where the output does not
-    require grad (a frozen model) it is replaced by an equal leaf that does, so the loss has a path
-    to it; otherwise the output is returned untouched."""
+    """Forward hook keeping a block's output ``[..., H]`` for the gradient (it returns nothing)."""
 
     def hook(_mod, _args, out):
-        t = out[0] if isinstance(out, tuple) else out
-        if t.requires_grad:
-            outs[layer] = t
-            return None
-        t = t.detach().requires_grad_()
-        outs[layer] = t
-        return (t, *out[1:]) if isinstance(out, tuple) else t
+        outs[layer] = out[0] if isinstance(out, tuple) else out
 
     return hook
+
+
+def _weights_need_grad(block: MoEBlockView, hidden_TH: Tensor, routing: Routing) -> Routing:
+    """Routing edit for a frozen model: combine weights that require grad (same values), so the
+    block's output is part of the autograd graph and the loss can be differentiated by it."""
+    if routing.weights_TK.requires_grad:
+        return routing
+    return routing.replace(weights_TK=routing.weights_TK.detach().requires_grad_())
 
 
 def _summed_loss(model: torch.nn.Module, ids_BS: Tensor, dtype: torch.dtype) -> Tensor:
@@ -241,6 +242,7 @@ def _gradient_pass(view: ModelView, batches: list[Tensor], stats: dict[int, Atom
     handles = [b.register_routing_hook(lambda ev: routing.__setitem__(ev.block.layer, ev))
                for b in view.blocks]
     handles += [b.module.register_forward_hook(_block_output_hook(b.layer, outs)) for b in view.blocks]
+    handles += [b.register_routing_edit(_weights_need_grad) for b in view.blocks]
     device = next(view.model.parameters()).device
     try:
         for ids_BS in batches:

@@ -46,11 +46,11 @@ from moelab.models import (
     MoEBlockView,
     RoutingEvent,
     expert_forward,
+    open_model,
     reference_forward,
     reference_route,
 )
-from moelab.nn.hf import patch, router_from_view, unpatch
-from moelab.nn.routing import Routing
+from moelab.steer.edits import EditHandle, skip_below
 
 CHUNK_ELEMENTS = 1 << 24  # expert outputs [T_chunk, E, H] / Grams [T_chunk, E, E] held at once (float64: 128 MiB)
 
@@ -279,72 +279,30 @@ def plan_naee(view: ModelView, calib: Calibration | None, spec: CompressSpec, *,
 
 # --- dynamic expert skipping (NAEE section 3.2) -------------------------------------------------------
 
-class SkipRouter(nn.Module):
-    """NAEE dynamic skipping around a router: a token's non-first slot is skipped when its weight is
-    below ``beta`` times the token's largest weight (``w_k < beta * w_1``). With ``renormalize`` the
-    kept weights are rescaled to the token's original total (Mixtral's top-2 renormalisation, as in
-    the official ``DynamicSkippingMixtralSparseMoeBlockWrapper``); ``beta=0`` returns the inner
-    router's routing untouched.
-
-    Counters (plain attributes, never saved): ``tokens`` routed, ``candidates`` non-first real slots,
-    ``skipped`` slots skipped.
-    """
-
-    def __init__(self, router: nn.Module, beta: float, renormalize: bool = True) -> None:
-        super().__init__()
-        if not (isinstance(beta, (int, float)) and 0 <= beta <= 1):
-            raise MoelabError(f"beta: expected a fraction of the first expert's weight in [0, 1], got {beta!r}")
-        self.router, self.beta, self.renormalize = router, float(beta), renormalize
-        self.tokens = self.candidates = self.skipped = 0
-
-    @property
-    def num_experts(self) -> int:
-        return self.router.num_experts
-
-    def forward(self, x_TH: Tensor, **kwargs) -> Routing:
-        r = self.router(x_TH, **kwargs)
-        real_TK = r.real_mask()
-        w_TK = r.weights_TK
-        masked_TK = w_TK.float().masked_fill(~real_TK, -math.inf)
-        first_TK = torch.zeros_like(real_TK).scatter(1, masked_TK.argmax(-1, keepdim=True), True)
-        skip_TK = real_TK & ~first_TK & (masked_TK < self.beta * masked_TK.max(-1, keepdim=True).values)
-        self.tokens += int(w_TK.shape[0])
-        self.candidates += int((real_TK & ~first_TK).sum())
-        n_skip = int(skip_TK.sum())
-        self.skipped += n_skip
-        if n_skip == 0:
-            return r
-        keep_TK = real_TK & ~skip_TK
-        new_TK = torch.where(keep_TK, w_TK, torch.zeros((), dtype=w_TK.dtype, device=w_TK.device))
-        if self.renormalize:
-            total_T1 = torch.where(real_TK, w_TK, 0.0).sum(-1, keepdim=True)
-            new_TK = new_TK * (total_T1 / new_TK.sum(-1, keepdim=True))
-        return Routing(r.logits_TE, r.ids_TK, new_TK, keep_TK, r.aux)
-
-
 class SkipHandle:
-    """Returned by :func:`install_skipping`: skip statistics per layer, and ``remove()`` (or a ``with`` block)."""
+    """Returned by :func:`install_skipping`: skip statistics per layer, and ``remove()`` (or a ``with``
+    block). The skipping itself is the stock routing edit :func:`moelab.steer.skip_below`."""
 
-    def __init__(self, model: nn.Module, routers: dict[int, SkipRouter]) -> None:
-        self.model, self.routers = model, routers
+    def __init__(self, edit: EditHandle, beta: dict[int, float]) -> None:
+        self.edit, self.beta = edit, beta
 
     def skip_rate(self, layer: int | None = None) -> float:
         """Share of non-first expert slots skipped so far (one layer, or all together)."""
-        rs = list(self.routers.values()) if layer is None else [self.routers[layer]]
-        cand = sum(r.candidates for r in rs)
-        return sum(r.skipped for r in rs) / cand if cand else 0.0
+        cs = list(self.edit.counts.values()) if layer is None else [self.edit.counts[layer]]
+        cand = sum(c.get("candidates", 0) for c in cs)
+        return sum(c.get("skipped", 0) for c in cs) / cand if cand else 0.0
 
     def stats(self) -> dict[int, dict[str, float]]:
         """``layer -> {beta, tokens, skipped, skip_rate}`` (plain numbers, JSON-serialisable)."""
-        return {layer: {"beta": r.beta, "tokens": r.tokens, "skipped": r.skipped, "skip_rate": self.skip_rate(layer)}
-                for layer, r in self.routers.items()}
+        return {layer: {"beta": self.beta[layer], "tokens": c["tokens"], "skipped": c.get("skipped", 0),
+                        "skip_rate": self.skip_rate(layer)}
+                for layer, c in self.edit.counts.items()}
 
     def reset(self) -> None:
-        for r in self.routers.values():
-            r.tokens = r.candidates = r.skipped = 0
+        self.edit.reset()
 
     def remove(self) -> None:
-        unpatch(self.model)
+        self.edit.remove()
 
     def __enter__(self) -> SkipHandle:
         return self
@@ -355,23 +313,21 @@ class SkipHandle:
 
 def install_skipping(model: nn.Module | ModelView, beta: float | dict[int, float],
                      renormalize: bool = True) -> SkipHandle:
-    """Turn on NAEE dynamic skipping in every MoE block of ``model`` (in place).
+    """Turn on NAEE dynamic skipping in every MoE block of ``model``: a token's non-first slot is
+    skipped when its weight is below ``beta`` times the token's largest (``w_k < beta * w_1``); with
+    ``renormalize`` the kept weights are rescaled to the token's original total (Mixtral's top-2
+    renormalisation, as in the official ``DynamicSkippingMixtralSparseMoeBlockWrapper``).
 
     ``beta``: one fraction for all layers, or ``{layer: beta}`` (e.g. from :func:`calibrate_skipping`;
-    layers not listed get 0, no skipping). Runs through :func:`moelab.nn.hf.patch` (moelab's layer
-    over the same weights, every family's routing reproduced), so a family it cannot patch raises
-    :class:`~moelab.errors.UnsupportedModelError`. ``handle.remove()`` restores the original blocks.
+    layers not listed get 0, no skipping). A routing edit (:func:`moelab.steer.skip_below`), so every
+    family runs its own forward; ``handle.remove()`` takes it off.
     """
-    module = model.model if isinstance(model, ModelView) else model
-    routers: dict[int, SkipRouter] = {}
-
-    def make(block: MoEBlockView) -> SkipRouter:
-        b = beta.get(block.layer, 0.0) if isinstance(beta, dict) else beta
-        routers[block.layer] = SkipRouter(router_from_view(block), b, renormalize)
-        return routers[block.layer]
-
-    patch(module, router=make)
-    return SkipHandle(module, routers)
+    view = model if isinstance(model, ModelView) else open_model(model)
+    betas = {b.layer: (beta.get(b.layer, 0.0) if isinstance(beta, dict) else beta) for b in view.blocks}
+    for layer, b in betas.items():
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b <= 1:
+            raise MoelabError(f"beta: expected a fraction in [0, 1] for layer {layer}, got {b!r}")
+    return SkipHandle(skip_below(view, betas, renormalize=renormalize), betas)
 
 
 @torch.no_grad()
@@ -390,6 +346,6 @@ def calibrate_skipping(view: ModelView, calib: Calibration, quantile: float = 0.
     return {layer: float(torch.quantile(torch.cat(r), quantile)) if r else 0.0 for layer, r in ratios.items()}
 
 
-__all__ = ["LayerInputs", "SkipHandle", "SkipRouter", "SubsetLoss", "beam_search", "calibrate_skipping", "dense_weights",
+__all__ = ["LayerInputs", "SkipHandle", "SubsetLoss", "beam_search", "calibrate_skipping", "dense_weights",
            "check_calibration", "exhaustive_search", "install_skipping", "kept_counts", "layer_inputs",
            "plan_naee"]

@@ -13,9 +13,10 @@ top-p). ``unpatch(model)`` puts the original modules back.
 PhiMoE runs `SparseMixerRouter` (its inference routing, also in training mode); Llama4 runs
 ``MoELayer(combine="input")``. Families the view supports but this module cannot reproduce raise
 `UnsupportedModelError` before anything is changed.
-While patched, transformers' ``output_router_logits`` and the view's routing hooks do not see
-moelab's router; ``PatchedBlock.last_routing`` is not kept (no hidden state) — trace with
-``MoELayer`` directly or through the view before patching.
+While patched, the block's routing seam (``register_routing_edit`` / ``register_routing_hook`` of
+the model view, :mod:`moelab.models.edits`) runs on moelab's router output, so edits and hooks
+registered before or after patching keep working; transformers' ``output_router_logits`` does not
+see moelab's router.
 
 Shape legend: B batch, S sequence, T tokens, H hidden, E experts, K top-k.
 """
@@ -189,6 +190,26 @@ class PatchedBlock(nn.Module):
         return y
 
 
+class _SeamRouter(nn.Module):
+    """A router followed by the original block's routing seam (its edits, then its hooks)."""
+
+    def __init__(self, router: nn.Module, block) -> None:
+        super().__init__()
+        self.inner = router
+        object.__setattr__(self, "_moelab_block", block)  # the view, kept out of submodules
+
+    @property
+    def num_experts(self) -> int:
+        return self.inner.num_experts
+
+    def forward(self, x_TH: Tensor, **kwargs):
+        from moelab.models.edits import seam_of
+
+        routing = self.inner(x_TH, **kwargs)
+        edited = seam_of(self._moelab_block).run(x_TH, routing)
+        return routing if edited is None else edited
+
+
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -210,6 +231,7 @@ def patch(model: nn.Module, router: Callable[..., nn.Module] | None = None) -> n
         _check_supported(block)  # all-or-nothing: fail before changing anything
     for block in view.blocks:
         layer = from_view(block, None if router is None else router(block))
+        layer.router = _SeamRouter(layer.router, block)
         _set_module(
             model, block.path, PatchedBlock(layer, block.module, block.family, block.output_bias)
         )

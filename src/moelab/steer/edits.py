@@ -99,7 +99,11 @@ def _install(view: ModelView, what: str, per_layer: Mapping[int, Any],
     return handle
 
 
-def _view(model: ModelView | nn.Module) -> ModelView:
+def _view(model: ModelView | MoEBlockView | nn.Module) -> ModelView:
+    """The view to edit; a single block view stands for a model of that one block."""
+    if isinstance(model, MoEBlockView):
+        return ModelView(model=model.module, config=None, family=model.family, blocks=[model],
+                         dense_layers=[], num_layers=model.layer + 1)
     return model if isinstance(model, ModelView) else open_model(model)
 
 
@@ -194,7 +198,7 @@ def logit_offsets(model: ModelView | nn.Module, offsets: Mapping[int, Tensor]) -
     return _install(view, "logit_offsets", offsets, make)
 
 
-def scale_weights(model: ModelView | nn.Module,
+def scale_weights(model: ModelView | MoEBlockView | nn.Module,
                   factors: Mapping[int, Mapping[int, float]]) -> EditHandle:
     """Multiply experts' combine weights: ``{layer: {expert: factor}}`` (RICE reinforcement)."""
     view = _view(model)

@@ -98,7 +98,7 @@ class Collector:
 
     @torch.no_grad()
     def _fields_of(self, block: Any, event: Any) -> dict[str, Tensor]:
-        ids_TK = event.ids_TK
+        ids_TK = event.routing.masked_ids()  # a slot a routing edit switched off is written as -1
         i = block.layer
         out = {column("ids", i): ids_TK.to(torch.int16).cpu(),
                column("weights", i): event.weights_TK.to(self.wdtype).cpu()}
