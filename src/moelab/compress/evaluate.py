@@ -148,7 +148,7 @@ def _with_reference(model: nn.Module, reference: nn.Module, streams: dict[str, T
 
 def load_model(path: str | Path, what: str = "model") -> nn.Module:
     """A local safetensors checkpoint in float32 (moelab's checked loader; never pickle)."""
-    from moelab.models.open import load_checkpoint
+    from moelab.models import load_checkpoint
 
     path = Path(path)
     if not path.exists():

@@ -80,14 +80,10 @@ def validation_streams(corpus_dir: Path, tokens: int = EVAL_TOKENS) -> dict[str,
 
 def evaluate_model_dir(model_dir: Path, corpus_dir: Path, tokens: int = EVAL_TOKENS,
                        seq_len: int = EVAL_SEQ_LEN) -> EvalResult:
-    """Load a saved model with plain ``AutoModelForCausalLM.from_pretrained`` and evaluate it."""
-    from transformers import AutoModelForCausalLM
+    """Load a saved model (float32, :func:`moelab.models.load_checkpoint`: safetensors only) and evaluate it."""
+    from moelab.models import load_checkpoint
 
-    from moelab.errors import MoelabError
-
-    if not (Path(model_dir) / "config.json").is_file():
-        raise MoelabError(f"model: {model_dir} has no config.json (expected a saved transformers model)")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = load_checkpoint(Path(model_dir), dtype=torch.float32)
     return evaluate_streams(model, validation_streams(corpus_dir, tokens), seq_len)
 
 
