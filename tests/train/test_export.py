@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from moelab.cli import main
 from moelab.errors import CheckpointError
+from moelab.run.evaluate import evaluate_model_dir
 from moelab.train.card import load_shift
 from moelab.train.config import make_config
-from moelab.train.evaluate import evaluate_model_dir
 from moelab.train.export import export_model
 from moelab.train.loop import train
 

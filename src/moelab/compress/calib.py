@@ -20,6 +20,7 @@ from torch import Tensor
 
 from moelab.errors import MoelabError
 from moelab.models import ModelView, RoutingEvent
+from moelab.run import run_batches
 from moelab.trace.inputs import prepare_input
 
 
@@ -72,24 +73,13 @@ def calibration_batches(view: ModelView, corpus: Any, *, tokens: int = 16384, se
     return Calibration(list(stacked.split(batch_size)), labs, total, seed)
 
 
-@torch.no_grad()
 def routing_pass(view: ModelView, calib: Calibration, on_event: Callable[[RoutingEvent], None]) -> None:
     """Run the model over the calibration batches, calling ``on_event`` for every block's routing.
 
-    The model is put in eval mode for the pass and restored after; hooks are removed also on error.
+    Through :func:`moelab.run.run_batches`: eval mode, no grad; the hooks are removed and the
+    model's mode restored after, also on error.
     """
-    model = view.model
-    was_training = model.training
-    model.eval()
-    handles = [b.register_routing_hook(on_event) for b in view.blocks]
-    try:
-        device = next(model.parameters()).device
-        for batch in calib.batches:
-            model(input_ids=batch.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    run_batches(view.model, calib.batches, handles=[b.register_routing_hook(on_event) for b in view.blocks])
 
 
 def per_layer(view: ModelView) -> dict[int, int]:

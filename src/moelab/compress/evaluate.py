@@ -2,7 +2,7 @@
 
 Legend: W windows, S tokens per window, V vocab.
 
-Perplexity is exactly :func:`moelab.train.evaluate.evaluate_streams` (the first ``tokens`` tokens of
+Perplexity is exactly :func:`moelab.run.evaluate.evaluate_streams` (the first ``tokens`` tokens of
 each domain's validation split, non-overlapping windows of ``seq_len``, each predicting its last
 ``S - 1`` tokens). With a reference model (usually the uncompressed one) the same forward calls also
 run the reference on the same windows, through a forward hook, and measure at every predicted
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.errors import MoelabError
-from moelab.train.evaluate import EVAL_SEQ_LEN, EVAL_TOKENS, evaluate_streams, validation_streams
+from moelab.run import evaluating
+from moelab.run.evaluate import EVAL_SEQ_LEN, EVAL_TOKENS, evaluate_streams, validation_streams
 
 
 @dataclass
@@ -113,7 +114,7 @@ def evaluate_compressed(model: nn.Module, streams: dict[str, Tensor], *, referen
 
 @contextmanager
 def _top_k_field(model: nn.Module) -> Iterator[None]:
-    """``config.num_experts_per_tok`` (read by train.evaluate for the expert load) for families that name
+    """``config.num_experts_per_tok`` (read by run.evaluate for the expert load) for families that name
     it otherwise (DBRX: ``ffn_config.moe_top_k``), set from the model view for the call only."""
     config = model.config
     if hasattr(config, "num_experts_per_tok"):
@@ -130,19 +131,13 @@ def _top_k_field(model: nn.Module) -> Iterator[None]:
 
 def _with_reference(model: nn.Module, reference: nn.Module, streams: dict[str, Tensor], seq_len: int,
                     batch_size: int, params: int) -> CompressionEval:
-    was_training = reference.training
-    reference.eval()
     agreement = _Agreement(reference)
     loss, tokens, kl, top1, load = {}, {}, {}, {}, {}
-    handle = model.register_forward_hook(agreement, with_kwargs=True)
-    try:
+    with evaluating(reference, [model.register_forward_hook(agreement, with_kwargs=True)]):
         for domain, stream in streams.items():  # one domain at a time: the hook's sums are per domain
             res = evaluate_streams(model, {domain: stream}, seq_len, batch_size)
             loss[domain], tokens[domain], load[domain] = res.loss[domain], res.tokens[domain], res.load_LE[domain]
             kl[domain], top1[domain] = agreement.take()
-    finally:
-        handle.remove()
-        reference.train(was_training)
     return CompressionEval(loss, tokens, params, kl, top1, load)
 
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from moelab.train.batches import encode_split, eval_windows
-from moelab.train.losses import expert_load
+from moelab.data.streams import encode_split
+from moelab.errors import MoelabError
+from moelab.run.loss import next_token_nll
+from moelab.run.runner import run_batches
 
 EVAL_TOKENS = 32768
 EVAL_SEQ_LEN = 256
@@ -45,32 +46,48 @@ class EvalResult:
         return {d: math.exp(v) for d, v in self.loss.items()}
 
 
-@torch.no_grad()
 def evaluate_streams(model: torch.nn.Module, streams: dict[str, Tensor], seq_len: int = EVAL_SEQ_LEN,
                      batch_size: int = 16) -> EvalResult:
-    """Evaluate a transformers MoE causal LM (``output_router_logits`` supported) on token streams."""
-    was_training = model.training
-    model.eval()
+    """Evaluate a transformers MoE causal LM (``output_router_logits`` supported) on token streams.
+
+    The model runs through :func:`moelab.run.run_batches` (eval mode, no grad, state restored).
+    """
     loss, count, load = {}, {}, {}
-    top_k = model.config.num_experts_per_tok
-    try:
-        for domain, stream in streams.items():
-            windows_WS = eval_windows(stream, seq_len)
-            nll, n, load_LE = 0.0, 0, None
-            for chunk_WS in windows_WS.split(batch_size):
-                out = model(input_ids=chunk_WS, output_router_logits=True, use_cache=False)
-                logits = out.logits[:, :-1].float()
-                nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk_WS[:, 1:].reshape(-1),
-                                       reduction="sum").item()
-                n += chunk_WS[:, 1:].numel()
-                counts_LE = torch.stack([expert_load(lg, top_k) for lg in out.router_logits])
-                load_LE = counts_LE if load_LE is None else load_LE + counts_LE
-            loss[domain] = nll / n
-            count[domain] = n
-            load[domain] = (load_LE / load_LE.sum(dim=1, keepdim=True)).tolist()
-    finally:
-        model.train(was_training)
+    for domain, stream in streams.items():
+        sums = _Sums(model.config.num_experts_per_tok)
+        run_batches(model, eval_windows(stream, seq_len).split(batch_size), on_output=sums.add,
+                    output_router_logits=True, use_cache=False)
+        loss[domain] = sums.nll / sums.n
+        count[domain] = sums.n
+        load[domain] = (sums.load_LE / sums.load_LE.sum(dim=1, keepdim=True)).tolist()
     return EvalResult(loss=loss, tokens=count, load_LE=load)
+
+
+class _Sums:
+    """Summed NLL, predicted tokens and top-k assignment counts ``[L, E]`` over the windows of a domain."""
+
+    def __init__(self, top_k: int) -> None:
+        self.top_k, self.nll, self.n, self.load_LE = top_k, 0.0, 0, None
+
+    def add(self, ids_WS: Tensor, out) -> None:
+        self.nll += next_token_nll(out.logits, ids_WS, reduction="sum").item()
+        self.n += ids_WS[:, 1:].numel()
+        counts_LE = torch.stack([expert_load(lg, self.top_k) for lg in out.router_logits])
+        self.load_LE = counts_LE if self.load_LE is None else self.load_LE + counts_LE
+
+
+def expert_load(logits_TE: Tensor, top_k: int) -> Tensor:
+    """Top-k assignment counts per expert ``[E]`` (float32), as the model routes (softmax then top-k)."""
+    ids_TK = logits_TE.float().topk(top_k, dim=-1).indices  # softmax is monotone: same top-k as on probs
+    return torch.bincount(ids_TK.reshape(-1), minlength=logits_TE.shape[-1]).float()
+
+
+def eval_windows(stream: Tensor, seq_len: int) -> Tensor:
+    """Cut a stream into consecutive non-overlapping windows ``[W, seq_len]`` (the remainder is dropped)."""
+    n = stream.numel() // seq_len
+    if n == 0:
+        raise MoelabError(f"eval: stream of {stream.numel()} tokens is shorter than one window of {seq_len}")
+    return stream[: n * seq_len].view(n, seq_len)
 
 
 def validation_streams(corpus_dir: Path, tokens: int = EVAL_TOKENS) -> dict[str, Tensor]:
