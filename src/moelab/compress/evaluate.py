@@ -17,8 +17,6 @@ Tokens at or beyond the model's vocabulary (a corpus from another tokenizer) are
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,28 +103,10 @@ def evaluate_compressed(model: nn.Module, streams: dict[str, Tensor], *, referen
         raise MoelabError(f"reference: vocabulary of {_vocab(reference)} tokens, but the model has "
                           f"{_vocab(model)}; KL needs the same tokenizer")
     params = sum(p.numel() for p in model.parameters())
-    with _top_k_field(model):
-        if reference is None:
-            res = evaluate_streams(model, streams, seq_len, batch_size)
-            return CompressionEval(res.loss, res.tokens, params, load_LE=res.load_LE)
-        return _with_reference(model, reference, streams, seq_len, batch_size, params)
-
-
-@contextmanager
-def _top_k_field(model: nn.Module) -> Iterator[None]:
-    """``config.num_experts_per_tok`` (read by run.evaluate for the expert load) for families that name
-    it otherwise (DBRX: ``ffn_config.moe_top_k``), set from the model view for the call only."""
-    config = model.config
-    if hasattr(config, "num_experts_per_tok"):
-        yield
-        return
-    from moelab.models import open_model
-
-    config.num_experts_per_tok = open_model(model).blocks[0].top_k
-    try:
-        yield
-    finally:
-        del config.num_experts_per_tok
+    if reference is None:
+        res = evaluate_streams(model, streams, seq_len, batch_size)
+        return CompressionEval(res.loss, res.tokens, params, load_LE=res.load_LE)
+    return _with_reference(model, reference, streams, seq_len, batch_size, params)
 
 
 def _with_reference(model: nn.Module, reference: nn.Module, streams: dict[str, Tensor], seq_len: int,

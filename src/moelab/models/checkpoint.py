@@ -126,20 +126,14 @@ def _pickle_message(path: Path) -> str:
 
 def _check_family(config: Any, path: Path) -> None:
     from moelab.models.families import ADAPTERS
+    from moelab.models.families._config import config_names_experts
 
     model_type = getattr(config, "model_type", None)
     if not any(model_type in a.model_types for a in ADAPTERS):
         arch = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
-        fields = (
-            "num_experts",
-            "num_local_experts",
-            "n_routed_experts",
-            "moe_num_experts",
-            "ffn_config",
-        )
         dense = (
             ""
-            if any(getattr(config, f, None) for f in fields)
+            if config_names_experts(config)
             else (
                 " and looks like a dense model: its config names no experts, so it has no MoE block"
             )

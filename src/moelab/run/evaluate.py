@@ -20,6 +20,7 @@ from torch import Tensor
 
 from moelab.data.streams import encode_split
 from moelab.errors import MoelabError
+from moelab.models import open_model
 from moelab.run.loss import next_token_nll
 from moelab.run.runner import run_batches
 
@@ -52,9 +53,10 @@ def evaluate_streams(model: torch.nn.Module, streams: dict[str, Tensor], seq_len
 
     The model runs through :func:`moelab.run.run_batches` (eval mode, no grad, state restored).
     """
+    top_k = open_model(model).blocks[0].top_k  # the family's own field (DBRX: ffn_config.moe_top_k)
     loss, count, load = {}, {}, {}
     for domain, stream in streams.items():
-        sums = _Sums(model.config.num_experts_per_tok)
+        sums = _Sums(top_k)
         run_batches(model, eval_windows(stream, seq_len).split(batch_size), on_output=sums.add,
                     output_router_logits=True, use_cache=False)
         loss[domain] = sums.nll / sums.n
