@@ -27,7 +27,7 @@ def encode_split(corpus_dir: Path, split: str, max_tokens: int | None = None) ->
     Raises:
         MoelabError: when a domain has no text.
     """
-    tok = load_tokenizer(corpus_dir)
+    tok = load_tokenizer(corpus_dir, "expected a corpus folder written by `moelab data build`")
     eos = eos_id(tok)
     streams = {}
     for domain in DOMAINS:
