@@ -92,8 +92,8 @@ def eval_streams(corpus: Path, model_dir: Path, tokens: int) -> dict[str, Tensor
     Other corpora (text file, folder, JSONL) are tokenised with the model's tokenizer, documents of
     one label joined with EOS; unlabelled text goes under ``all``.
     """
+    from moelab.run.evaluate import validation_streams
     from moelab.trace.corpus import TextTokenizer, is_moelab_corpus, read_corpus
-    from moelab.train.evaluate import validation_streams
 
     if corpus.is_dir() and is_moelab_corpus(corpus):
         return validation_streams(corpus, tokens)

@@ -92,7 +92,7 @@ def test_eval_refuses_another_tokenizer(tmp_path):
 def test_compress_a_loaded_model_keeps_its_tokenizer(tiny_model_dir, tmp_path):
     from moelab.compress.pipeline import compress
     from moelab.compress.spec import CompressSpec
-    from moelab.models.open import load_checkpoint
+    from moelab.models import load_checkpoint
 
     model = load_checkpoint(tiny_model_dir)
     res = compress(model, "random", CompressSpec(ratio=0.5), kind="prune", out=tmp_path / "o")

@@ -10,8 +10,8 @@ import torch
 
 from moelab.compress.apply import apply_plan, save_compressed
 from moelab.compress.calib import calibration_batches
+from moelab.compress.common import layer_inputs
 from moelab.compress.dern import keep_by_importance, plan_dern
-from moelab.compress.naee import layer_inputs
 from moelab.compress.simulate import simulated
 from moelab.compress.spec import CompressSpec
 from moelab.errors import MoelabError

@@ -1,4 +1,4 @@
-"""evaluate_compressed: perplexity as train.evaluate computes it; KL and top-1 against a window loop."""
+"""evaluate_compressed: perplexity as run.evaluate computes it; KL and top-1 against a window loop."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from moelab.compress.evaluate import evaluate_compressed, evaluate_path
 from moelab.compress.spec import CompressSpec
 from moelab.errors import MoelabError
 from moelab.models import open_model
-from moelab.train.batches import eval_windows
-from moelab.train.evaluate import evaluate_streams
+from moelab.run.evaluate import eval_windows, evaluate_streams
 
 
 def _streams():

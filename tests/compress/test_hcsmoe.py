@@ -11,8 +11,8 @@ import torch
 from moelab.analysis.similarity import mean_expert_outputs
 from moelab.compress.apply import apply_plan
 from moelab.compress.calib import calibration_batches
+from moelab.compress.common import layer_inputs
 from moelab.compress.hcsmoe import agglomerative, plan_hcsmoe
-from moelab.compress.naee import layer_inputs
 from moelab.compress.simulate import simulated
 from moelab.compress.spec import CompressSpec
 from moelab.errors import MoelabError

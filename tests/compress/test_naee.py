@@ -17,10 +17,10 @@ import torch
 
 from moelab.compress.apply import CompressWarning, apply_plan
 from moelab.compress.calib import calibration_batches
+from moelab.compress.common import layer_inputs
 from moelab.compress.naee import (
     calibrate_skipping,
     install_skipping,
-    layer_inputs,
     plan_naee,
 )
 from moelab.compress.simulate import keep_sets, masked_logits, simulated

@@ -9,7 +9,7 @@ import torch
 
 import moelab
 from moelab.models import open_model, reference_forward
-from moelab.train.evaluate import evaluate_model_dir
+from moelab.run.evaluate import evaluate_model_dir
 
 
 @pytest.fixture(scope="module")

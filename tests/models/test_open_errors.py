@@ -115,3 +115,23 @@ def test_loaded_model_contradicting_config():
 def test_bad_argument_type():
     with pytest.raises(MoelabError, match="expected a transformers model or a directory"):
         open_model(42)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 5 / 1e9])
+def test_truncated_safetensors_is_named(saved_dir, tmp_path, keep):
+    d = _copy(saved_dir, tmp_path / "truncated")
+    weights = d / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: max(int(len(data) * keep), 5)])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or corrupt safetensors file"):
+        open_model(d)
+
+
+def test_corrupt_safetensors_header_is_named(saved_dir, tmp_path):
+    d = _copy(saved_dir, tmp_path / "corrupt")
+    weights = d / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:16] = b"\xff" * 8  # the header JSON no longer parses
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or corrupt.*header"):
+        open_model(d)

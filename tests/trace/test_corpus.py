@@ -109,3 +109,9 @@ def test_pack_random_streams_are_preserved():
         assert got.tolist() == want
     lengths = np.diff(p.starts_S1)
     assert (lengths <= 7).all() and (lengths >= 1).all()
+
+
+def test_corrupt_tokenizer_is_named(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CorpusError, match=r"tokenizer\.json: cannot load the tokenizer"):
+        TextTokenizer(tmp_path)

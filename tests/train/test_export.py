@@ -9,10 +9,10 @@ import torch
 from click.testing import CliRunner
 
 from moelab.cli import main
-from moelab.errors import CheckpointError, MoelabError
+from moelab.errors import CheckpointError
+from moelab.run.evaluate import evaluate_model_dir
 from moelab.train.card import load_shift
 from moelab.train.config import make_config
-from moelab.train.evaluate import evaluate_model_dir
 from moelab.train.export import export_model
 from moelab.train.loop import train
 
@@ -68,7 +68,13 @@ def test_load_shift_is_zero_for_identical_domains_and_one_for_disjoint():
 def test_export_bad_input(tmp_path, tiny_corpus):
     with pytest.raises(CheckpointError, match="no config.json"):
         export_model(tmp_path, tmp_path / "out")
-    with pytest.raises(MoelabError, match="has no config.json"):
+    with pytest.raises(CheckpointError, match="no config.json"):
         evaluate_model_dir(tmp_path, tiny_corpus)
+    (tmp_path / "config.json").write_text("{}")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin.*pickle"):
+        evaluate_model_dir(tmp_path, tiny_corpus)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "pytorch_model.bin").unlink()
     assert not (tmp_path / "out").exists()
     torch.manual_seed(0)

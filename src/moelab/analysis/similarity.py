@@ -47,6 +47,7 @@ from torch import Tensor
 
 from moelab.analysis._inputs import AnalysisInputError, EmptySelectionError
 from moelab.models import ModelView, MoEBlockView, expert_forward
+from moelab.run import run_batches
 
 
 def _check_block(block: MoEBlockView) -> None:
@@ -257,20 +258,8 @@ def block_inputs(view: ModelView, batches: list[Tensor], layers: list[int] | Non
         raise EmptySelectionError("batches is empty: block_inputs needs at least one batch of token ids")
     blocks = view.blocks if layers is None else [view.block(x) for x in layers]
     got: dict[int, list[Tensor]] = {b.layer: [] for b in blocks}
-    model = view.model
-    was_training = model.training
-    model.eval()
-    handles = [b.register_routing_hook(lambda ev: got[ev.block.layer].append(ev.hidden_TH.detach()))
-               for b in blocks]
-    try:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            for batch in batches:
-                model(input_ids=batch.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    run_batches(view.model, batches, handles=[
+        b.register_routing_hook(lambda ev: got[ev.block.layer].append(ev.hidden_TH.detach())) for b in blocks])
     return {layer: torch.cat(xs) for layer, xs in got.items()}
 
 

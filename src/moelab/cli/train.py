@@ -69,7 +69,7 @@ def train_cmd(run_dir: Path, preset: str, corpus: Path | None, stop_at: int | No
 def perplexity_cmd(model_dir: Path | None, corpus: Path | None, tokens: int | None, as_json: bool) -> None:
     """Per-domain validation perplexity of a saved model (default: the shipped default model)."""
     from moelab.data import default_model
-    from moelab.train.evaluate import EVAL_TOKENS, evaluate_model_dir
+    from moelab.run.evaluate import EVAL_TOKENS, evaluate_model_dir
 
     res = evaluate_model_dir(model_dir or default_model(), corpus or _corpus_default(), tokens or EVAL_TOKENS)
     if as_json:

@@ -11,7 +11,7 @@ Output expert ``o`` of a compressed layer is built in weight space (see :mod:`mo
     router row / router bias / correction bias of o = those of ``router_from``
 
 How it is written, the same for every family: the config is copied with the expert count (and
-top-k, groups) edited, a fresh model of the same class is built from it, every tensor whose shape
+top-k, groups) edited by the family adapter (``FamilyAdapter.write_config``), a fresh model of the same class is built from it, every tensor whose shape
 is unchanged is copied, and the experts and routers are written through the new model's
 :class:`~moelab.models.MoEBlockView` (whose tensors are views of the model's own storage, in every
 family's layout). A check then proves every parameter and buffer of the new model was written.
@@ -20,8 +20,9 @@ Decisions (also in :func:`routing_settings`):
     * stock configs hold one expert count for all layers, so every MoE layer needs the same E'.
       Unequal counts (a 'global' budget) are refused with a :class:`PlanError` naming the layers;
       evaluate such plans without writing them with :func:`moelab.compress.simulate.masked_logits`.
-    * JetMoE shares its expert count and top-k with its attention experts (MoA): plans that change
-      either are refused (merges that keep E experts and neuron masks are applied).
+    * a family whose stock config cannot change the expert count or top-k (``FamilyAdapter.
+      fixed_routing``; JetMoE shares both with its attention experts) refuses plans that change
+      either (merges that keep E experts and neuron masks are applied).
     * top-k becomes ``plan.top_k`` or ``min(top_k, E')`` (a :class:`CompressWarning` when clamped).
       PhiMoE's SparseMixer always routes to 2 experts, so it needs E' >= 2.
     * group-limited routing (DeepSeek-V2/V3, GLM4 with ``n_group > 1``) keeps its groups only when
@@ -33,7 +34,6 @@ Decisions (also in :func:`routing_settings`):
 
 from __future__ import annotations
 
-import copy
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -47,10 +47,8 @@ from moelab.compress.plan import LayerPlan, OutExpert, Plan, PlanError
 from moelab.data.atomic import atomic_dir
 from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView, open_model
+from moelab.models.registry import adapter_named
 
-# config fields holding the routed-expert count / top-k, whatever the family calls them
-_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-_TOPK_FIELDS = ("num_experts_per_tok", "moe_k", "moe_topk")
 _TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
@@ -103,10 +101,10 @@ def routing_settings(view: ModelView, plan: Plan) -> RoutingSettings:
             f"or evaluate the plan unapplied with moelab.compress.simulate.masked_logits")
     E2 = next(iter(counts.values()))
     first = view.blocks[0]
-    if view.family == "JetMoE" and (E2 != first.num_experts or (plan.top_k or first.top_k) != first.top_k):
-        raise PlanError(f"plan {plan.method!r}: JetMoE's config shares num_local_experts and "
-                        f"num_experts_per_tok with its attention experts (MoA), so a stock JetMoE checkpoint "
-                        f"cannot have fewer MLP experts; keep all {first.num_experts} (merge within the count, "
+    fixed = adapter_named(view.family).fixed_routing
+    if fixed and (E2 != first.num_experts or (plan.top_k or first.top_k) != first.top_k):
+        raise PlanError(f"plan {plan.method!r}: {fixed}, so a stock {view.family} checkpoint cannot have "
+                        f"fewer experts or another top-k; keep all {first.num_experts} (merge within the count, "
                         f"neuron masks) or evaluate the plan with moelab.compress.simulate.masked_logits")
     notes = []
     if plan.top_k is not None:
@@ -129,31 +127,14 @@ def routing_settings(view: ModelView, plan: Plan) -> RoutingSettings:
     return RoutingSettings(E2, top_k, n_group, topk_group, notes)
 
 
-def _config_keys(config: Any) -> set[str]:
-    return set(config.to_dict())
-
-
-def compressed_config(config: Any, rs: RoutingSettings) -> Any:
-    """A copy of ``config`` with the expert count, top-k and groups of ``rs``."""
-    new = copy.deepcopy(config)
-    if getattr(new, "ffn_config", None) is not None and hasattr(new.ffn_config, "moe_num_experts"):  # DBRX
-        new.ffn_config.moe_num_experts = rs.num_experts
-        new.ffn_config.moe_top_k = rs.top_k
-        return new
-    keys = _config_keys(new)
-    count_keys = [k for k in _COUNT_FIELDS if k in keys]
-    topk_keys = [k for k in _TOPK_FIELDS if k in keys]
-    if not count_keys or not topk_keys:
-        raise MoelabError(f"{type(config).__name__}: no expert-count / top-k field found among "
-                          f"{_COUNT_FIELDS} / {_TOPK_FIELDS}")
-    for k in count_keys:  # HunYuan allows one value per layer: keep the list form
-        setattr(new, k, [rs.num_experts] * len(getattr(new, k)) if isinstance(getattr(new, k), list)
-                else rs.num_experts)
-    for k in topk_keys:
-        setattr(new, k, [rs.top_k] * len(getattr(new, k)) if isinstance(getattr(new, k), list) else rs.top_k)
-    if "n_group" in keys and getattr(new, "n_group", None) is not None and rs.n_group is None:
-        new.n_group, new.topk_group = 1, 1
-    return new
+def compressed_config(view: ModelView, rs: RoutingSettings) -> Any:
+    """A copy of the model's config with the expert count, top-k and groups of ``rs``, written by
+    the family adapter."""
+    adapter = adapter_named(view.family)
+    if adapter.write_config is None:
+        raise MoelabError(f"{view.family}: moelab cannot write this family's config with another expert "
+                          f"count (its adapter has no write_config)")
+    return adapter.write_config(view.model.config, rs.num_experts, rs.top_k, rs.n_group)
 
 
 def _perm(member_perm: Tensor | None, I: int) -> Tensor:  # noqa: E741
@@ -271,7 +252,7 @@ def apply_plan(model: nn.Module | ModelView, plan: Plan) -> nn.Module:
     for note in rs.notes:
         warnings.warn(f"{plan.method}: {note}", CompressWarning, stacklevel=2)
     old_model = view.model
-    new_model = _empty_like_old(old_model, compressed_config(old_model.config, rs))
+    new_model = _empty_like_old(old_model, compressed_config(view, rs))
     new_view = open_model(new_model)
     _copy_rest(old_model, new_model, _storage_ptrs(new_view))
     for nb in new_view.blocks:

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from moelab.analysis.similarity import neuron_features
 from moelab.compress.calib import Calibration
-from moelab.compress.naee import check_calibration, kept_counts, layer_inputs
+from moelab.compress.common import planner_inputs
 from moelab.compress.plan import LayerPlan, Member, OutExpert, Plan
 from moelab.compress.spec import CompressSpec
 from moelab.errors import MoelabError
@@ -139,9 +139,7 @@ def plan_dern(view: ModelView, calib: Calibration | None, spec: CompressSpec, *,
         raise MoelabError(f"score: expected one of {SCORES}, got {score!r}")
     if not isinstance(alpha, (int, float)) or np.isnan(alpha):
         raise MoelabError(f"alpha: expected a cosine threshold (a number), got {alpha!r}")
-    calib = check_calibration(calib, "dern", min_tokens)
-    counts = kept_counts(view, spec, kept, "dern")
-    inputs = layer_inputs(view, calib)
+    calib, counts, inputs = planner_inputs(view, calib, spec, kept, "dern", min_tokens)
     layers, info = {}, {}
     for b in view.blocks:
         li = inputs[b.layer]

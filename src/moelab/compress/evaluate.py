@@ -2,7 +2,7 @@
 
 Legend: W windows, S tokens per window, V vocab.
 
-Perplexity is exactly :func:`moelab.train.evaluate.evaluate_streams` (the first ``tokens`` tokens of
+Perplexity is exactly :func:`moelab.run.evaluate.evaluate_streams` (the first ``tokens`` tokens of
 each domain's validation split, non-overlapping windows of ``seq_len``, each predicting its last
 ``S - 1`` tokens). With a reference model (usually the uncompressed one) the same forward calls also
 run the reference on the same windows, through a forward hook, and measure at every predicted
@@ -17,8 +17,6 @@ Tokens at or beyond the model's vocabulary (a corpus from another tokenizer) are
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.errors import MoelabError
-from moelab.train.evaluate import EVAL_SEQ_LEN, EVAL_TOKENS, evaluate_streams, validation_streams
+from moelab.run import evaluating
+from moelab.run.evaluate import EVAL_SEQ_LEN, EVAL_TOKENS, evaluate_streams, validation_streams
 
 
 @dataclass
@@ -104,51 +103,27 @@ def evaluate_compressed(model: nn.Module, streams: dict[str, Tensor], *, referen
         raise MoelabError(f"reference: vocabulary of {_vocab(reference)} tokens, but the model has "
                           f"{_vocab(model)}; KL needs the same tokenizer")
     params = sum(p.numel() for p in model.parameters())
-    with _top_k_field(model):
-        if reference is None:
-            res = evaluate_streams(model, streams, seq_len, batch_size)
-            return CompressionEval(res.loss, res.tokens, params, load_LE=res.load_LE)
-        return _with_reference(model, reference, streams, seq_len, batch_size, params)
-
-
-@contextmanager
-def _top_k_field(model: nn.Module) -> Iterator[None]:
-    """``config.num_experts_per_tok`` (read by train.evaluate for the expert load) for families that name
-    it otherwise (DBRX: ``ffn_config.moe_top_k``), set from the model view for the call only."""
-    config = model.config
-    if hasattr(config, "num_experts_per_tok"):
-        yield
-        return
-    from moelab.models import open_model
-
-    config.num_experts_per_tok = open_model(model).blocks[0].top_k
-    try:
-        yield
-    finally:
-        del config.num_experts_per_tok
+    if reference is None:
+        res = evaluate_streams(model, streams, seq_len, batch_size)
+        return CompressionEval(res.loss, res.tokens, params, load_LE=res.load_LE)
+    return _with_reference(model, reference, streams, seq_len, batch_size, params)
 
 
 def _with_reference(model: nn.Module, reference: nn.Module, streams: dict[str, Tensor], seq_len: int,
                     batch_size: int, params: int) -> CompressionEval:
-    was_training = reference.training
-    reference.eval()
     agreement = _Agreement(reference)
     loss, tokens, kl, top1, load = {}, {}, {}, {}, {}
-    handle = model.register_forward_hook(agreement, with_kwargs=True)
-    try:
+    with evaluating(reference, [model.register_forward_hook(agreement, with_kwargs=True)]):
         for domain, stream in streams.items():  # one domain at a time: the hook's sums are per domain
             res = evaluate_streams(model, {domain: stream}, seq_len, batch_size)
             loss[domain], tokens[domain], load[domain] = res.loss[domain], res.tokens[domain], res.load_LE[domain]
             kl[domain], top1[domain] = agreement.take()
-    finally:
-        handle.remove()
-        reference.train(was_training)
     return CompressionEval(loss, tokens, params, kl, top1, load)
 
 
 def load_model(path: str | Path, what: str = "model") -> nn.Module:
     """A local safetensors checkpoint in float32 (moelab's checked loader; never pickle)."""
-    from moelab.models.open import load_checkpoint
+    from moelab.models import load_checkpoint
 
     path = Path(path)
     if not path.exists():

@@ -33,7 +33,7 @@ import torch
 
 from moelab.analysis.similarity import align_neurons, mean_expert_outputs
 from moelab.compress.calib import Calibration
-from moelab.compress.naee import check_calibration, kept_counts, layer_inputs
+from moelab.compress.common import planner_inputs
 from moelab.compress.plan import LayerPlan, Member, OutExpert, Plan
 from moelab.compress.spec import CompressSpec
 from moelab.errors import MoelabError
@@ -108,9 +108,7 @@ def plan_hcsmoe(view: ModelView, calib: Calibration | None, spec: CompressSpec, 
     start = time.perf_counter()
     if linkage not in LINKAGES:
         raise MoelabError(f"linkage: expected one of {LINKAGES}, got {linkage!r}")
-    calib = check_calibration(calib, "hc-smoe", min_tokens)
-    counts = kept_counts(view, spec, kept, "hc-smoe")
-    inputs = layer_inputs(view, calib)
+    calib, counts, inputs = planner_inputs(view, calib, spec, kept, "hc-smoe", min_tokens)
     layers, clusters = {}, {}
     for b in view.blocks:
         li = inputs[b.layer]

@@ -4,14 +4,9 @@ Used by ``moelab prune`` / ``moelab merge``, the demo and ``bench/compress.py``:
 
     result = compress("path/to/model", "reap", CompressSpec(ratio=0.5), out="pruned/")
 
-Calibration text: a ``moelab data build`` corpus is read from its **train** split (evaluation uses
-the val split, so calibration never sees the evaluated text); other corpora (text file, folder,
-JSONL) are read whole. Only what ``calib_tokens`` needs is tokenised: documents are shuffled with
-the seed and a random slice of each is taken until about 8 characters per wanted token are drawn.
-A labelled corpus gets an equal share of that budget per label (domain): drawing documents
-uniformly would follow the document count instead (the embedded corpus has 410 code documents,
-38 plays and 70 prose topics), and frequency-type planners would then drop the minority domains'
-experts.
+Calibration data comes from :func:`moelab.compress.calib.calibration_batches` given the corpus path,
+so a library user gets what the CLI gets: the train split of a ``moelab data build`` corpus, an
+equal share per label (see :mod:`moelab.compress.calib`).
 """
 
 from __future__ import annotations
@@ -25,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 
 from moelab.compress.apply import CompressWarning, apply_plan, save_compressed
@@ -35,7 +29,6 @@ from moelab.compress.registry import get_planner
 from moelab.compress.spec import CompressSpec
 from moelab.errors import MoelabError
 from moelab.models import ModelView, open_model
-from moelab.trace.corpus import Document, is_moelab_corpus, read_corpus
 
 KINDS = {"prune": ("prune", "atomic"), "merge": ("merge",)}
 
@@ -51,44 +44,6 @@ class CompressResult:
     params_after: int
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def calibration_documents(corpus: str | os.PathLike, tokens: int, seed: int, label: str | None = None,
-                          seq_len: int = 256) -> list[Document]:
-    """Seeded random slices of the corpus' documents, about ``8 * tokens`` characters in all."""
-    path = Path(corpus)
-    docs = read_corpus(path, "train") if path.is_dir() and is_moelab_corpus(path) else read_corpus(path)
-    if label is not None:
-        names = sorted({d.label for d in docs if d.label is not None})
-        docs = [d for d in docs if d.label == label]
-        if not docs:
-            raise MoelabError(f"calib label {label!r}: the corpus {path} has labels {names or 'none'}")
-    rng = np.random.default_rng(seed)
-    groups: dict[str | None, list[Document]] = {}
-    for d in docs:
-        groups.setdefault(d.label, []).append(d)
-    want, out = 8 * tokens / len(groups), []
-    for members in groups.values():  # in corpus order of the labels, so the draw is deterministic
-        out += _slices(members, want, 8 * seq_len, rng)
-    return out
-
-
-def _slices(docs: list[Document], want: float, chunk: int, rng: np.random.Generator) -> list[Document]:
-    """Random slices of ``chunk`` characters from shuffled documents, about ``want`` characters in all."""
-    out, total = [], 0
-    while total < want:
-        before = total
-        for i in rng.permutation(len(docs)):
-            d = docs[int(i)]
-            start = int(rng.integers(0, max(1, len(d.text) - chunk)))
-            text = d.text[start:start + chunk]
-            out.append(Document(text, d.label, d.source))
-            total += len(text)
-            if total >= want:
-                break
-        if total == before:  # only empty documents
-            break
-    return out
 
 
 def _tokenizer_source(model: Any, view: ModelView) -> Path | None:
@@ -158,10 +113,9 @@ def compress(model: str | os.PathLike | nn.Module, method: str, spec: CompressSp
             from moelab.data import default_corpus
 
             calib_corpus = default_corpus()
-        docs = calibration_documents(calib_corpus, calib_tokens, spec.seed, calib_label, seq_len)
         tok_dir = model if isinstance(model, (str, os.PathLike)) else None
-        calib = calibration_batches(view, docs, tokens=calib_tokens, seq_len=seq_len, seed=spec.seed,
-                                    tokenizer=tok_dir)
+        calib = calibration_batches(view, Path(calib_corpus), tokens=calib_tokens, seq_len=seq_len,
+                                    seed=spec.seed, label=calib_label, tokenizer=tok_dir)
     plan = make_plan(view, method, spec, kind=kind, calib=calib, progress=progress, **options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -18,7 +18,8 @@ from moelab.data.atomic import atomic_write_text
 from moelab.errors import MoelabError
 
 EOS_TOKEN = "<|endoftext|>"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> Tokenizer:
@@ -58,12 +59,19 @@ def save_tokenizer(tok: Tokenizer, folder: Path, model_max_length: int = 1024) -
     atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
 
 
-def load_tokenizer(folder: Path) -> Tokenizer:
-    """Load the ``tokenizers.Tokenizer`` saved in ``folder`` (fast path for batch encoding)."""
-    path = Path(folder) / "tokenizer.json"
+def load_tokenizer(folder: str | Path, hint: str = "") -> Tokenizer:
+    """The ``tokenizers.Tokenizer`` in ``folder/tokenizer.json``: moelab's one tokenizer loader.
+
+    Raises MoelabError naming the folder when the file is missing (``hint`` says what to do
+    instead) and naming the file when it does not load.
+    """
+    path = Path(folder) / TOKENIZER_FILE
     if not path.is_file():
-        raise MoelabError(f"tokenizer: {path} not found (expected a tokenizer.json written by `moelab data build`)")
-    return Tokenizer.from_file(str(path))
+        raise MoelabError(f"{folder} has no tokenizer ({TOKENIZER_FILE} expected)" + (f"; {hint}" if hint else ""))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # the Rust library raises plain Exception
+        raise MoelabError(f"{path}: cannot load the tokenizer ({err})") from None
 
 
 def eos_id(tok: Tokenizer) -> int:

@@ -10,7 +10,8 @@ See :mod:`moelab.models.view` for the conventions and :mod:`moelab.models.famili
 
 from __future__ import annotations
 
-from moelab.models.open import load_checkpoint, open_model, view_model
+from moelab.models.checkpoint import load_checkpoint
+from moelab.models.open import open_model, view_model
 from moelab.models.reference import (
     expert_forward,
     glu_activation,

@@ -2,7 +2,10 @@
 
 An adapter is a small record: the family's display name, the config ``model_type`` values it
 serves, the class names of its sparse MoE block, and a ``read`` function turning one block module
-into a :class:`~moelab.models.view.MoEBlockView`. Adapters live in ``moelab.models.families``, one
+into a :class:`~moelab.models.view.MoEBlockView`; and the write side: ``write_config`` (the config
+of the same model with another expert count / top-k / group count), ``fixed_routing`` (why a stock
+config of the family cannot change those, if it cannot) and ``block_output`` (what the family's
+block module returns besides the hidden states). Adapters live in ``moelab.models.families``, one
 module per group of families that store their weights the same way.
 """
 
@@ -10,14 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from moelab.errors import UnsupportedModelError
 from moelab.models.view import MoEBlockView
 
 # read(model, block_module, path, layer) -> MoEBlockView
 BlockReader = Callable[[nn.Module, nn.Module, str, int], MoEBlockView]
+# write_config(config, num_experts, top_k, n_group) -> a copy of config; n_group None: no group-limited routing
+ConfigWriter = Callable[[Any, int, int, "int | None"], Any]
+# block_output(y_BSH, routing) -> what the family's block module returns (routing: moelab.nn.routing.Routing)
+BlockOutput = Callable[[Tensor, Any], Any]
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,9 @@ class FamilyAdapter:
     block_classes: tuple[str, ...]  # class names of the sparse MoE block module
     read: BlockReader
     example_config: str = ""  # transformers config class, for docs and tests
+    write_config: ConfigWriter | None = None  # None: moelab cannot write this family with other counts
+    fixed_routing: str = ""  # non-empty: why a stock config cannot change the expert count or top-k
+    block_output: BlockOutput | None = None  # None: the block returns the hidden states alone
 
     def __post_init__(self) -> None:
         if not self.model_types or not self.block_classes:
@@ -44,6 +55,15 @@ def _adapters() -> tuple[FamilyAdapter, ...]:
 def supported_families() -> list[str]:
     """Display names of all supported families, in registry order."""
     return [a.name for a in _adapters()]
+
+
+def adapter_named(name: str) -> FamilyAdapter:
+    """The adapter whose display name is ``name`` (a view's ``family``); UnsupportedModelError if none."""
+    for a in _adapters():
+        if a.name == name:
+            return a
+    raise UnsupportedModelError(f"family {name!r}: not a supported MoE family; supported: "
+                                f"{', '.join(supported_families())}")
 
 
 def adapter_for(model: nn.Module) -> FamilyAdapter:

@@ -172,22 +172,19 @@ class PatchedBlock(nn.Module):
     """Stands in for a transformers MoE block: same input, same output structure."""
 
     def __init__(
-        self, layer: MoELayer, original: nn.Module, family: str, output_bias: Tensor | None
+        self, layer: MoELayer, original: nn.Module, block_output: Callable | None,
+        output_bias: Tensor | None
     ) -> None:
         super().__init__()
         self.moe = layer
-        self.family = family
+        self.block_output = block_output  # the family adapter's: what its block returns besides y
         self.output_bias = None if output_bias is None else _share(output_bias)
         object.__setattr__(self, "_moelab_original", original)  # kept out of parameters/state_dict
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         out = self.moe(hidden_states)
         y = out.y if self.output_bias is None else out.y + self.output_bias
-        if self.family == "GPT-OSS":  # GptOssMLP returns (hidden, router_scores)
-            return y, out.routing.weights_TK.to(y.dtype)
-        if self.family == "Llama4":  # Llama4TextMoe returns (hidden, router_logits)
-            return y, out.routing.logits_TE.to(y.dtype)
-        return y
+        return y if self.block_output is None else self.block_output(y, out.routing)
 
 
 class _SeamRouter(nn.Module):
@@ -223,6 +220,7 @@ def patch(model: nn.Module, router: Callable[..., nn.Module] | None = None) -> n
     returning a router module for that block (it may copy ``block_view.router_weight``).
     """
     from moelab.models import open_model
+    from moelab.models.registry import adapter_named
 
     if any(isinstance(m, PatchedBlock) for m in model.modules()):
         unpatch(model)
@@ -233,7 +231,8 @@ def patch(model: nn.Module, router: Callable[..., nn.Module] | None = None) -> n
         layer = from_view(block, None if router is None else router(block))
         layer.router = _SeamRouter(layer.router, block)
         _set_module(
-            model, block.path, PatchedBlock(layer, block.module, block.family, block.output_bias)
+            model, block.path,
+            PatchedBlock(layer, block.module, adapter_named(block.family).block_output, block.output_bias),
         )
     return model
 

@@ -27,6 +27,7 @@ from moelab.analysis.headline import Headline, headline
 from moelab.analysis.load import expert_load, load_by_label
 from moelab.analysis.similarity import block_inputs, output_similarity, weight_similarity
 from moelab.analysis.specialisation import domain_specialisation, vocabulary_specialisation
+from moelab.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from moelab.errors import MoelabError
 from moelab.report import figures
 from moelab.report.headline_table import headline_table, missing_notes
@@ -272,10 +273,8 @@ def _as_view(model: Any) -> Any:
 
 def _decoder(model: Any) -> Any:
     """Token id -> short quoted text via the model directory's tokenizer.json, else ``#id``."""
-    if isinstance(model, (str, os.PathLike)) and (Path(model) / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
+    if isinstance(model, (str, os.PathLike)) and (Path(model) / TOKENIZER_FILE).is_file():
+        tok = load_tokenizer(model)
         return lambda t: repr(tok.decode([t], skip_special_tokens=False))[:24]
     return lambda t: f"#{t}"
 

@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from moelab.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from moelab.errors import MoelabError
-
-TOKENIZER_FILE = "tokenizer.json"
 
 
 class CorpusError(MoelabError):
@@ -139,19 +138,12 @@ class TextTokenizer:
 
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
-        path = model_dir / TOKENIZER_FILE
-        if not path.is_file():
-            raise CorpusError(
-                f"model directory {model_dir} has no tokenizer ({TOKENIZER_FILE} expected); pass "
-                "token ids instead of texts, or a model directory that ships its tokenizer"
-            )
-        from tokenizers import Tokenizer
-
         try:
-            self._tok = Tokenizer.from_file(str(path))
-        except Exception as err:  # the Rust library raises plain Exception
-            raise CorpusError(f"{path}: cannot load the tokenizer ({err})") from None
-        self.path = path
+            self._tok = load_tokenizer(model_dir, "pass token ids instead of texts, or a model directory "
+                                                  "that ships its tokenizer")
+        except MoelabError as err:
+            raise CorpusError(str(err)) from None
+        self.path = path = model_dir / TOKENIZER_FILE
         self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         self.eos_id = _eos_id(model_dir, self._tok)
 

@@ -4,7 +4,7 @@ The folder holds ``config.json``, ``generation_config.json``, ``model.safetensor
 (``tokenizer.json``, ``tokenizer_config.json``), ``loss.png``, ``card.json`` (every number of the card)
 and ``README.md`` (the card). The numbers are measured here, on the exported folder loaded back with
 ``AutoModelForCausalLM.from_pretrained``: per-domain validation perplexity and per-layer expert load
-by domain (see :mod:`moelab.train.evaluate`). The folder is written under a temporary name and renamed.
+by domain (see :mod:`moelab.run.evaluate`). The folder is written under a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from moelab.data.corpus import MANIFEST, read_manifest
 from moelab.data.sources import sha256_file
 from moelab.data.tokenizer import TOKENIZER_FILES, eos_id, load_tokenizer
 from moelab.errors import CheckpointError
+from moelab.run.evaluate import EVAL_TOKENS, evaluate_model_dir
 from moelab.train.card import render_card
 from moelab.train.checkpoint import CHECKPOINT, read_checkpoint_meta
 from moelab.train.config import TrainConfig
-from moelab.train.evaluate import EVAL_TOKENS, evaluate_model_dir
 from moelab.train.log import PLOT
 from moelab.train.loop import build_model
 

@@ -22,9 +22,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from moelab.data.atomic import atomic_write_text
 from moelab.data.corpus import MANIFEST, verify_corpus
 from moelab.data.sources import sha256_file
+from moelab.data.streams import encode_split
 from moelab.data.tokenizer import eos_id, load_tokenizer
 from moelab.errors import MoelabError
-from moelab.train.batches import encode_split, sample_batch
+from moelab.run.evaluate import evaluate_streams, load_entropy, validation_streams
+from moelab.train.batches import sample_batch
 from moelab.train.checkpoint import (
     TrainState,
     check_fingerprint,
@@ -33,7 +35,6 @@ from moelab.train.checkpoint import (
     save_checkpoint,
 )
 from moelab.train.config import TrainConfig, hf_config
-from moelab.train.evaluate import evaluate_streams, load_entropy, validation_streams
 from moelab.train.log import append_log, plot_loss, truncate_log
 from moelab.train.losses import lm_losses
 

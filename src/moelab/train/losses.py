@@ -16,11 +16,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moelab.nn.losses import load_balancing_loss, z_loss
 from moelab.nn.routing import Routing
+from moelab.run.evaluate import expert_load
+from moelab.run.loss import next_token_nll
 
 
 class MoeLosses(NamedTuple):
@@ -51,12 +52,6 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
     return z_loss(_routing(logits_TE, 1))
 
 
-def expert_load(logits_TE: Tensor, top_k: int) -> Tensor:
-    """Top-k assignment counts per expert ``[E]`` (float32), as the model routes (softmax then top-k)."""
-    ids_TK = logits_TE.float().topk(top_k, dim=-1).indices  # softmax is monotone: same top-k as on probs
-    return torch.bincount(ids_TK.reshape(-1), minlength=logits_TE.shape[-1]).float()
-
-
 def lm_losses(
     logits_BSV: Tensor,
     input_ids_BS: Tensor,
@@ -72,7 +67,7 @@ def lm_losses(
         input_ids_BS: the tokens; position s predicts token s+1.
         router_logits: one ``[T, E]`` tensor per layer, T = B*S (transformers' ``output_router_logits``).
     """
-    ce = F.cross_entropy(logits_BSV[:, :-1].reshape(-1, logits_BSV.shape[-1]).float(), input_ids_BS[:, 1:].reshape(-1))
+    ce = next_token_nll(logits_BSV, input_ids_BS)
     balance = torch.stack([balance_loss(lg, top_k) for lg in router_logits]).mean()
     z = torch.stack([router_z_loss(lg) for lg in router_logits]).mean()
     with torch.no_grad():

@@ -8,6 +8,9 @@ Router: ``router.layer`` (``nn.Linear`` H -> E), softmax, top-k, then weights di
 
 from __future__ import annotations
 
+import copy
+from typing import Any
+
 from torch import nn
 
 from moelab.errors import CheckpointError
@@ -53,4 +56,12 @@ def read(model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlock
     return check_experts(view, E, I)
 
 
-ADAPTERS = (FamilyAdapter("DBRX", ("dbrx",), ("DbrxFFN",), read, "DbrxConfig"),)
+def write_config(config: Any, num_experts: int, top_k: int, n_group: int | None = None) -> Any:
+    """A copy of ``config`` with ``ffn_config.moe_num_experts`` / ``moe_top_k`` set (DBRX has no groups)."""
+    new = copy.deepcopy(config)
+    new.ffn_config.moe_num_experts = num_experts
+    new.ffn_config.moe_top_k = top_k
+    return new
+
+
+ADAPTERS = (FamilyAdapter("DBRX", ("dbrx",), ("DbrxFFN",), read, "DbrxConfig", write_config=write_config),)

@@ -17,6 +17,8 @@ Layers below ``first_k_dense_replace`` are dense MLPs and show up in ``ModelView
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from moelab.models.families._common import (
@@ -28,10 +30,20 @@ from moelab.models.families._common import (
     fused_gate_up,
     glu_mlp,
 )
+from moelab.models.families._config import write_counts
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
 
 _HOOKS = experts_prehook_installer(logits_index=0)
+
+
+def write_config(config: Any, num_experts: int, top_k: int, n_group: int | None) -> Any:
+    """:func:`write_counts`; ``n_group`` None switches group-limited routing off (``n_group =
+    topk_group = 1``), otherwise the groups stay as they are."""
+    new = write_counts(config, num_experts, top_k)
+    if getattr(new, "n_group", None) is not None and n_group is None:
+        new.n_group, new.topk_group = 1, 1
+    return new
 
 
 def _read(family: str, model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlockView:
@@ -91,6 +103,7 @@ ADAPTERS = (
         ("DeepseekV2Moe",),
         _reader("DeepSeek-V2"),
         "DeepseekV2Config",
+        write_config=write_config,
     ),
     FamilyAdapter(
         "DeepSeek-V3",
@@ -98,6 +111,8 @@ ADAPTERS = (
         ("DeepseekV3MoE",),
         _reader("DeepSeek-V3"),
         "DeepseekV3Config",
+        write_config=write_config,
     ),
-    FamilyAdapter("GLM4-MoE", ("glm4_moe",), ("Glm4MoeMoE",), _reader("GLM4-MoE"), "Glm4MoeConfig"),
+    FamilyAdapter("GLM4-MoE", ("glm4_moe",), ("Glm4MoeMoE",), _reader("GLM4-MoE"), "Glm4MoeConfig",
+                  write_config=write_config),
 )

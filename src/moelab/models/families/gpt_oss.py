@@ -11,7 +11,9 @@ which equals renormalised top-k of the full softmax. Activation ``gpt_oss_swiglu
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Any
+
+from torch import Tensor, nn
 
 from moelab.models.families._common import (
     check_experts,
@@ -20,6 +22,7 @@ from moelab.models.families._common import (
     experts_prehook_installer,
     transposed_gate_up,
 )
+from moelab.models.families._config import write_counts
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
 
@@ -60,4 +63,10 @@ def read(model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlock
     return check_experts(view, config_num_experts(model.config), model.config.intermediate_size)
 
 
-ADAPTERS = (FamilyAdapter("GPT-OSS", ("gpt_oss",), ("GptOssMLP",), read, "GptOssConfig"),)
+def block_output(y: Tensor, routing: Any) -> tuple[Tensor, Tensor]:
+    """``GptOssMLP`` returns ``(hidden, router_scores)``: the top-k weights ``[T, K]``."""
+    return y, routing.weights_TK.to(y.dtype)
+
+
+ADAPTERS = (FamilyAdapter("GPT-OSS", ("gpt_oss",), ("GptOssMLP",), read, "GptOssConfig",
+                          write_config=write_counts, block_output=block_output),)

@@ -22,6 +22,7 @@ from moelab.models.families._common import (
     flat_routing,
     fused_gate_up,
 )
+from moelab.models.families._config import write_counts
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
 
@@ -87,4 +88,10 @@ def read(model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlock
     return check_experts(view, config_num_experts(config), config.intermediate_size)
 
 
-ADAPTERS = (FamilyAdapter("JetMoE", ("jetmoe",), ("JetMoeMoE",), read, "JetMoeConfig"),)
+ADAPTERS = (
+    FamilyAdapter(
+        "JetMoE", ("jetmoe",), ("JetMoeMoE",), read, "JetMoeConfig", write_config=write_counts,
+        fixed_routing="JetMoE's config shares num_local_experts and num_experts_per_tok with its "
+                      "attention experts (MoA)",
+    ),
+)

@@ -10,8 +10,10 @@ chosen experts contribute. Storage: ``gate_up_proj [E, H, 2I]`` (gate then up, c
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from moelab.models.edits import for_experts
 from moelab.models.families._common import (
@@ -23,6 +25,7 @@ from moelab.models.families._common import (
     glu_mlp,
     transposed_gate_up,
 )
+from moelab.models.families._config import write_counts
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
 
@@ -75,6 +78,12 @@ def read(model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlock
     return check_experts(view, config_num_experts(model.config), model.config.intermediate_size)
 
 
+def block_output(y: Tensor, routing: Any) -> tuple[Tensor, Tensor]:
+    """``Llama4TextMoe`` returns ``(hidden, router_logits)``: the logits ``[T, E]``."""
+    return y, routing.logits_TE.to(y.dtype)
+
+
 ADAPTERS = (
-    FamilyAdapter("Llama4", ("llama4_text",), ("Llama4TextMoe",), read, "Llama4TextConfig"),
+    FamilyAdapter("Llama4", ("llama4_text",), ("Llama4TextMoe",), read, "Llama4TextConfig",
+                  write_config=write_counts, block_output=block_output),
 )

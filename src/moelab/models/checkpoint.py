@@ -1,0 +1,179 @@
+"""The one loader of local transformers checkpoints: safetensors only, checked before and after loading.
+
+Every path that loads a saved model (``open_model``, evaluation, the compression pipeline, the demo)
+goes through :func:`load_checkpoint`. Loading never executes pickled code: only ``*.safetensors``
+weights are read (pickle files are refused with a message saying how to convert them), every
+safetensors file's header is checked against its size first (a truncated or corrupt file is named),
+and ``trust_remote_code`` is off unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moelab.errors import CheckpointError, UnsupportedModelError
+from moelab.models.registry import supported_families
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def load_checkpoint(
+    path: Path,
+    *,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | str | None = None,
+    experts_implementation: str | None = None,
+) -> nn.Module:
+    """Load a local safetensors checkpoint directory with ``AutoModelForCausalLM`` after checking it."""
+    check_checkpoint_dir(path)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers raises ValueError/KeyError/OSError for bad configs
+        raise CheckpointError(
+            f"{path / 'config.json'}: cannot be read as a transformers config: {err}"
+        ) from err
+    _check_family(config, path)
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "trust_remote_code": trust_remote_code,
+        "use_safetensors": True,
+        # load anyway and report mismatches ourselves, in one message (see _check_loading_info)
+        "ignore_mismatched_sizes": True,
+    }
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    try:
+        with _quiet_transformers():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, output_loading_info=True, **kwargs
+            )
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: the weights do not load with its config.json: {err}"
+        ) from err
+    _check_loading_info(path, info)
+    return model.eval()
+
+
+def check_checkpoint_dir(path: Path) -> None:
+    """Raise CheckpointError unless ``path`` is a directory with config.json and safetensors weights."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix in _PICKLE_SUFFIXES:
+            raise CheckpointError(_pickle_message(path))
+        raise CheckpointError(
+            f"{path}: expected a model directory (with config.json and *.safetensors)"
+        )
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"{path}: no config.json in this directory; expected a transformers checkpoint"
+        )
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(_pickle_message(path / pickles[0]))
+        raise CheckpointError(f"{path}: no *.safetensors weights in this directory")
+    for file in sorted(path.glob("*.safetensors")):
+        check_safetensors_file(file)
+
+
+def check_safetensors_file(path: Path) -> None:
+    """Raise CheckpointError naming ``path`` when it is not a complete safetensors file.
+
+    The format is an 8-byte little-endian header length N, N bytes of JSON giving every tensor's
+    ``data_offsets`` into the data that follows; a file shorter than its header says is truncated.
+    Only the header is read.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
+        raw = f.read(n) if n is not None and n <= size - 8 else None
+    if raw is None:
+        raise CheckpointError(_corrupt(path, f"{size} bytes, shorter than its own header"))
+    try:
+        header = json.loads(raw)
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise CheckpointError(_corrupt(path, "its header is not a safetensors tensor table")) from None
+    want = 8 + n + max(ends, default=0)
+    if size < want:
+        raise CheckpointError(_corrupt(path, f"{size} bytes, but its header describes {want}"))
+
+
+def _corrupt(path: Path, why: str) -> str:
+    return f"{path}: truncated or corrupt safetensors file ({why}); save or download it again"
+
+
+def _pickle_message(path: Path) -> str:
+    return (
+        f"{path}: pickle checkpoints are refused: loading one can execute arbitrary code. Convert it "
+        f"to safetensors where you trust it (e.g. AutoModelForCausalLM.from_pretrained(dir)"
+        f".save_pretrained(new_dir), which writes *.safetensors) and open the converted directory"
+    )
+
+
+def _check_family(config: Any, path: Path) -> None:
+    from moelab.models.families import ADAPTERS
+    from moelab.models.families._config import config_names_experts
+
+    model_type = getattr(config, "model_type", None)
+    if not any(model_type in a.model_types for a in ADAPTERS):
+        arch = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
+        dense = (
+            ""
+            if config_names_experts(config)
+            else (
+                " and looks like a dense model: its config names no experts, so it has no MoE block"
+            )
+        )
+        raise UnsupportedModelError(
+            f"{path}: {arch} (model_type={model_type!r}) is not a supported MoE family{dense}; "
+            f"supported: {', '.join(supported_families())}"
+        )
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' own load report while loading; moelab raises one message instead."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _check_loading_info(path: Path, info: dict) -> None:
+    """One CheckpointError for weights whose shapes contradict config.json, or missing/extra keys."""
+    problems = []
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
+    for key, ckpt_shape, model_shape in mismatched[:3]:
+        problems.append(
+            f"{key} is {list(ckpt_shape)} in the weights but config.json implies {list(model_shape)}"
+        )
+    if len(mismatched) > 3:
+        problems.append(f"{len(mismatched) - 3} more mismatched tensors")
+    for key in ("missing_keys", "unexpected_keys"):
+        items = sorted(str(k) for k in info.get(key) or [])
+        if items:
+            shown = ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+            problems.append(f"{key.replace('_', ' ')}: {shown}")
+    if problems:
+        raise CheckpointError(
+            f"{path}: config.json contradicts the weights (check num_experts / num_local_experts, "
+            f"intermediate sizes, hidden_size): " + "; ".join(problems)
+        )
