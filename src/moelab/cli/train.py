@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from moelab.cli._options import into_package_option, output_dir
 from moelab.data import ASSETS
 
 
@@ -86,14 +87,16 @@ def perplexity_cmd(model_dir: Path | None, corpus: Path | None, tokens: int | No
 
 @click.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=ASSETS / "default_model",
-              show_default=True, help="Model folder to write (replaced atomically).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Model folder to write (replaced atomically).")
+@into_package_option("default model")
 @click.option("--command", "reproduce", default=None,
               help="The training command to name in the model card (default: derived from the run's config).")
-def export_cmd(run_dir: Path, out_dir: Path, reproduce: str | None) -> None:
+def export_cmd(run_dir: Path, out_dir: Path | None, into_package: bool, reproduce: str | None) -> None:
     """Export a run's checkpoint as a transformers model folder with tokenizer and model card."""
     from moelab.train.export import export_model
 
+    out_dir = output_dir(out_dir, into_package, ASSETS / "default_model", "default model")
     card = export_model(run_dir, out_dir, reproduce=reproduce)
     click.echo(f"wrote {out_dir}")
     for d, v in card["perplexity"].items():

