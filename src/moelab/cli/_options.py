@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -35,3 +36,23 @@ def output_dir(out: Path | None, into_package: bool, shipped: Path, what: str) -
         raise MoelabError(f"--out {out} lies inside the installed moelab package ({PACKAGE_DIR}); pass "
                           f"--into-package to replace the shipped {what}, or choose a folder outside it")
     return out
+
+
+class LazyHelp(click.Option):
+    """An option whose help text is built only when help is shown: the text may need an import (the
+    planner registry pulls in torch) that every other use of the command line should not pay for."""
+
+    def __init__(self, *args, help_text: Callable[[], str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._help_text = help_text
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        self.help = self._help_text()
+        return super().get_help_record(ctx)
+
+
+def planner_list(command: str | None = None) -> str:
+    """The planners ``moelab <command>`` runs (every planner when None), comma-separated."""
+    from moelab.compress.registry import planners, planners_for
+
+    return ", ".join(planners_for(command) if command is not None else planners())

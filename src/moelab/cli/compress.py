@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from moelab.cli._options import LazyHelp, planner_list
 from moelab.errors import MoelabError
 
 
@@ -20,12 +21,13 @@ def _default(name: str, what: str) -> Path:
         raise MoelabError(f"{what} is required: there is no embedded default ({err})") from None
 
 
-def _compress_options(f):
-    """Options shared by ``prune`` and ``merge``."""
+def _compress_options(command: str):
+    """Options shared by ``prune`` and ``merge``; ``--method`` lists the planners ``command`` runs."""
     model_dir = click.Path(exists=True, file_okay=False, path_type=Path)
     opts = [
         click.argument("model", required=False, type=model_dir),
-        click.option("--method", required=True, help="Planner name (see `moelab prune --help` for the list)."),
+        click.option("--method", required=True, metavar="NAME", cls=LazyHelp,
+                     help_text=lambda: f"Planner, one of: {planner_list(command)}."),
         click.option("--ratio", required=True, type=float,
                      help="Share of routed experts to remove, in [0, 1) (0 keeps every expert)."),
         click.option("--budget", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
@@ -44,9 +46,13 @@ def _compress_options(f):
                      help="Folder for the compressed checkpoint (written atomically)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing --out folder."),
     ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+
+    def decorate(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return decorate
 
 
 def _run(kind: str, model: Path | None, method: str, ratio: float, budget: str, calib: Path | None,
@@ -71,16 +77,15 @@ def _run(kind: str, model: Path | None, method: str, ratio: float, budget: str, 
                    f"holds one expert width, so they do not shrink the checkpoint)")
 
 
-@click.command("prune", epilog="Methods: random, frequency, weighted-frequency, reap and the other "
-                               "registered pruning planners (moelab.compress.registry).")
-@_compress_options
+@click.command("prune")
+@_compress_options("prune")
 def prune_command(**kwargs) -> None:
     """Remove experts from MODEL (default: the embedded model) and write a stock checkpoint to --out."""
     _run("prune", **kwargs)
 
 
-@click.command("merge", epilog="Methods: the registered merging planners (moelab.compress.registry).")
-@_compress_options
+@click.command("merge")
+@_compress_options("merge")
 def merge_command(**kwargs) -> None:
     """Merge experts of MODEL (default: the embedded model) and write a stock checkpoint to --out."""
     _run("merge", **kwargs)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from moelab.cli._options import LazyHelp, planner_list
+
 
 @click.command("demo")
 @click.argument("model", type=click.Path(path_type=Path), required=False)
@@ -14,8 +16,8 @@ import click
                    "(default: the embedded corpus).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("moelab-demo"), show_default=True,
               help="Output folder (an earlier demo's folder is replaced).")
-@click.option("--methods", default=None, help="Comma-separated compression methods "
-              "(default: frequency,reap,m-smoe; see `moelab prune --help`).")
+@click.option("--methods", default=None, cls=LazyHelp, help_text=lambda: "Comma-separated compression "
+              f"methods (default: frequency,reap,m-smoe; any of: {planner_list()}).")
 @click.option("--ratio", type=float, default=0.5, show_default=True, help="Share of experts removed.")
 @click.option("--trace-tokens", type=int, default=32768, show_default=True, help="Validation tokens traced.")
 @click.option("--calib-tokens", type=int, default=8192, show_default=True, help="Calibration tokens per method.")
