@@ -9,6 +9,10 @@ import click
 
 from moelab.errors import MoelabError
 
+# what every --corpus / --calib accepts: one reader (moelab.data.read_corpus) behind all of them
+CORPUS_FORMATS = ("Text file (.txt), folder of text files (file/subfolder name = label), JSONL (.jsonl) with "
+                  "'text' and optional 'label', or a `moelab data build` corpus.")
+
 # the installed package: the shipped corpus and model live under it, and a stray --out must not
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 

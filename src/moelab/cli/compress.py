@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moelab.cli._options import LazyHelp, planner_list
+from moelab.cli._options import CORPUS_FORMATS, LazyHelp, planner_list
 from moelab.errors import MoelabError
 
 
@@ -34,8 +34,8 @@ def _compress_options(command: str):
                      help="'layer': the same share in every layer; 'global': rank experts of all layers "
                           "together (a stock checkpoint needs equal counts, so it must come out even)."),
         click.option("--calib", "calib", type=click.Path(exists=True, path_type=Path), default=None,
-                     help="Calibration corpus (a `moelab data build` folder: its train split; or a text "
-                          "file, folder or JSONL). Default: the embedded corpus."),
+                     help=f"Calibration corpus. {CORPUS_FORMATS} A `moelab data build` corpus gives its "
+                          "train split. Default: the embedded corpus."),
         click.option("--calib-tokens", type=click.IntRange(min=1), default=16384, show_default=True,
                      help="Calibration tokens."),
         click.option("--calib-label", default=None, help="Calibrate on one label (domain) only, e.g. code."),
@@ -93,8 +93,9 @@ def merge_command(**kwargs) -> None:
 
 @click.command("eval")
 @click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--corpus", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="A `moelab data build` corpus; its val split is evaluated. Default: the embedded corpus.")
+@click.option("--corpus", type=click.Path(exists=True, path_type=Path), default=None,
+              help=f"{CORPUS_FORMATS} A `moelab data build` corpus gives its val split; any other corpus is "
+                   "evaluated whole, per label. Default: the embedded corpus.")
 @click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Reference model (e.g. the uncompressed one): adds KL(ref || model) and top-1 agreement.")
 @click.option("--tokens", type=click.IntRange(min=2), default=32768, show_default=True,

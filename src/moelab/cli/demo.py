@@ -6,14 +6,13 @@ from pathlib import Path
 
 import click
 
-from moelab.cli._options import LazyHelp, planner_list
+from moelab.cli._options import CORPUS_FORMATS, LazyHelp, planner_list
 
 
 @click.command("demo")
 @click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option("--corpus", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Corpus: a moelab corpus folder, text file, folder of text files or JSONL "
-                   "(default: the embedded corpus).")
+              help=f"{CORPUS_FORMATS} Default: the embedded corpus.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("moelab-demo"), show_default=True,
               help="Output folder (an earlier demo's folder is replaced).")
 @click.option("--methods", default=None, cls=LazyHelp, help_text=lambda: "Comma-separated compression "

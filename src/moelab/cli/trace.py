@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from moelab.cli._options import CORPUS_FORMATS
 from moelab.errors import MoelabError
 
 
@@ -22,8 +23,7 @@ def _default(name: str, what: str) -> Path:
 @click.command("trace")
 @click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--corpus", type=click.Path(exists=True, path_type=Path),
-              help="Text file, folder of text files (file/subfolder name = label), JSONL with 'text' and "
-                   "optional 'label', or a `moelab data build` corpus (its val split). "
+              help=f"{CORPUS_FORMATS} A `moelab data build` corpus gives its val split. "
                    "Default: the embedded corpus' val split.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Trace directory (Parquet shards + manifest.json); an interrupted run resumes in it.")

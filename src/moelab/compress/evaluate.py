@@ -163,12 +163,37 @@ def check_same_tokenizer(model_dir: Path, corpus_dir: Path) -> None:
         raise MoelabError(f"corpus: {b} differs from the model's {a}; the corpus is tokenised for another model")
 
 
-def evaluate_path(model_dir: str | Path, corpus_dir: str | Path, *, reference_dir: str | Path | None = None,
+def corpus_streams(corpus: str | Path, model_dir: str | Path, tokens: int) -> dict[str, Tensor]:
+    """The first ``tokens`` validation tokens per label of any corpus :func:`moelab.data.read_corpus`
+    accepts: a moelab corpus' val split (its own tokenizer, which must be the model's), or any other
+    corpus read whole and tokenised with ``model_dir``'s tokenizer, documents of one label joined with
+    EOS; unlabelled text goes under ``all``."""
+    from moelab.data.texts import is_moelab_corpus, read_corpus
+    from moelab.trace.corpus import TextTokenizer
+
+    corpus = Path(corpus)
+    if corpus.is_dir():  # a folder with its own tokenizer.json was tokenised for the model it came with
+        check_same_tokenizer(Path(model_dir), corpus)
+    if corpus.is_dir() and is_moelab_corpus(corpus):
+        return validation_streams(corpus, tokens)
+    docs = read_corpus(corpus)  # before the tokenizer: a bad corpus is named first
+    tok = TextTokenizer(model_dir)
+    streams: dict[str, list[int]] = {}
+    for doc, ids in zip(docs, tok.encode([d.text for d in docs]), strict=True):
+        s = streams.setdefault(doc.label or "all", [])
+        if s and tok.eos_id is not None:
+            s.append(tok.eos_id)
+        s.extend(ids)
+    return {label: torch.tensor(s[:tokens], dtype=torch.long) for label, s in streams.items()}
+
+
+def evaluate_path(model_dir: str | Path, corpus: str | Path, *, reference_dir: str | Path | None = None,
                   tokens: int = EVAL_TOKENS, seq_len: int = EVAL_SEQ_LEN) -> CompressionEval:
-    """Load ``model_dir`` (and ``reference_dir``) and evaluate on ``corpus_dir``'s validation split."""
-    model_dir, corpus_dir = Path(model_dir), Path(corpus_dir)
-    check_same_tokenizer(model_dir, corpus_dir)
+    """Load ``model_dir`` (and ``reference_dir``) and evaluate on ``corpus``'s validation text
+    (:func:`corpus_streams`: a moelab corpus' val split, or any other corpus read whole)."""
+    model_dir = Path(model_dir)
+    streams = corpus_streams(corpus, model_dir, tokens)
     model = load_model(model_dir)
     reference = load_model(reference_dir, "reference") if reference_dir is not None else None
-    streams = validation_streams(corpus_dir, tokens)
-    return evaluate_compressed(model, streams, reference=reference, seq_len=min(seq_len, tokens))
+    shortest = min(s.numel() for s in streams.values())
+    return evaluate_compressed(model, streams, reference=reference, seq_len=min(seq_len, shortest))

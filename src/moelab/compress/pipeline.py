@@ -33,9 +33,9 @@ from moelab.compress.calib import Calibration, calibration_batches
 from moelab.compress.plan import Plan
 from moelab.compress.registry import check_method, get_planner
 from moelab.compress.spec import CompressSpec
+from moelab.data.texts import Document, is_moelab_corpus, read_corpus
 from moelab.errors import MoelabError
 from moelab.models import ModelView, open_model
-from moelab.trace.corpus import Document, is_moelab_corpus, read_corpus
 
 
 @dataclass

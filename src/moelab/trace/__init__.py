@@ -11,7 +11,8 @@ with any Parquet reader (pyarrow, polars, DuckDB).
 
 from __future__ import annotations
 
-from moelab.trace.corpus import CorpusError, Document, TextTokenizer, pack, read_corpus
+from moelab.data.texts import CorpusError, Document, read_corpus
+from moelab.trace.corpus import TextTokenizer, pack
 from moelab.trace.reader import Trace
 from moelab.trace.reader import open_trace as open  # noqa: A001 - the documented name
 from moelab.trace.record import RecordConfig, record
