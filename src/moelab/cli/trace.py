@@ -49,14 +49,26 @@ def trace_command(model: Path | None, corpus: Path | None, out: Path, max_tokens
                   weights_dtype: str, shard_tokens: int, tokenizer: Path | None, overwrite: bool) -> None:
     """Record which experts every token chose, with their weights, in every MoE layer of MODEL
     (a checkpoint directory; default: the embedded model)."""
-    from moelab.trace import record
+    from moelab.trace import TraceInterrupted, record
 
     model = model or _default("default_model", "MODEL")
     corpus = corpus or _default("default_corpus", "--corpus")
-    trace = record(str(model), corpus, out, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
-                   logits=logits, expert_norms=expert_norms, act_max=act_max, hidden_norm=hidden_norm,
-                   weights_dtype=weights_dtype, shard_tokens=shard_tokens, tokenizer=tokenizer,
-                   overwrite=overwrite, progress=True)
+
+    def resuming(done: int, total: int) -> None:
+        click.echo(f"resuming from {done:,} tokens (of {total:,}) already recorded in {out}", err=True)
+
+    try:
+        trace = record(str(model), corpus, out, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
+                       logits=logits, expert_norms=expert_norms, act_max=act_max, hidden_norm=hidden_norm,
+                       weights_dtype=weights_dtype, shard_tokens=shard_tokens, tokenizer=tokenizer,
+                       overwrite=overwrite, progress=True, on_resume=resuming)
+    except TraceInterrupted as stop:
+        click.echo(f"interrupted: {stop.tokens:,} of {stop.total:,} tokens are saved in complete shards in {out}; "
+                   "rerun the same command to resume from the last complete shard", err=True)
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:  # before recording began (reading the corpus, loading the model)
+        click.echo("interrupted before any shard was recorded; rerun the same command to start", err=True)
+        raise SystemExit(130) from None
     size = sum(p.stat().st_size for p in trace.shard_paths)
     labels = f", labels {', '.join(trace.label_names)}" if trace.label_names else ""
     click.echo(f"traced {trace.num_tokens:,} tokens x {len(trace.layers)} MoE layers{labels} -> {out} "
