@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -60,3 +61,32 @@ def planner_list(command: str | None = None) -> str:
     from moelab.compress.registry import planners, planners_for
 
     return ", ".join(planners_for(command) if command is not None else planners())
+
+
+def no_progress_option(f):
+    """``--no-progress``: one spelling, one help text, on every command that shows a progress bar."""
+    return click.option("--no-progress", is_flag=True,
+                        help="Hide the progress bar (e.g. when the output goes to a log).")(f)
+
+
+@contextmanager
+def stage_bar(label: str, steps: int, enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A progress bar (stderr) over ``steps`` named stages; yields ``stage(name)``, called as each
+    stage starts (the library's ``progress`` callbacks), and fills the bar when the block ends."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, disable=not enabled, console=Console(stderr=True)) as bar:
+        task = bar.add_task("starting", total=steps)
+        seen: list[str] = []
+
+        def stage(name: str) -> None:
+            if seen:
+                bar.advance(task)
+            seen.append(name)
+            bar.update(task, description=name)
+
+        yield stage
+        bar.update(task, completed=steps, description="done")

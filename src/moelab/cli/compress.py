@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from moelab.cli._options import CORPUS_FORMATS, LazyHelp, planner_list
+from moelab.cli._options import CORPUS_FORMATS, LazyHelp, no_progress_option, planner_list
 from moelab.errors import MoelabError
 
 
@@ -45,6 +45,7 @@ def _compress_options(command: str):
         click.option("--out", required=True, type=click.Path(path_type=Path),
                      help="Folder for the compressed checkpoint (written atomically)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing --out folder."),
+        no_progress_option,
     ]
 
     def decorate(f):
@@ -56,14 +57,16 @@ def _compress_options(command: str):
 
 
 def _run(kind: str, model: Path | None, method: str, ratio: float, budget: str, calib: Path | None,
-         calib_tokens: int, calib_label: str | None, seq_len: int, seed: int, out: Path, overwrite: bool) -> None:
+         calib_tokens: int, calib_label: str | None, seq_len: int, seed: int, out: Path, overwrite: bool,
+         no_progress: bool) -> None:
     from moelab.compress.pipeline import compress
     from moelab.compress.spec import CompressSpec
 
     spec = CompressSpec(ratio=ratio, budget=budget, seed=seed)
     model = model or _default("default_model", "MODEL")
     res = compress(model, method, spec, kind=kind, out=out, overwrite=overwrite, calib_corpus=calib,
-                   calib_tokens=calib_tokens, calib_label=calib_label, seq_len=seq_len, progress=True)
+                   calib_tokens=calib_tokens, calib_label=calib_label, seq_len=seq_len,
+                   progress=not no_progress)
     for note in res.warnings:
         click.echo(f"warning: {note}", err=True)
     info = res.plan.meta.get("apply", {})
@@ -101,8 +104,9 @@ def merge_command(**kwargs) -> None:
 @click.option("--tokens", type=click.IntRange(min=2), default=32768, show_default=True,
               help="Tokens per domain (the first ones of its val split).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Window length.")
+@no_progress_option
 def eval_command(model: Path | None, corpus: Path | None, reference: Path | None, tokens: int,
-                 seq_len: int) -> None:
+                 seq_len: int, no_progress: bool) -> None:
     """Perplexity per domain of MODEL (default: the embedded model) and, with --reference, the mean
     KL of next-token distributions and top-1 agreement with the reference."""
     from rich.console import Console
@@ -112,7 +116,8 @@ def eval_command(model: Path | None, corpus: Path | None, reference: Path | None
 
     model = model or _default("default_model", "MODEL")
     corpus = corpus or _default("default_corpus", "--corpus")
-    res = evaluate_path(model, corpus, reference_dir=reference, tokens=tokens, seq_len=seq_len)
+    res = evaluate_path(model, corpus, reference_dir=reference, tokens=tokens, seq_len=seq_len,
+                        progress=not no_progress)
     table = Table(title=f"{model} ({res.params:,} parameters)")
     for col in ("domain", "tokens", "perplexity") + (("KL (nats)", "top-1 agree") if res.kl else ()):
         table.add_column(col, justify="left" if col == "domain" else "right")

@@ -17,7 +17,7 @@ Tokens at or beyond the model's vocabulary (a corpus from another tokenizer) are
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.errors import MoelabError
-from moelab.train.evaluate import EVAL_SEQ_LEN, EVAL_TOKENS, evaluate_streams, validation_streams
+from moelab.train.evaluate import (
+    EVAL_SEQ_LEN,
+    EVAL_TOKENS,
+    eval_progress,
+    evaluate_streams,
+    validation_streams,
+)
 
 
 @dataclass
@@ -96,19 +102,21 @@ class _Agreement:
 
 
 def evaluate_compressed(model: nn.Module, streams: dict[str, Tensor], *, reference: nn.Module | None = None,
-                        seq_len: int = EVAL_SEQ_LEN, batch_size: int = 16) -> CompressionEval:
+                        seq_len: int = EVAL_SEQ_LEN, batch_size: int = 16,
+                        progress: bool = False) -> CompressionEval:
     """Perplexity per domain of ``model`` on ``streams`` (``domain -> [N]`` token ids) and, given
-    ``reference``, mean KL(reference || model) and top-1 agreement on the same windows."""
+    ``reference``, mean KL(reference || model) and top-1 agreement on the same windows; ``progress``
+    shows a token bar on stderr."""
     check_vocab(streams, model, "corpus")
     if reference is not None and _vocab(reference) != _vocab(model):
         raise MoelabError(f"reference: vocabulary of {_vocab(reference)} tokens, but the model has "
                           f"{_vocab(model)}; KL needs the same tokenizer")
     params = sum(p.numel() for p in model.parameters())
-    with _top_k_field(model):
+    with _top_k_field(model), eval_progress(streams, seq_len, progress) as advance:
         if reference is None:
-            res = evaluate_streams(model, streams, seq_len, batch_size)
+            res = evaluate_streams(model, streams, seq_len, batch_size, advance)
             return CompressionEval(res.loss, res.tokens, params, load_LE=res.load_LE)
-        return _with_reference(model, reference, streams, seq_len, batch_size, params)
+        return _with_reference(model, reference, streams, seq_len, batch_size, params, advance)
 
 
 @contextmanager
@@ -129,7 +137,7 @@ def _top_k_field(model: nn.Module) -> Iterator[None]:
 
 
 def _with_reference(model: nn.Module, reference: nn.Module, streams: dict[str, Tensor], seq_len: int,
-                    batch_size: int, params: int) -> CompressionEval:
+                    batch_size: int, params: int, advance: Callable[[int], None]) -> CompressionEval:
     was_training = reference.training
     reference.eval()
     agreement = _Agreement(reference)
@@ -137,7 +145,7 @@ def _with_reference(model: nn.Module, reference: nn.Module, streams: dict[str, T
     handle = model.register_forward_hook(agreement, with_kwargs=True)
     try:
         for domain, stream in streams.items():  # one domain at a time: the hook's sums are per domain
-            res = evaluate_streams(model, {domain: stream}, seq_len, batch_size)
+            res = evaluate_streams(model, {domain: stream}, seq_len, batch_size, advance)
             loss[domain], tokens[domain], load[domain] = res.loss[domain], res.tokens[domain], res.load_LE[domain]
             kl[domain], top1[domain] = agreement.take()
     finally:
@@ -188,7 +196,7 @@ def corpus_streams(corpus: str | Path, model_dir: str | Path, tokens: int) -> di
 
 
 def evaluate_path(model_dir: str | Path, corpus: str | Path, *, reference_dir: str | Path | None = None,
-                  tokens: int = EVAL_TOKENS, seq_len: int = EVAL_SEQ_LEN) -> CompressionEval:
+                  tokens: int = EVAL_TOKENS, seq_len: int = EVAL_SEQ_LEN, progress: bool = False) -> CompressionEval:
     """Load ``model_dir`` (and ``reference_dir``) and evaluate on ``corpus``'s validation text
     (:func:`corpus_streams`: a moelab corpus' val split, or any other corpus read whole)."""
     model_dir = Path(model_dir)
@@ -196,4 +204,5 @@ def evaluate_path(model_dir: str | Path, corpus: str | Path, *, reference_dir: s
     model = load_model(model_dir)
     reference = load_model(reference_dir, "reference") if reference_dir is not None else None
     shortest = min(s.numel() for s in streams.values())
-    return evaluate_compressed(model, streams, reference=reference, seq_len=min(seq_len, shortest))
+    return evaluate_compressed(model, streams, reference=reference, seq_len=min(seq_len, shortest),
+                               progress=progress)

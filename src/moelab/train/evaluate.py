@@ -12,6 +12,8 @@ Legend: W windows, S tokens per window, V vocab, L layers, E experts, D domains.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,10 +47,21 @@ class EvalResult:
         return {d: math.exp(v) for d, v in self.loss.items()}
 
 
+@contextmanager
+def eval_progress(streams: dict[str, Tensor], seq_len: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A token progress bar (stderr) over the windows :func:`evaluate_streams` runs; yields ``advance``."""
+    from moelab.trace.progress import token_progress
+
+    total = sum(s.numel() // seq_len * seq_len for s in streams.values())
+    with token_progress(max(total, 1), enabled=enabled and total > 0, label="evaluating") as advance:
+        yield advance
+
+
 @torch.no_grad()
 def evaluate_streams(model: torch.nn.Module, streams: dict[str, Tensor], seq_len: int = EVAL_SEQ_LEN,
-                     batch_size: int = 16) -> EvalResult:
-    """Evaluate a transformers MoE causal LM (``output_router_logits`` supported) on token streams."""
+                     batch_size: int = 16, advance: Callable[[int], None] | None = None) -> EvalResult:
+    """Evaluate a transformers MoE causal LM (``output_router_logits`` supported) on token streams;
+    ``advance(tokens)`` is called after every batch (see :func:`eval_progress`)."""
     was_training = model.training
     model.eval()
     loss, count, load = {}, {}, {}
@@ -65,6 +78,8 @@ def evaluate_streams(model: torch.nn.Module, streams: dict[str, Tensor], seq_len
                 n += chunk_WS[:, 1:].numel()
                 counts_LE = torch.stack([expert_load(lg, top_k) for lg in out.router_logits])
                 load_LE = counts_LE if load_LE is None else load_LE + counts_LE
+                if advance is not None:
+                    advance(chunk_WS.numel())
             loss[domain] = nll / n
             count[domain] = n
             load[domain] = (load_LE / load_LE.sum(dim=1, keepdim=True)).tolist()
@@ -79,7 +94,7 @@ def validation_streams(corpus_dir: Path, tokens: int = EVAL_TOKENS) -> dict[str,
 
 
 def evaluate_model_dir(model_dir: Path, corpus_dir: Path, tokens: int = EVAL_TOKENS,
-                       seq_len: int = EVAL_SEQ_LEN) -> EvalResult:
+                       seq_len: int = EVAL_SEQ_LEN, progress: bool = False) -> EvalResult:
     """Load a saved model with plain ``AutoModelForCausalLM.from_pretrained`` and evaluate it."""
     from transformers import AutoModelForCausalLM
 
@@ -88,7 +103,9 @@ def evaluate_model_dir(model_dir: Path, corpus_dir: Path, tokens: int = EVAL_TOK
     if not (Path(model_dir) / "config.json").is_file():
         raise MoelabError(f"model: {model_dir} has no config.json (expected a saved transformers model)")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return evaluate_streams(model, validation_streams(corpus_dir, tokens), seq_len)
+    streams = validation_streams(corpus_dir, tokens)
+    with eval_progress(streams, seq_len, progress) as advance:
+        return evaluate_streams(model, streams, seq_len, advance=advance)
 
 
 def load_entropy(load_LE: list[list[float]]) -> list[float]:
