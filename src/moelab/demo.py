@@ -97,7 +97,6 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
 
     t0 = time.perf_counter()
     say = progress or (lambda stage: None)
-    _quiet_transformers()
     model_dir = Path(cfg.model) if cfg.model is not None else default_model()
     corpus = Path(cfg.corpus) if cfg.corpus is not None else default_corpus()
     out = Path(cfg.out)
@@ -133,13 +132,6 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / DEMO_MARKER)
     return result
-
-
-def _quiet_transformers() -> None:
-    """transformers' own per-file progress bars would break the demo's single progress bar."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 def _kind(method: str) -> str:

@@ -16,7 +16,7 @@ def _run(*args):
 
 
 def _error_line(res) -> str:
-    """The last line of the output, which must be the only one from moelab (above: transformers' bars)."""
+    """The last line of the output: the one error line moelab prints."""
     assert "Traceback" not in res.output
     return res.output.strip().splitlines()[-1]
 

@@ -99,10 +99,12 @@ def evaluate_model_dir(model_dir: Path, corpus_dir: Path, tokens: int = EVAL_TOK
     from transformers import AutoModelForCausalLM
 
     from moelab.errors import MoelabError
+    from moelab.models.open import no_transformers_bars
 
     if not (Path(model_dir) / "config.json").is_file():
         raise MoelabError(f"model: {model_dir} has no config.json (expected a saved transformers model)")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with no_transformers_bars():  # plain from_pretrained on purpose: the card's numbers must hold for it
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     streams = validation_streams(corpus_dir, tokens)
     with eval_progress(streams, seq_len, progress) as advance:
         return evaluate_streams(model, streams, seq_len, advance=advance)
