@@ -31,11 +31,10 @@ from rich.console import Console
 from rich.table import Table
 
 import moelab
-from moelab.compress.evaluate import evaluate_compressed, load_model
+from moelab.compress.evaluate import corpus_streams, evaluate_compressed, load_model
 from moelab.compress.pipeline import compress
 from moelab.compress.registry import PLANNERS
 from moelab.compress.spec import CompressSpec
-from moelab.demo import eval_streams
 
 BEGIN, END = "<!-- bench/compress.py: begin -->", "<!-- bench/compress.py: end -->"
 DOMAIN_METHODS = ("easy-ep", "frequency")  # calibrated per domain as well
@@ -152,7 +151,7 @@ def main() -> None:
     model_dir = args.model or moelab.default_model()
     corpus = args.corpus or moelab.default_corpus()
     reference = load_model(model_dir)
-    streams = eval_streams(corpus, model_dir, args.eval_tokens)
+    streams = corpus_streams(corpus, model_dir, args.eval_tokens)
     base = evaluate_compressed(reference, streams, seq_len=args.seq_len)
     original = {"perplexity": base.perplexity, "params": base.params, "routed_nonzero": routed_nonzero(reference)}
     todo = runs(args.methods.split(","), [float(x) for x in args.ratios.split(",")], list(streams))

@@ -61,7 +61,8 @@ def tiny_qwen3_moe() -> torch.nn.Module:
 def token_batches(model: torch.nn.Module, default: bool, n: int, batch: int, seq_len: int) -> torch.Tensor:
     """``[n * batch, seq_len]`` token ids: the default corpus' val split for the default model, else random."""
     if default:
-        from moelab.trace.corpus import TextTokenizer, pack, read_corpus
+        from moelab.data.texts import read_corpus
+        from moelab.trace.corpus import TextTokenizer, pack
 
         docs = read_corpus(moelab.default_corpus())
         ids = TextTokenizer(moelab.default_model()).encode([d.text for d in docs])

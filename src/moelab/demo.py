@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from moelab.errors import MoelabError
 
@@ -86,31 +85,10 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def eval_streams(corpus: Path, model_dir: Path, tokens: int) -> dict[str, Tensor]:
-    """Validation token streams per label: a moelab corpus' val split, or any corpus read whole.
-
-    Other corpora (text file, folder, JSONL) are tokenised with the model's tokenizer, documents of
-    one label joined with EOS; unlabelled text goes under ``all``.
-    """
-    from moelab.run.evaluate import validation_streams
-    from moelab.trace.corpus import TextTokenizer, is_moelab_corpus, read_corpus
-
-    if corpus.is_dir() and is_moelab_corpus(corpus):
-        return validation_streams(corpus, tokens)
-    tok = TextTokenizer(model_dir)
-    streams: dict[str, list[int]] = {}
-    for doc, ids in zip(docs := read_corpus(corpus), tok.encode([d.text for d in docs]), strict=True):
-        s = streams.setdefault(doc.label or "all", [])
-        if s and tok.eos_id is not None:
-            s.append(tok.eos_id)
-        s.extend(ids)
-    return {label: torch.tensor(s[:tokens], dtype=torch.long) for label, s in streams.items()}
-
-
 def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> DemoResult:
     """Run the whole demo (see the module docstring); ``progress(stage)`` is called before each step."""
     import moelab.trace
-    from moelab.compress.evaluate import evaluate_compressed, load_model
+    from moelab.compress.evaluate import corpus_streams, evaluate_compressed, load_model
     from moelab.compress.pipeline import compress
     from moelab.compress.spec import CompressSpec
     from moelab.data import default_corpus, default_model
@@ -119,7 +97,6 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
 
     t0 = time.perf_counter()
     say = progress or (lambda stage: None)
-    _quiet_transformers()
     model_dir = Path(cfg.model) if cfg.model is not None else default_model()
     corpus = Path(cfg.corpus) if cfg.corpus is not None else default_corpus()
     out = Path(cfg.out)
@@ -132,7 +109,7 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
                                 progress=False)
     say("evaluating the original")
     reference = load_model(model_dir, "model")
-    streams = eval_streams(corpus, model_dir, cfg.eval_tokens)
+    streams = corpus_streams(corpus, model_dir, cfg.eval_tokens)
     seq = min(cfg.seq_len, min(s.numel() for s in streams.values()))
     rows = [_row("original", "-", reference, evaluate_compressed(reference, streams, seq_len=seq), model_dir)]
     for method in cfg.methods:
@@ -155,13 +132,6 @@ def run_demo(cfg: DemoConfig, progress: Callable[[str], None] | None = None) -> 
     tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / DEMO_MARKER)
     return result
-
-
-def _quiet_transformers() -> None:
-    """transformers' own per-file progress bars would break the demo's single progress bar."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
 
 
 def _kind(method: str) -> str:

@@ -37,7 +37,7 @@ def _loop_stats(view, calib):
                 w = ev.weights_TK[t].double()
                 for k in range(ev.ids_TK.shape[1]):
                     e = int(ev.ids_TK[t, k])
-                    g = float(w[k] / w.sum())
+                    g = float(w[k] / b.routed_scaling_factor)  # the block's own gate (stats docstring)
                     x = ev.hidden_TH[t:t + 1].double()
                     if b.combine == "input":
                         x = x * float(ev.weights_TK[t, k])

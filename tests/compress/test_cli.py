@@ -98,3 +98,42 @@ def test_compress_a_loaded_model_keeps_its_tokenizer(tiny_model_dir, tmp_path):
     res = compress(model, "random", CompressSpec(ratio=0.5), kind="prune", out=tmp_path / "o")
     assert (res.out / "tokenizer.json").is_file() and res.params_after < res.params_before
     assert res.plan.meta["apply"]["num_experts"] == 4
+
+
+def test_help_lists_every_planner_and_a_wrong_method_fails_before_loading(monkeypatch, tmp_path):
+    import moelab.compress.pipeline as pipeline
+    from moelab.compress.registry import PLANNERS, planners_for
+
+    for command in ("prune", "merge"):
+        res = run(command, "--help")
+        assert res.exit_code == 0, res.output
+        assert all(name in res.output for name in planners_for(command)), res.output
+    assert set(planners_for("prune")) | set(planners_for("merge")) == set(PLANNERS)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was opened before the method was checked")
+
+    monkeypatch.setattr(pipeline, "open_model", no_loading)
+    model = tmp_path / "model"  # never read: the method is refused first
+    model.mkdir()
+    assert_error(run("prune", model, "--method", "reapp", "--ratio", 0.5, "--out", tmp_path / "o"),
+                 "unknown planner 'reapp'", ", ".join(planners_for("prune")))
+    assert_error(run("merge", model, "--method", "heapr", "--ratio", 0.5, "--out", tmp_path / "o"),
+                 "'heapr' is an atomic method", "moelab prune", ", ".join(planners_for("merge")))
+
+
+def test_eval_reads_every_corpus_trace_reads_and_refuses_the_same(tiny_model_dir, tmp_path):
+    corpus = tmp_path / "mixed.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "def f(x):\n    return x\n" * 20, "label": lab}) + "\n"
+                              for lab in ("alpha", "beta")), encoding="utf-8")
+    res = run("eval", tiny_model_dir, "--corpus", corpus, "--tokens", 64, "--seq-len", 32)
+    assert res.exit_code == 0, res.output
+    assert "alpha" in res.output and "beta" in res.output
+    bad = tmp_path / "rows.csv"
+    bad.write_text("text,label\nhello,x\n", encoding="utf-8")
+    lines = []
+    for args in (("eval", tiny_model_dir), ("trace", tiny_model_dir, "--out", tmp_path / "t")):
+        res = run(*args, "--corpus", bad)
+        assert_error(res, f"{bad}: unknown corpus format '.csv'", "a JSONL file (.jsonl)")
+        lines.append(res.output.strip().splitlines()[-1])
+    assert lines[0] == lines[1]

@@ -9,8 +9,8 @@ import pytest
 
 from moelab.compress.calib import calibration_documents
 from moelab.data import default_corpus
+from moelab.data.texts import read_corpus
 from moelab.errors import MoelabError
-from moelab.trace.corpus import read_corpus
 
 
 def _chars(docs) -> Counter:

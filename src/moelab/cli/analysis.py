@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from moelab.cli._options import no_progress_option, stage_bar
 from moelab.errors import MoelabError
 
 _TRACE = click.argument("trace_dir", metavar="TRACE",
@@ -97,15 +98,18 @@ def analyze(trace_dir: Path, layers: str | None, labels: tuple[str, ...], seg_le
               help="Per-layer figures show at most this many layers, evenly spaced.")
 @click.option("--loss-tokens", type=click.IntRange(min=2), default=4096, show_default=True,
               help="Traced tokens used to measure the loss effect of zeroing a super expert.")
+@no_progress_option
 def report(trace_dir: Path, out: Path, model: Path | None, layers: str | None, labels: tuple[str, ...],
-           max_layers: int, loss_tokens: int) -> None:
+           max_layers: int, loss_tokens: int, no_progress: bool) -> None:
     """Write the HTML report of the routing trace TRACE: summary table, load and co-activation
     heatmaps, SRP/SCH curves, specialisation, super and dead experts."""
     from moelab.report import build_report, write_report
+    from moelab.report.build import REPORT_STAGES
 
     trace = _open(trace_dir, layers, labels)
-    page = build_report(trace, model=None if model is None else str(model), max_layers=max_layers,
-                        loss_tokens=loss_tokens)
+    with stage_bar("report", len(REPORT_STAGES), enabled=not no_progress) as stage:
+        page = build_report(trace, model=None if model is None else str(model), max_layers=max_layers,
+                            loss_tokens=loss_tokens, progress=stage)
     path = write_report(page, out)
     click.echo(f"wrote {path} ({len(page.encode()) / 1e6:.2f} MB)")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from moelab.cli._options import CORPUS_FORMATS, LazyHelp, no_progress_option, planner_list
 from moelab.errors import MoelabError
 
 
@@ -20,20 +21,21 @@ def _default(name: str, what: str) -> Path:
         raise MoelabError(f"{what} is required: there is no embedded default ({err})") from None
 
 
-def _compress_options(f):
-    """Options shared by ``prune`` and ``merge``."""
+def _compress_options(command: str):
+    """Options shared by ``prune`` and ``merge``; ``--method`` lists the planners ``command`` runs."""
     model_dir = click.Path(exists=True, file_okay=False, path_type=Path)
     opts = [
         click.argument("model", required=False, type=model_dir),
-        click.option("--method", required=True, help="Planner name (see `moelab prune --help` for the list)."),
+        click.option("--method", required=True, metavar="NAME", cls=LazyHelp,
+                     help_text=lambda: f"Planner, one of: {planner_list(command)}."),
         click.option("--ratio", required=True, type=float,
                      help="Share of routed experts to remove, in [0, 1) (0 keeps every expert)."),
         click.option("--budget", type=click.Choice(["layer", "global"]), default="layer", show_default=True,
                      help="'layer': the same share in every layer; 'global': rank experts of all layers "
                           "together (a stock checkpoint needs equal counts, so it must come out even)."),
         click.option("--calib", "calib", type=click.Path(exists=True, path_type=Path), default=None,
-                     help="Calibration corpus (a `moelab data build` folder: its train split; or a text "
-                          "file, folder or JSONL). Default: the embedded corpus."),
+                     help=f"Calibration corpus. {CORPUS_FORMATS} A `moelab data build` corpus gives its "
+                          "train split. Default: the embedded corpus."),
         click.option("--calib-tokens", type=click.IntRange(min=1), default=16384, show_default=True,
                      help="Calibration tokens."),
         click.option("--calib-label", default=None, help="Calibrate on one label (domain) only, e.g. code."),
@@ -43,21 +45,28 @@ def _compress_options(f):
         click.option("--out", required=True, type=click.Path(path_type=Path),
                      help="Folder for the compressed checkpoint (written atomically)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing --out folder."),
+        no_progress_option,
     ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+
+    def decorate(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return decorate
 
 
 def _run(kind: str, model: Path | None, method: str, ratio: float, budget: str, calib: Path | None,
-         calib_tokens: int, calib_label: str | None, seq_len: int, seed: int, out: Path, overwrite: bool) -> None:
+         calib_tokens: int, calib_label: str | None, seq_len: int, seed: int, out: Path, overwrite: bool,
+         no_progress: bool) -> None:
     from moelab.compress.pipeline import compress
     from moelab.compress.spec import CompressSpec
 
     spec = CompressSpec(ratio=ratio, budget=budget, seed=seed)
     model = model or _default("default_model", "MODEL")
     res = compress(model, method, spec, kind=kind, out=out, overwrite=overwrite, calib_corpus=calib,
-                   calib_tokens=calib_tokens, calib_label=calib_label, seq_len=seq_len, progress=True)
+                   calib_tokens=calib_tokens, calib_label=calib_label, seq_len=seq_len,
+                   progress=not no_progress)
     for note in res.warnings:
         click.echo(f"warning: {note}", err=True)
     info = res.plan.meta.get("apply", {})
@@ -71,16 +80,15 @@ def _run(kind: str, model: Path | None, method: str, ratio: float, budget: str, 
                    f"holds one expert width, so they do not shrink the checkpoint)")
 
 
-@click.command("prune", epilog="Methods: random, frequency, weighted-frequency, reap and the other "
-                               "registered pruning planners (moelab.compress.registry).")
-@_compress_options
+@click.command("prune")
+@_compress_options("prune")
 def prune_command(**kwargs) -> None:
     """Remove experts from MODEL (default: the embedded model) and write a stock checkpoint to --out."""
     _run("prune", **kwargs)
 
 
-@click.command("merge", epilog="Methods: the registered merging planners (moelab.compress.registry).")
-@_compress_options
+@click.command("merge")
+@_compress_options("merge")
 def merge_command(**kwargs) -> None:
     """Merge experts of MODEL (default: the embedded model) and write a stock checkpoint to --out."""
     _run("merge", **kwargs)
@@ -88,15 +96,17 @@ def merge_command(**kwargs) -> None:
 
 @click.command("eval")
 @click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--corpus", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="A `moelab data build` corpus; its val split is evaluated. Default: the embedded corpus.")
+@click.option("--corpus", type=click.Path(exists=True, path_type=Path), default=None,
+              help=f"{CORPUS_FORMATS} A `moelab data build` corpus gives its val split; any other corpus is "
+                   "evaluated whole, per label. Default: the embedded corpus.")
 @click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Reference model (e.g. the uncompressed one): adds KL(ref || model) and top-1 agreement.")
 @click.option("--tokens", type=click.IntRange(min=2), default=32768, show_default=True,
               help="Tokens per domain (the first ones of its val split).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Window length.")
+@no_progress_option
 def eval_command(model: Path | None, corpus: Path | None, reference: Path | None, tokens: int,
-                 seq_len: int) -> None:
+                 seq_len: int, no_progress: bool) -> None:
     """Perplexity per domain of MODEL (default: the embedded model) and, with --reference, the mean
     KL of next-token distributions and top-1 agreement with the reference."""
     from rich.console import Console
@@ -106,7 +116,8 @@ def eval_command(model: Path | None, corpus: Path | None, reference: Path | None
 
     model = model or _default("default_model", "MODEL")
     corpus = corpus or _default("default_corpus", "--corpus")
-    res = evaluate_path(model, corpus, reference_dir=reference, tokens=tokens, seq_len=seq_len)
+    res = evaluate_path(model, corpus, reference_dir=reference, tokens=tokens, seq_len=seq_len,
+                        progress=not no_progress)
     table = Table(title=f"{model} ({res.params:,} parameters)")
     for col in ("domain", "tokens", "perplexity") + (("KL (nats)", "top-1 agree") if res.kl else ()):
         table.add_column(col, justify="left" if col == "domain" else "right")

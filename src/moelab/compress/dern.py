@@ -6,8 +6,8 @@ three steps below are the paper's (abstract), the exact formulas are moelab's re
 are stated here so that they can be checked:
 
 1. **Drop experts by router statistics.** Importance of expert e over the calibration tokens:
-   ``s_e = sum_{t : e in S_t} g_{t,e}`` (``score="weight"``, the summed gates renormalised over the
-   top-k, as :mod:`moelab.compress.stats` and REAP define them) or
+   ``s_e = sum_{t : e in S_t} g_{t,e}`` (``score="weight"``, the summed gates as
+   :mod:`moelab.compress.stats` and REAP define them: renormalised over the top-k where the model is) or
    ``s_e = |{t : e in S_t}|`` (``score="frequency"``). Each layer keeps its ``kept`` highest
    (ties: the lower index); the others are dropped.
 2. **Split dropped experts into segments and assign each to its most compatible kept expert.** A

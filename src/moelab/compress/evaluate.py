@@ -17,6 +17,7 @@ Tokens at or beyond the model's vocabulary (a corpus from another tokenizer) are
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,13 @@ from torch import Tensor, nn
 
 from moelab.errors import MoelabError
 from moelab.run import evaluating
-from moelab.run.evaluate import EVAL_SEQ_LEN, EVAL_TOKENS, evaluate_streams, validation_streams
+from moelab.run.evaluate import (
+    EVAL_SEQ_LEN,
+    EVAL_TOKENS,
+    eval_progress,
+    evaluate_streams,
+    validation_streams,
+)
 
 
 @dataclass
@@ -95,27 +102,30 @@ class _Agreement:
 
 
 def evaluate_compressed(model: nn.Module, streams: dict[str, Tensor], *, reference: nn.Module | None = None,
-                        seq_len: int = EVAL_SEQ_LEN, batch_size: int = 16) -> CompressionEval:
+                        seq_len: int = EVAL_SEQ_LEN, batch_size: int = 16,
+                        progress: bool = False) -> CompressionEval:
     """Perplexity per domain of ``model`` on ``streams`` (``domain -> [N]`` token ids) and, given
-    ``reference``, mean KL(reference || model) and top-1 agreement on the same windows."""
+    ``reference``, mean KL(reference || model) and top-1 agreement on the same windows; ``progress``
+    shows a token bar on stderr."""
     check_vocab(streams, model, "corpus")
     if reference is not None and _vocab(reference) != _vocab(model):
         raise MoelabError(f"reference: vocabulary of {_vocab(reference)} tokens, but the model has "
                           f"{_vocab(model)}; KL needs the same tokenizer")
     params = sum(p.numel() for p in model.parameters())
-    if reference is None:
-        res = evaluate_streams(model, streams, seq_len, batch_size)
-        return CompressionEval(res.loss, res.tokens, params, load_LE=res.load_LE)
-    return _with_reference(model, reference, streams, seq_len, batch_size, params)
+    with eval_progress(streams, seq_len, progress) as advance:
+        if reference is None:
+            res = evaluate_streams(model, streams, seq_len, batch_size, advance)
+            return CompressionEval(res.loss, res.tokens, params, load_LE=res.load_LE)
+        return _with_reference(model, reference, streams, seq_len, batch_size, params, advance)
 
 
 def _with_reference(model: nn.Module, reference: nn.Module, streams: dict[str, Tensor], seq_len: int,
-                    batch_size: int, params: int) -> CompressionEval:
+                    batch_size: int, params: int, advance: Callable[[int], None]) -> CompressionEval:
     agreement = _Agreement(reference)
     loss, tokens, kl, top1, load = {}, {}, {}, {}, {}
     with evaluating(reference, [model.register_forward_hook(agreement, with_kwargs=True)]):
         for domain, stream in streams.items():  # one domain at a time: the hook's sums are per domain
-            res = evaluate_streams(model, {domain: stream}, seq_len, batch_size)
+            res = evaluate_streams(model, {domain: stream}, seq_len, batch_size, advance)
             loss[domain], tokens[domain], load[domain] = res.loss[domain], res.tokens[domain], res.load_LE[domain]
             kl[domain], top1[domain] = agreement.take()
     return CompressionEval(loss, tokens, params, kl, top1, load)
@@ -138,12 +148,38 @@ def check_same_tokenizer(model_dir: Path, corpus_dir: Path) -> None:
         raise MoelabError(f"corpus: {b} differs from the model's {a}; the corpus is tokenised for another model")
 
 
-def evaluate_path(model_dir: str | Path, corpus_dir: str | Path, *, reference_dir: str | Path | None = None,
-                  tokens: int = EVAL_TOKENS, seq_len: int = EVAL_SEQ_LEN) -> CompressionEval:
-    """Load ``model_dir`` (and ``reference_dir``) and evaluate on ``corpus_dir``'s validation split."""
-    model_dir, corpus_dir = Path(model_dir), Path(corpus_dir)
-    check_same_tokenizer(model_dir, corpus_dir)
+def corpus_streams(corpus: str | Path, model_dir: str | Path, tokens: int) -> dict[str, Tensor]:
+    """The first ``tokens`` validation tokens per label of any corpus :func:`moelab.data.read_corpus`
+    accepts: a moelab corpus' val split (its own tokenizer, which must be the model's), or any other
+    corpus read whole and tokenised with ``model_dir``'s tokenizer, documents of one label joined with
+    EOS; unlabelled text goes under ``all``."""
+    from moelab.data.texts import is_moelab_corpus, read_corpus
+    from moelab.trace.corpus import TextTokenizer
+
+    corpus = Path(corpus)
+    if corpus.is_dir():  # a folder with its own tokenizer.json was tokenised for the model it came with
+        check_same_tokenizer(Path(model_dir), corpus)
+    if corpus.is_dir() and is_moelab_corpus(corpus):
+        return validation_streams(corpus, tokens)
+    docs = read_corpus(corpus)  # before the tokenizer: a bad corpus is named first
+    tok = TextTokenizer(model_dir)
+    streams: dict[str, list[int]] = {}
+    for doc, ids in zip(docs, tok.encode([d.text for d in docs]), strict=True):
+        s = streams.setdefault(doc.label or "all", [])
+        if s and tok.eos_id is not None:
+            s.append(tok.eos_id)
+        s.extend(ids)
+    return {label: torch.tensor(s[:tokens], dtype=torch.long) for label, s in streams.items()}
+
+
+def evaluate_path(model_dir: str | Path, corpus: str | Path, *, reference_dir: str | Path | None = None,
+                  tokens: int = EVAL_TOKENS, seq_len: int = EVAL_SEQ_LEN, progress: bool = False) -> CompressionEval:
+    """Load ``model_dir`` (and ``reference_dir``) and evaluate on ``corpus``'s validation text
+    (:func:`corpus_streams`: a moelab corpus' val split, or any other corpus read whole)."""
+    model_dir = Path(model_dir)
+    streams = corpus_streams(corpus, model_dir, tokens)
     model = load_model(model_dir)
     reference = load_model(reference_dir, "reference") if reference_dir is not None else None
-    streams = validation_streams(corpus_dir, tokens)
-    return evaluate_compressed(model, streams, reference=reference, seq_len=min(seq_len, tokens))
+    shortest = min(s.numel() for s in streams.values())
+    return evaluate_compressed(model, streams, reference=reference, seq_len=min(seq_len, shortest),
+                               progress=progress)

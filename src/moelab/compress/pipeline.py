@@ -25,12 +25,10 @@ from torch import nn
 from moelab.compress.apply import CompressWarning, apply_plan, save_compressed
 from moelab.compress.calib import Calibration, calibration_batches
 from moelab.compress.plan import Plan
-from moelab.compress.registry import get_planner
+from moelab.compress.registry import check_method, get_planner
 from moelab.compress.spec import CompressSpec
 from moelab.errors import MoelabError
 from moelab.models import ModelView, open_model
-
-KINDS = {"prune": ("prune", "atomic"), "merge": ("merge",)}
 
 
 @dataclass
@@ -73,23 +71,14 @@ def make_plan(view: ModelView, method: str, spec: CompressSpec, *, kind: str | N
     """Run planner ``method`` (checked against ``kind``: 'prune' or 'merge') on ``view``."""
     from moelab.trace.progress import token_progress
 
-    planner_kind, planner, needs_calib = get_planner(method)
-    if kind is not None and planner_kind not in KINDS[kind]:
-        other = "merge" if kind == "prune" else "prune"
-        raise MoelabError(f"method: {method!r} is a {planner_kind} method; use `moelab {other}` "
-                          f"(or one of: {', '.join(_names(kind))})")
+    check_method(method, kind)
+    _, planner, needs_calib = get_planner(method)
     if needs_calib and calib is None:
         raise MoelabError(f"calib: method {method!r} needs calibration data")
     total = calib.num_tokens if calib is not None else 0
     with token_progress(max(total, 1), enabled=progress and total > 0, label=f"calibrating {method}") as adv, \
             _count_tokens(view.model, adv):
         return planner(view, calib if needs_calib else None, spec, **options)
-
-
-def _names(kind: str) -> list[str]:
-    from moelab.compress.registry import planners
-
-    return [n for k in KINDS[kind] for n in planners(k)]
 
 
 def compress(model: str | os.PathLike | nn.Module, method: str, spec: CompressSpec, *, kind: str | None = None,
@@ -103,6 +92,7 @@ def compress(model: str | os.PathLike | nn.Module, method: str, spec: CompressSp
     Warnings of :func:`apply_plan` (clamped top-k, groups switched off) are returned, not printed.
     """
     t0 = time.perf_counter()
+    check_method(method, kind)  # before loading anything: a misspelt method fails at once
     if out is not None and Path(out).exists() and not overwrite:
         raise MoelabError(f"out: {out} already exists; choose another folder or pass --overwrite")
     view = open_model(model)

@@ -4,8 +4,10 @@ Score of expert e of a layer over calibration tokens (``src/reap/pruning_metrics
 
     REAP_e = (1 / |T_e|) * sum_{t in T_e} g_{t,e} * ||E_e(x_t)||_2
 
-``T_e`` the tokens whose top-k includes e, ``g_{t,e}`` the router gate renormalised over the top-k
-(REAP's default ``renormalize_router_weights``), ``E_e(x_t)`` the expert's output before weighting.
+``T_e`` the tokens whose top-k includes e, ``g_{t,e}`` the router gate as the block combines with it:
+renormalised over the top-k only when the model's ``norm_topk_prob`` is true, else the raw softmax
+probability, as REAP's ``main.py`` decides (``renormalize_router_weights`` applies only then; see
+:mod:`moelab.compress.stats`), ``E_e(x_t)`` the expert's output before weighting.
 An expert never routed scores 0. Each layer drops its lowest-scored experts: the same number per
 layer in the paper (``budget='layer'``); ``budget='global'`` ranks ``score / mean(layer)`` across
 layers. Router rows and correction biases of the kept experts are kept, top-k unchanged (clamped

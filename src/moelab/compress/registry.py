@@ -26,6 +26,10 @@ PLANNERS: dict[str, tuple[str, str, bool]] = {
 }
 
 
+# the planner kinds each command runs: `moelab prune` also takes atomic (neuron-level) planners
+COMMAND_KINDS: dict[str, tuple[str, ...]] = {"prune": ("prune", "atomic"), "merge": ("merge",)}
+
+
 def get_planner(name: str) -> tuple[str, Callable, bool]:
     """``(kind, planner function, needs_calibration)`` of planner ``name``."""
     if name not in PLANNERS:
@@ -38,3 +42,22 @@ def get_planner(name: str) -> tuple[str, Callable, bool]:
 def planners(kind: str | None = None) -> list[str]:
     """Names of the registered planners (of one kind when given)."""
     return sorted(n for n, (k, _, _) in PLANNERS.items() if kind is None or k == kind)
+
+
+def planners_for(command: str) -> list[str]:
+    """Names of the planners that ``moelab <command>`` ('prune' or 'merge') runs."""
+    return [n for k in COMMAND_KINDS[command] for n in planners(k)]
+
+
+def check_method(name: str, command: str | None = None) -> None:
+    """Raise :class:`MoelabError` unless ``name`` is a planner that ``command`` runs (any planner when
+    None). It imports no planner, so callers run it before loading a model: a typo fails at once."""
+    known = planners_for(command) if command is not None else planners()
+    if name not in PLANNERS:
+        raise MoelabError(f"method: unknown planner {name!r}; known: {', '.join(known)}")
+    kind = PLANNERS[name][0]
+    if command is not None and kind not in COMMAND_KINDS[command]:
+        other = next(c for c, kinds in COMMAND_KINDS.items() if kind in kinds)
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise MoelabError(f"method: {name!r} is {article} {kind} method; use `moelab {other}` "
+                          f"(or one of: {', '.join(known)})")

@@ -4,9 +4,12 @@ Shape legend: T tokens of a batch, K top-k, E experts of a layer, H hidden.
 
 Notation (as in REAP, Lasby et al. 2025, ``src/reap/pruning_metrics.py``): ``S_t`` the experts chosen
 for token t, ``T_e = {t : e in S_t}``, ``w_{t,e}`` the model's combine weight and
-``g_{t,e} = w_{t,e} / sum_{k in S_t} w_{t,k}`` the gate renormalised over the top-k (REAP's default
-``renormalize_router_weights``; it also cancels DeepSeek's ``routed_scaling_factor``).
-``||E_e(x_t)||_2`` is the norm of expert e's output on the input it received, before its weight
+``g_{t,e} = w_{t,e} / routed_scaling_factor`` the gate: the router probability exactly as the block
+combines with it, renormalised over the top-k only when the model does (``norm_topk_prob``). This is
+REAP's rule: its ``main.py`` renormalises only when ``model.config.norm_topk_prob`` is true (and
+``renormalize_router_weights``, default on), else it uses the raw softmax probability. Dividing out
+the scaling factor (DeepSeek's 2.5, a constant per model) changes no ranking and keeps ``g`` a
+probability. ``||E_e(x_t)||_2`` is the norm of expert e's output on the input it received, before its weight
 (:func:`moelab.trace.collect.expert_stats`; Llama4 scales inputs, so there it is ``E_e(w x)``).
 
 Per layer, float64 arrays ``[E]``::
@@ -26,7 +29,7 @@ from torch import Tensor
 
 from moelab.compress.calib import Calibration, routing_pass
 from moelab.errors import MoelabError
-from moelab.models import ModelView, RoutingEvent
+from moelab.models import ModelView, MoEBlockView, RoutingEvent
 from moelab.trace.collect import expert_stats
 
 
@@ -55,19 +58,18 @@ class ExpertStats:
                 "ean_sum": self.ean_sum_E.tolist(), "reap": self.reap_E.tolist()}
 
 
-def renormalised_gates(weights_TK: Tensor) -> Tensor:
-    """``g = w / sum_k w`` in float64 (rows summing to 0 stay 0)."""
-    w = weights_TK.detach().to(torch.float64)
-    total = w.sum(-1, keepdim=True)
-    return torch.where(total != 0, w / torch.where(total != 0, total, 1.0), 0.0)
+def gates(block: MoEBlockView, weights_TK: Tensor) -> Tensor:
+    """``g = w / routed_scaling_factor`` in float64: the block's own combine weights, renormalised
+    over the top-k exactly when the family does (see the module docstring)."""
+    return weights_TK.detach().to(torch.float64) / block.routed_scaling_factor
 
 
-def accumulate(stats: ExpertStats, ids_TK: Tensor, weights_TK: Tensor, norm_TK: Tensor | None) -> None:
-    """Add one batch's routing (and expert output norms, if given) to ``stats`` in place."""
+def accumulate(stats: ExpertStats, ids_TK: Tensor, gates_TK: Tensor, norm_TK: Tensor | None) -> None:
+    """Add one batch's routing (gates from :func:`gates`, expert output norms if given) to ``stats``."""
     ids = ids_TK.reshape(-1).cpu()
     valid = ids >= 0
     ids = ids[valid]
-    g = renormalised_gates(weights_TK).reshape(-1).cpu()[valid]
+    g = gates_TK.reshape(-1).cpu().to(torch.float64)[valid]
     E = stats.count_E.shape[0]
     stats.count_E += torch.bincount(ids, minlength=E).to(torch.float64)
     stats.gate_sum_E.index_add_(0, ids, g)
@@ -94,7 +96,7 @@ def expert_statistics(view: ModelView, calib: Calibration, *, norms: bool = True
         norm_TK = None
         if norms:
             norm_TK = expert_stats(ev.block, ev.hidden_TH, ev.ids_TK, ev.weights_TK)[0]
-        accumulate(out[ev.block.layer], ev.ids_TK, ev.weights_TK, norm_TK)
+        accumulate(out[ev.block.layer], ev.ids_TK, gates(ev.block, ev.weights_TK), norm_TK)
 
     routing_pass(view, calib, on_event)
     return out

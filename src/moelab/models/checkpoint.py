@@ -145,14 +145,30 @@ def _check_family(config: Any, path: Path) -> None:
 
 
 @contextlib.contextmanager
+def no_transformers_bars():
+    """Hide transformers' tqdm bars ("Loading weights") for the block: they go to stderr even when it
+    is piped, so they would land in logs and break moelab's own bar. The setting is restored on exit."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def _quiet_transformers():
-    """Silence transformers' own load report while loading; moelab raises one message instead."""
+    """No bars, and no load report from transformers while loading: moelab raises one message instead."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        yield
+        with no_transformers_bars():
+            yield
     finally:
         hf_logging.set_verbosity(level)
 

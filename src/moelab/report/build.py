@@ -13,7 +13,7 @@ Shape legend: L layers, E experts, D labels (domains), K top-k slots.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -279,9 +279,15 @@ def _decoder(model: Any) -> Any:
     return lambda t: f"#{t}"
 
 
+# the steps of build_report, in order, as its ``progress`` callback names them
+REPORT_STAGES = ("headline", "summary", "load", "dead experts", "co-activation", "consistency",
+                 "specialisation", "super experts", "similarity")
+
+
 def build_report(trace: Any, model: Any = None, extra_sections: Sequence[Section] = (), *,
                  title: str | None = None, seg_lens: Sequence[int] = (4, 16, 64, 256),
-                 max_layers: int = 8, loss_tokens: int = 4096) -> str:
+                 max_layers: int = 8, loss_tokens: int = 4096,
+                 progress: Callable[[str], None] | None = None) -> str:
     """The HTML page of a routing trace (see the module docstring).
 
     Args:
@@ -292,6 +298,7 @@ def build_report(trace: Any, model: Any = None, extra_sections: Sequence[Section
             ``loss_tokens`` traced tokens), and a directory's tokenizer decodes the vocabulary table.
         extra_sections: appended after moelab's own sections (e.g. ``moelab demo``'s "Compression").
         max_layers: per-layer figures show at most this many layers, evenly spaced.
+        progress: called with each name of :data:`REPORT_STAGES` before that step runs.
     Raises:
         MoelabError: an empty selection; TraceError: a model that is not the traced one.
     """
@@ -301,12 +308,19 @@ def build_report(trace: Any, model: Any = None, extra_sections: Sequence[Section
         view = _as_view(model)
         if hasattr(trace, "check_matches"):
             trace.check_matches(view)
+    say = progress or (lambda stage: None)
+    say(REPORT_STAGES[0])
     h = headline(trace)
     desc = "none (pass --model)" if view is None else f"{view.family} ({type(view.model).__name__})"
-    sections = [_summary(ctx, h, desc), _load(ctx), _dead(ctx), _coactivation(ctx),
-                _consistency(ctx, seg_lens), _specialisation(ctx, _decoder(model)),
-                _super_experts(ctx, h, view, loss_tokens), _similarity(ctx, view, min(loss_tokens, 1024)),
-                *extra_sections]
+    makers = [lambda: _summary(ctx, h, desc), lambda: _load(ctx), lambda: _dead(ctx), lambda: _coactivation(ctx),
+              lambda: _consistency(ctx, seg_lens), lambda: _specialisation(ctx, _decoder(model)),
+              lambda: _super_experts(ctx, h, view, loss_tokens),
+              lambda: _similarity(ctx, view, min(loss_tokens, 1024))]
+    sections = []
+    for stage, make in zip(REPORT_STAGES[1:], makers, strict=True):
+        say(stage)
+        sections.append(make())
+    sections += extra_sections
     name = title or f"moelab report: {Path(str(getattr(trace, 'directory', 'trace'))).name}"
     sub = f"{trace.num_tokens:,} tokens, {len(ctx.layers)} MoE layers" + (
         f", labels {', '.join(ctx.names)}" if ctx.names else "")

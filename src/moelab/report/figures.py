@@ -17,6 +17,11 @@ from matplotlib.figure import Figure
 
 from moelab.report.html import new_figure
 
+# a panel holding an [E, E] matrix: imshow keeps it square, so the panel must be taller than it is
+# wide by the title above and the tick labels and axis label below; constrained layout cannot
+# shrink a square axes below the width it was given, and a shorter panel clipped both
+_SQUARE_PANEL = (3.2, 3.5)
+
 _LABEL_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
                   "#7f7f7f", "#bcbd22", "#17becf"]
 
@@ -40,8 +45,8 @@ def _grid(n: int, cols: int = 4, panel: tuple[float, float] = (3.2, 2.6)) -> tup
     return fig, axes[:n]
 
 
-def _expert_ticks(ax, num_experts: int) -> None:
-    step = max(1, math.ceil(num_experts / 16))
+def _expert_ticks(ax, num_experts: int, max_ticks: int = 16) -> None:
+    step = max(1, math.ceil(num_experts / max_ticks))
     ax.set_xticks(range(0, num_experts, step))
     ax.tick_params(labelsize=7)
 
@@ -81,7 +86,7 @@ def domain_load_grid(share_by_layer: dict[int, np.ndarray], label_names: list[st
 def coactivation_grid(rate_by_layer: dict[int, np.ndarray], chance_by_layer: dict[int, float]) -> Figure:
     """Per layer, ``P(j | i) / chance`` with the diagonal blanked (chance = (K - 1) / (E - 1))."""
     layers = list(rate_by_layer)
-    fig, axes = _grid(len(layers))
+    fig, axes = _grid(len(layers), panel=_SQUARE_PANEL)
     rel = {x: rate_by_layer[x] / chance_by_layer[x] if chance_by_layer[x] > 0 else rate_by_layer[x]
            for x in layers}
     for r in rel.values():
@@ -91,7 +96,7 @@ def coactivation_grid(rate_by_layer: dict[int, np.ndarray], chance_by_layer: dic
     for ax, layer in zip(axes, layers, strict=True):
         im = ax.imshow(rel[layer], cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
         ax.set_title(f"layer {layer}", fontsize=9)
-        _expert_ticks(ax, rel[layer].shape[1])
+        _expert_ticks(ax, rel[layer].shape[1], max_ticks=8)  # 16 two-digit labels overlap in a panel
         ax.set_yticks(ax.get_xticks())
         ax.set_xlabel("expert j", fontsize=8)
         ax.set_ylabel("expert i", fontsize=8)
@@ -187,7 +192,7 @@ def similarity_grid(sim_by_layer: dict[int, np.ndarray], label: str, centred: bo
     scale symmetric about 0 spanning the largest off-diagonal |value| (at least 0.05); otherwise a
     sequential scale from the smallest to the largest off-diagonal value, so weak structure shows."""
     layers = list(sim_by_layer)
-    fig, axes = _grid(len(layers))
+    fig, axes = _grid(len(layers), panel=_SQUARE_PANEL)
     mats = {}
     for layer in layers:
         mats[layer] = np.array(sim_by_layer[layer], dtype=np.float64)
@@ -204,7 +209,7 @@ def similarity_grid(sim_by_layer: dict[int, np.ndarray], label: str, centred: bo
     for ax, layer in zip(axes, layers, strict=True):
         im = ax.imshow(mats[layer], cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
         ax.set_title(f"layer {layer}", fontsize=9)
-        _expert_ticks(ax, mats[layer].shape[1])
+        _expert_ticks(ax, mats[layer].shape[1], max_ticks=8)
         ax.set_yticks(ax.get_xticks())
         ax.set_xlabel("expert j", fontsize=8)
         ax.set_ylabel("expert i", fontsize=8)

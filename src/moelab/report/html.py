@@ -85,7 +85,8 @@ def new_figure(width: float = 8.0, height: float = 3.5) -> Figure:
 
 def png_base64(fig: Figure, dpi: int = 110) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
+    # bbox "tight": the image grows to every title and label, so no layout slip can clip one
+    fig.savefig(buf, format="png", dpi=dpi, facecolor="white", bbox_inches="tight", pad_inches=0.08)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 

@@ -12,6 +12,8 @@ Legend: W windows, S tokens per window, V vocab, L layers, E experts, D domains.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from torch import Tensor
 from moelab.data.streams import encode_split
 from moelab.errors import MoelabError
 from moelab.models import open_model
+from moelab.routing import Routing
 from moelab.run.loss import next_token_nll
 from moelab.run.runner import run_batches
 
@@ -47,18 +50,32 @@ class EvalResult:
         return {d: math.exp(v) for d, v in self.loss.items()}
 
 
-def evaluate_streams(model: torch.nn.Module, streams: dict[str, Tensor], seq_len: int = EVAL_SEQ_LEN,
-                     batch_size: int = 16) -> EvalResult:
-    """Evaluate a transformers MoE causal LM (``output_router_logits`` supported) on token streams.
+@contextmanager
+def eval_progress(streams: dict[str, Tensor], seq_len: int, enabled: bool) -> Iterator[Callable[[int], None]]:
+    """A token progress bar (stderr) over the windows :func:`evaluate_streams` runs; yields ``advance``."""
+    from moelab.trace.progress import token_progress
 
-    The model runs through :func:`moelab.run.run_batches` (eval mode, no grad, state restored).
+    total = sum(s.numel() // seq_len * seq_len for s in streams.values())
+    with token_progress(max(total, 1), enabled=enabled and total > 0, label="evaluating") as advance:
+        yield advance
+
+
+def evaluate_streams(model: torch.nn.Module, streams: dict[str, Tensor], seq_len: int = EVAL_SEQ_LEN,
+                     batch_size: int = 16, advance: Callable[[int], None] | None = None) -> EvalResult:
+    """Evaluate a transformers MoE causal LM on token streams; ``advance(tokens)`` is called after
+    every batch (see :func:`eval_progress`).
+
+    The model runs through :func:`moelab.run.run_batches` (eval mode, no grad, state restored); the
+    expert load is counted from the routing the experts received (routing hooks, after any routing
+    edit), so routers that select with a correction bias, by group or by SparseMixer count right.
     """
-    top_k = open_model(model).blocks[0].top_k  # the family's own field (DBRX: ffn_config.moe_top_k)
+    view = open_model(model)
     loss, count, load = {}, {}, {}
     for domain, stream in streams.items():
-        sums = _Sums(top_k)
-        run_batches(model, eval_windows(stream, seq_len).split(batch_size), on_output=sums.add,
-                    output_router_logits=True, use_cache=False)
+        sums = _Sums(view, advance)
+        handles = [b.register_routing_hook(sums.count) for b in view.blocks]
+        run_batches(model, eval_windows(stream, seq_len).split(batch_size), handles=handles,
+                    on_output=sums.add, use_cache=False)
         loss[domain] = sums.nll / sums.n
         count[domain] = sums.n
         load[domain] = (sums.load_LE / sums.load_LE.sum(dim=1, keepdim=True)).tolist()
@@ -66,22 +83,28 @@ def evaluate_streams(model: torch.nn.Module, streams: dict[str, Tensor], seq_len
 
 
 class _Sums:
-    """Summed NLL, predicted tokens and top-k assignment counts ``[L, E]`` over the windows of a domain."""
+    """Summed NLL and predicted tokens over the windows of a domain, and the expert load ``[L, E]``
+    from the routing hooks (real slots only)."""
 
-    def __init__(self, top_k: int) -> None:
-        self.top_k, self.nll, self.n, self.load_LE = top_k, 0.0, 0, None
+    def __init__(self, view, advance: Callable[[int], None] | None) -> None:
+        self.nll, self.n, self.advance = 0.0, 0, advance
+        self.row = {b.layer: n for n, b in enumerate(view.blocks)}
+        E = max(b.num_experts for b in view.blocks)
+        self.load_LE = torch.zeros(len(view.blocks), E)
+
+    def count(self, ev) -> None:
+        self.load_LE[self.row[ev.block.layer]] += expert_load(ev.routing, self.load_LE.shape[1])
 
     def add(self, ids_WS: Tensor, out) -> None:
         self.nll += next_token_nll(out.logits, ids_WS, reduction="sum").item()
         self.n += ids_WS[:, 1:].numel()
-        counts_LE = torch.stack([expert_load(lg, self.top_k) for lg in out.router_logits])
-        self.load_LE = counts_LE if self.load_LE is None else self.load_LE + counts_LE
+        if self.advance is not None:
+            self.advance(ids_WS.numel())
 
 
-def expert_load(logits_TE: Tensor, top_k: int) -> Tensor:
-    """Top-k assignment counts per expert ``[E]`` (float32), as the model routes (softmax then top-k)."""
-    ids_TK = logits_TE.float().topk(top_k, dim=-1).indices  # softmax is monotone: same top-k as on probs
-    return torch.bincount(ids_TK.reshape(-1), minlength=logits_TE.shape[-1]).float()
+def expert_load(routing: Routing, num_experts: int) -> Tensor:
+    """Assignment counts per expert ``[E]`` (float32) of a routing's real slots: the one load count."""
+    return routing.tokens_per_expert(num_experts).float().cpu()
 
 
 def eval_windows(stream: Tensor, seq_len: int) -> Tensor:
@@ -98,12 +121,14 @@ def validation_streams(corpus_dir: Path, tokens: int = EVAL_TOKENS) -> dict[str,
 
 
 def evaluate_model_dir(model_dir: Path, corpus_dir: Path, tokens: int = EVAL_TOKENS,
-                       seq_len: int = EVAL_SEQ_LEN) -> EvalResult:
+                       seq_len: int = EVAL_SEQ_LEN, progress: bool = False) -> EvalResult:
     """Load a saved model (float32, :func:`moelab.models.load_checkpoint`: safetensors only) and evaluate it."""
     from moelab.models import load_checkpoint
 
     model = load_checkpoint(Path(model_dir), dtype=torch.float32)
-    return evaluate_streams(model, validation_streams(corpus_dir, tokens), seq_len)
+    streams = validation_streams(corpus_dir, tokens)
+    with eval_progress(streams, seq_len, progress) as advance:
+        return evaluate_streams(model, streams, seq_len, advance=advance)
 
 
 def load_entropy(load_LE: list[list[float]]) -> list[float]:

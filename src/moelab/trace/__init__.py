@@ -11,13 +11,14 @@ with any Parquet reader (pyarrow, polars, DuckDB).
 
 from __future__ import annotations
 
-from moelab.trace.corpus import CorpusError, Document, TextTokenizer, pack, read_corpus
+from moelab.data.texts import CorpusError, Document, read_corpus
+from moelab.trace.corpus import TextTokenizer, pack
 from moelab.trace.reader import Trace
 from moelab.trace.reader import open_trace as open  # noqa: A001 - the documented name
-from moelab.trace.record import RecordConfig, record
+from moelab.trace.record import RecordConfig, TraceInterrupted, record
 from moelab.trace.schema import SCHEMA_VERSION, LayerInfo, Manifest
 
 __all__ = [
     "SCHEMA_VERSION", "CorpusError", "Document", "LayerInfo", "Manifest", "RecordConfig", "TextTokenizer",
-    "Trace", "open", "pack", "read_corpus", "record",
+    "Trace", "TraceInterrupted", "open", "pack", "read_corpus", "record",
 ]

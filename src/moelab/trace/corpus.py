@@ -1,11 +1,8 @@
-"""Corpora for tracing: reading documents, tokenizing them, packing them into sequences.
+"""Corpora for tracing: tokenizing documents and packing them into sequences.
 
 Shape legend: N tokens (the packed stream), S sequences.
 
-A corpus is a text file (one document, no label), a folder of text files (each file directly in the
-folder is a document labelled with its file stem; files under a subfolder are labelled with the
-subfolder's name), or a JSONL file (``.jsonl``) whose lines are objects with a ``text`` string and an
-optional ``label``. Packing concatenates the documents of one label, a separator token between
+Reading a corpus path into documents is :mod:`moelab.data.texts`. Packing concatenates the documents of one label, a separator token between
 documents, cuts the stream into sequences of ``seq_len`` tokens (the last one may be shorter), and
 interleaves the labels' sequences round-robin so that any prefix of the sequences (``max_tokens``)
 mixes all labels.
@@ -22,115 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from moelab.data.texts import CorpusError
 from moelab.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from moelab.errors import MoelabError
-
-
-class CorpusError(MoelabError):
-    """A corpus or tokenizer that cannot be read; the message names the file (and line or offset)."""
-
-
-@dataclass(frozen=True)
-class Document:
-    """One document of a corpus. ``source`` names where it came from (file, or file:line)."""
-
-    text: str
-    label: str | None = None
-    source: str = ""
-
-
-def fingerprint_documents(docs: Sequence[Document]) -> str:
-    """sha256 over the labels and texts of the documents, in order."""
-    h = hashlib.sha256()
-    for d in docs:
-        h.update(b"\x00" if d.label is None else d.label.encode() + b"\x01")
-        h.update(d.text.encode())
-        h.update(b"\x02")
-    return h.hexdigest()
-
-
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise CorpusError(
-            f"{path}: not UTF-8 text (invalid byte 0x{data[err.start]:02x} at byte offset {err.start})"
-        ) from None
-
-
-def _read_jsonl(path: Path, default_label: str | None) -> list[Document]:
-    text = _decode(path)
-    docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CorpusError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise CorpusError(f"{path}:{lineno}: expected an object with a string field 'text'")
-        label = obj.get("label", default_label)
-        if label is not None and not isinstance(label, (str, int)):
-            raise CorpusError(f"{path}:{lineno}: field 'label' must be a string or integer, got {label!r}")
-        docs.append(Document(obj["text"], None if label is None else str(label), f"{path}:{lineno}"))
-    return docs
-
-
-def _read_file(path: Path, label: str | None) -> list[Document]:
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path, label)
-    return [Document(_decode(path), label, str(path))]
-
-
-def _visible_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
-def is_moelab_corpus(path: Path) -> bool:
-    """True for a corpus folder built by ``moelab data build`` (manifest + ``<domain>/<split>.jsonl.xz``)."""
-    return (path / "manifest.json").is_file() and any(path.glob("*/*.jsonl.xz"))
-
-
-def read_moelab_corpus(path: Path, split: str) -> list[Document]:
-    """The documents of one split of a ``moelab data build`` corpus, labelled by domain."""
-    try:
-        from moelab.data import DOMAINS, read_split
-    except ImportError as err:
-        raise CorpusError(f"{path}: reading a moelab corpus needs moelab.data ({err})") from None
-    docs = []
-    for domain in DOMAINS:
-        docs += [Document(d.text, domain, f"{path}/{domain}/{split}:{d.id}")
-                 for d in read_split(path, domain, split)]
-    return docs
-
-
-def read_corpus(path: str | Path, split: str = "val") -> list[Document]:
-    """Read a corpus path (text file, folder of text files, or JSONL) into documents.
-
-    A folder built by ``moelab data build`` is read through :mod:`moelab.data`: the documents of
-    ``split``, labelled by domain. Raises :class:`CorpusError` for a missing path, a file that is
-    not UTF-8 (naming the byte offset), bad JSONL lines, or a corpus without any non-blank text.
-    """
-    path = Path(path)
-    if path.is_dir() and is_moelab_corpus(path):
-        docs = read_moelab_corpus(path, split)
-    elif path.is_file():
-        docs = _read_file(path, None)
-    elif path.is_dir():
-        docs = []
-        for file in _visible_files(path):
-            rel = file.relative_to(path)
-            label = rel.parts[0] if len(rel.parts) > 1 else file.name.split(".")[0]
-            docs += _read_file(file, label)
-    else:
-        raise CorpusError(f"corpus {path} does not exist (expected a text file, a folder or a .jsonl)")
-    docs = [d for d in docs if d.text.strip()]
-    if not docs:
-        raise CorpusError(f"corpus {path} is empty: no document with any non-blank text")
-    return docs
 
 
 class TextTokenizer:

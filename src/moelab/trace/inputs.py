@@ -14,15 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from moelab.trace.corpus import (
-    CorpusError,
-    Document,
-    Packed,
-    TextTokenizer,
-    fingerprint_documents,
-    pack,
-    read_corpus,
-)
+from moelab.data.texts import CorpusError, Document, fingerprint_documents, read_corpus
+from moelab.trace.corpus import Packed, TextTokenizer, pack
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ Steps:
    view), written atomically, and added to the manifest; the hooks come off on exit or error.
 
 A shard depends only on its own sequences, so a resumed run writes the same bytes as an
-uninterrupted one.
+uninterrupted one. A KeyboardInterrupt while recording comes out as :class:`TraceInterrupted`
+(still a KeyboardInterrupt), which says how much of the trace is safely stored.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,15 @@ from moelab.trace.store import (
     write_manifest,
     write_shard,
 )
+
+
+class TraceInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or any KeyboardInterrupt) during recording. ``tokens`` of ``total`` are stored in
+    complete shards in ``out_dir``; recording again with the same arguments resumes after them."""
+
+    def __init__(self, out_dir: Path, tokens: int, total: int) -> None:
+        super().__init__(f"interrupted with {tokens} of {total} tokens recorded in {out_dir}")
+        self.out_dir, self.tokens, self.total = out_dir, tokens, total
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +116,8 @@ def record(model: Any, texts_or_token_ids: Any, out_dir: str | os.PathLike, *,
            logits: bool = False, expert_norms: bool = False, act_max: bool = False,
            hidden_norm: bool = False, weights_dtype: str = "float32", shard_tokens: int = 1 << 16,
            labels: list[str | None] | None = None, tokenizer: str | os.PathLike | None = None,
-           overwrite: bool = False, resume: bool = True, progress: bool = True) -> Trace:
+           overwrite: bool = False, resume: bool = True, progress: bool = True,
+           on_resume: Callable[[int, int], None] | None = None) -> Trace:
     """Record the routing of every MoE layer of ``model`` over a corpus into ``out_dir``.
 
     Args:
@@ -120,8 +132,11 @@ def record(model: Any, texts_or_token_ids: Any, out_dir: str | os.PathLike, *,
         tokenizer: directory holding ``tokenizer.json``; default: the model's directory.
         overwrite: replace a different trace in ``out_dir``; resume: keep the valid shards of an
             interrupted run with the same identity (False: start over, which needs ``overwrite``).
+        on_resume: called as ``on_resume(tokens_already_recorded, total_tokens)`` before an
+            interrupted run is continued (not for a fresh or an already complete trace).
 
-    Returns the :class:`Trace`. Raises :class:`TraceError` / :class:`CorpusError` on bad input.
+    Returns the :class:`Trace`. Raises :class:`TraceError` / :class:`CorpusError` on bad input, and
+    :class:`TraceInterrupted` on a KeyboardInterrupt while recording.
     """
     cfg = RecordConfig(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, logits=logits,
                        expert_norms=expert_norms, act_max=act_max, hidden_norm=hidden_norm,
@@ -139,12 +154,21 @@ def record(model: Any, texts_or_token_ids: Any, out_dir: str | os.PathLike, *,
     out = Path(out_dir)
     manifest.shards = _prepare_out_dir(out, manifest, overwrite=overwrite, resume=resume)
     todo = [i for i in range(len(shards)) if i not in {_shard_index(s) for s in manifest.shards}]
-    write_manifest(out, manifest)
-    if todo:
-        _record_shards(view, data, cfg, manifest, shards, todo, out, progress)
+    if todo and manifest.shards and on_resume is not None:
+        on_resume(_stored_tokens(manifest), manifest.num_tokens)
+    try:
+        write_manifest(out, manifest)
+        if todo:
+            _record_shards(view, data, cfg, manifest, shards, todo, out, progress)
+    except KeyboardInterrupt:
+        raise TraceInterrupted(out, _stored_tokens(manifest), manifest.num_tokens) from None
     manifest.complete = True
     write_manifest(out, manifest)
     return open_trace(out)
+
+
+def _stored_tokens(manifest: Manifest) -> int:
+    return sum(s.rows for s in manifest.shards)
 
 
 def _shard_index(shard: ShardInfo) -> int:

