@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from moelab.nn.chain import ChainConfig, ChainOfExperts, ChainOutput
+from moelab.nn.dispatcher import Dispatch, Dispatcher, LocalDispatcher
 from moelab.nn.experts import ACTIVATIONS, Experts, ExpertsConfig, split_experts
 from moelab.nn.hf import (
     PatchedBlock,
@@ -57,6 +58,9 @@ __all__ = [
     "ChainOfExperts",
     "ChainOutput",
     "DenseMLP",
+    "Dispatch",
+    "Dispatcher",
+    "LocalDispatcher",
     "DomainConfig",
     "DomainRouter",
     "ExpertChoiceConfig",
