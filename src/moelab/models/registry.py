@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from moelab.errors import UnsupportedModelError
 from moelab.models.view import MoEBlockView
+
+if TYPE_CHECKING:
+    from moelab.models.backend import ExpertsSpec
 
 # read(model, block_module, path, layer) -> MoEBlockView
 BlockReader = Callable[[nn.Module, nn.Module, str, int], MoEBlockView]
@@ -29,6 +33,7 @@ class FamilyAdapter:
     block_classes: tuple[str, ...]  # class names of the sparse MoE block module
     read: BlockReader
     example_config: str = ""  # transformers config class, for docs and tests
+    experts_backend: ExpertsSpec | None = None  # how moelab's experts backend attaches (backend.py)
 
     def __post_init__(self) -> None:
         if not self.model_types or not self.block_classes:

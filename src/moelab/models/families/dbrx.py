@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from moelab.errors import CheckpointError
+from moelab.models.backend import ExpertsSpec, ExpertWeights
 from moelab.models.families._common import act_name, check_experts, d, experts_prehook_installer
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
@@ -53,4 +54,34 @@ def read(model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlock
     return check_experts(view, E, I)
 
 
-ADAPTERS = (FamilyAdapter("DBRX", ("dbrx",), ("DbrxFFN",), read, "DbrxConfig"),)
+def experts_weights(block: MoEBlockView) -> ExpertWeights:
+    """Live views ``[E, I, H]`` of w1/v1 and ``[E, H, I]`` of w2 (stored ``[E*I, H]``)."""
+    mlp = block.experts_module.mlp
+    E, I, H = block.num_experts, block.intermediate_size, block.hidden_size  # noqa: E741
+    return ExpertWeights(
+        mlp.w1.view(E, I, H), mlp.v1.view(E, I, H), mlp.w2.view(E, I, H).transpose(1, 2)
+    )
+
+
+def swap_experts(block: MoEBlockView, backend):
+    """``DbrxExperts.forward(hidden, top_k_index, top_k_weights)`` on moelab's backend (its
+    pre-hooks still run); returns ``[batch, -1, H]`` as DBRX does."""
+
+    def forward(hidden_states, top_k_index, top_k_weights):
+        x_TH = hidden_states.reshape(-1, block.hidden_size)
+        y_TH = backend(x_TH, top_k_index, top_k_weights)
+        return y_TH.view(hidden_states.shape[0], -1, block.hidden_size)
+
+    return block.experts_module, forward
+
+
+ADAPTERS = (
+    FamilyAdapter(
+        "DBRX",
+        ("dbrx",),
+        ("DbrxFFN",),
+        read,
+        "DbrxConfig",
+        experts_backend=ExpertsSpec(weights=experts_weights, swap=swap_experts),
+    ),
+)

@@ -28,6 +28,7 @@ from moelab.models.families._common import (
     fused_gate_up,
     glu_mlp,
 )
+from moelab.models.families._experts import STANDARD
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
 
@@ -91,6 +92,7 @@ ADAPTERS = (
         ("DeepseekV2Moe",),
         _reader("DeepSeek-V2"),
         "DeepseekV2Config",
+        experts_backend=STANDARD,
     ),
     FamilyAdapter(
         "DeepSeek-V3",
@@ -98,6 +100,14 @@ ADAPTERS = (
         ("DeepseekV3MoE",),
         _reader("DeepSeek-V3"),
         "DeepseekV3Config",
+        experts_backend=STANDARD,
     ),
-    FamilyAdapter("GLM4-MoE", ("glm4_moe",), ("Glm4MoeMoE",), _reader("GLM4-MoE"), "Glm4MoeConfig"),
+    FamilyAdapter(
+        "GLM4-MoE",
+        ("glm4_moe",),
+        ("Glm4MoeMoE",),
+        _reader("GLM4-MoE"),
+        "Glm4MoeConfig",
+        experts_backend=STANDARD,
+    ),
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from moelab.models.backend import ExpertsSpec, ExpertWeights
 from moelab.models.families._common import (
     check_experts,
     config_num_experts,
@@ -20,6 +21,7 @@ from moelab.models.families._common import (
     experts_prehook_installer,
     transposed_gate_up,
 )
+from moelab.models.families._experts import transposed_weights
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
 
@@ -60,4 +62,21 @@ def read(model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlock
     return check_experts(view, config_num_experts(model.config), model.config.intermediate_size)
 
 
-ADAPTERS = (FamilyAdapter("GPT-OSS", ("gpt_oss",), ("GptOssMLP",), read, "GptOssConfig"),)
+def experts_weights(block: MoEBlockView) -> ExpertWeights:
+    """Live (differentiable) views of the interleaved experts and their biases."""
+    ex = block.experts_module
+    return transposed_weights(
+        ex.gate_up_proj, ex.down_proj, True, ex.gate_up_proj_bias, ex.down_proj_bias
+    )
+
+
+ADAPTERS = (
+    FamilyAdapter(
+        "GPT-OSS",
+        ("gpt_oss",),
+        ("GptOssMLP",),
+        read,
+        "GptOssConfig",
+        experts_backend=ExpertsSpec(weights=experts_weights),
+    ),
+)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from moelab.models.backend import ExpertsSpec, ExpertWeights
 from moelab.models.families._common import (
     act_name,
     check_experts,
@@ -21,6 +22,7 @@ from moelab.models.families._common import (
     glu_mlp,
     transposed_gate_up,
 )
+from moelab.models.families._experts import transposed_weights
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
 
@@ -66,6 +68,34 @@ def read(model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlock
     return check_experts(view, config_num_experts(model.config), model.config.intermediate_size)
 
 
+def experts_weights(block: MoEBlockView) -> ExpertWeights:
+    ex = block.experts_module
+    return transposed_weights(ex.gate_up_proj, ex.down_proj, interleaved=False)
+
+
+def swap_block(block: MoEBlockView, backend):
+    """``Llama4TextMoe.forward`` on moelab's backend: the router runs as before (its hooks see it),
+    the chosen experts (top-k of the logits) get ``score * x``; returns ``(out, router_logits)``."""
+    module = block.module
+
+    def forward(hidden_states):
+        x_TH = hidden_states.reshape(-1, block.hidden_size)
+        scores_TE, logits_TE = block.router_module(x_TH)
+        ids_TK = logits_TE.topk(block.top_k, dim=-1).indices
+        out = module.shared_expert(x_TH)
+        out.add_(backend(x_TH, ids_TK, scores_TE.gather(-1, ids_TK)))
+        return out, logits_TE
+
+    return module, forward
+
+
 ADAPTERS = (
-    FamilyAdapter("Llama4", ("llama4_text",), ("Llama4TextMoe",), read, "Llama4TextConfig"),
+    FamilyAdapter(
+        "Llama4",
+        ("llama4_text",),
+        ("Llama4TextMoe",),
+        read,
+        "Llama4TextConfig",
+        experts_backend=ExpertsSpec(weights=experts_weights, swap=swap_block),
+    ),
 )

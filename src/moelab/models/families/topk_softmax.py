@@ -36,6 +36,7 @@ from moelab.models.families._common import (
     fused_gate_up,
     glu_mlp,
 )
+from moelab.models.families._experts import STANDARD
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView, SharedExpertsView
 
@@ -140,7 +141,9 @@ def _adapter(fam: SoftmaxFamily, model_type: str, block: str, config_cls: str) -
     def read(model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlockView:
         return read_softmax_block(fam, model, module, path, layer)
 
-    return FamilyAdapter(fam.name, (model_type,), (block,), read, config_cls)
+    return FamilyAdapter(
+        fam.name, (model_type,), (block,), read, config_cls, experts_backend=STANDARD
+    )
 
 
 ADAPTERS = (
