@@ -187,12 +187,28 @@ class GroupedExperts(torch.autograd.Function):
         )
 
 
+def halves_of_one(a: Tensor | None, b: Tensor | None) -> bool:
+    """True when ``a``, ``b`` are rows ``[:I]`` and ``[I:]`` of one contiguous ``[E, 2I, H]``
+    (transformers' fused ``gate_up_proj``)."""
+    if a is None or b is None or a.dim() != 3 or a.shape != b.shape:
+        return False
+    _, i, h = a.shape
+    want = (2 * i * h, h, 1)
+    return (a.stride() == want and b.stride() == want
+            and b.data_ptr() - a.data_ptr() == i * h * a.element_size())
+
+
 def _grad_buffers(plan, gate, up, down, b_gate, b_up, b_down) -> dict:
-    """Uninitialised gradient buffers; experts that got no rows are zeroed here."""
+    """Uninitialised gradient buffers; experts that got no rows are zeroed here. Where gate and
+    up are the halves of one fused tensor, so are their gradients (one buffer, no cat later)."""
     named = {"gate": gate, "up": up, "down": down, "b_gate": b_gate, "b_up": b_up,
              "b_down": b_down}
     d = {k: None if v is None else torch.empty(v.shape, dtype=v.dtype, device=v.device)
          for k, v in named.items()}
+    if halves_of_one(gate, up):
+        E, i, h = up.shape
+        both = torch.empty(E, 2 * i, h, dtype=up.dtype, device=up.device)
+        d["gate"], d["up"] = both[:, :i], both[:, i:]
     idle = [e for e, n in enumerate(plan.counts) if n == 0]
     if idle:
         for t in d.values():

@@ -275,7 +275,19 @@ def _few_rows_grouped_ok(x_TH: Tensor, plan, gate, up, down, has_bias: bool) -> 
         return False
     align = 16 // x_TH.element_size()
     ws = [w for w in (gate, up, down) if w is not None]
-    return all(w.is_contiguous() for w in ws) and all(d % align == 0 for d in up.shape[1:])
+    return all(_grouped_mm_layout_ok(w, align) for w in ws) and all(
+        d % align == 0 for d in up.shape[1:]
+    )
+
+
+def _grouped_mm_layout_ok(w: Tensor, align: int) -> bool:
+    """``grouped_mm`` takes strided views (e.g. the gate rows of transformers' fused
+    ``gate_up_proj``) if one of the matrix dims is dense and the rest is 16-byte aligned."""
+    if w.dtype not in _GROUPED_DTYPES or w.data_ptr() % 16:
+        return False
+    if 1 not in (w.stride(-1), w.stride(-2)):
+        return False
+    return all(s % align == 0 for s in w.stride() if s != 1)
 
 
 def _grouped_mm_forward(x_TH: Tensor, w_TK: Tensor, plan, weights, act, stats=None) -> Tensor:
