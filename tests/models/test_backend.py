@@ -239,3 +239,20 @@ def test_float32_decoding_uses_grouped_mm_on_the_models_own_storage(monkeypatch)
         y0, y1 = eager(ids).logits, ours(ids).logits
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
     assert len(calls) == 3 * 2  # gate, up, down in each of the 2 blocks
+
+
+@pytest.mark.parametrize("family", ["Mixtral", "Llama4", "JetMoE"])
+def test_deep_copy_runs_its_own_weights(family):
+    import copy
+
+    model = quiet_model(family)
+    open_model(model, experts_implementation="moelab")
+    twin = copy.deepcopy(model)
+    embeds, _ = inputs(model)
+    with torch.no_grad():
+        ref = model(inputs_embeds=embeds).logits
+        torch.testing.assert_close(twin(inputs_embeds=embeds).logits, ref)
+        for block in open_model(twin).blocks:
+            block.down.zero_()  # the copy's experts only
+        assert torch.equal(model(inputs_embeds=embeds).logits, ref)
+        assert not torch.allclose(twin(inputs_embeds=embeds).logits, ref)

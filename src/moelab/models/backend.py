@@ -39,10 +39,11 @@ Family knowledge (where the weights live, the layout, the swap) comes from the f
 
 from __future__ import annotations
 
+import types
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -87,13 +88,22 @@ class ExpertsSpec:
 
     weights: the block's expert tensors as differentiable views of its parameters, all E experts.
     swap: None where the experts class is decorated with ``@use_experts_implementation`` (the
-        backend then goes through ``ExpertsInterface``); otherwise ``swap(block, backend) ->
-        (module, forward)``: the module whose ``forward`` is replaced on the instance, and the
-        replacement, which must return what the original returns.
+        backend then goes through ``ExpertsInterface``); otherwise which module's ``forward`` is
+        replaced on the instance: 'block' (``block.module``) or 'experts' (``block.experts_module``).
+    forward: with ``swap``, the replacement, called as ``forward(backend, *args, **kwargs)`` (bound
+        to the backend, so a deep copy of the model runs its own copy); it must return what the
+        original forward returns.
     """
 
     weights: Callable[[MoEBlockView], ExpertWeights]
-    swap: Callable[[MoEBlockView, ExpertsBackend], tuple[nn.Module, Callable]] | None = None
+    swap: str | None = None
+    forward: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.swap not in (None, "block", "experts") or (self.swap is None) != (
+            self.forward is None
+        ):
+            raise ValueError("ExpertsSpec: swap must be None, 'block' or 'experts', with a forward")
 
 
 @dataclass(eq=False)
@@ -308,8 +318,8 @@ def enable_experts_backend(
         backend._previous = previous
         object.__setattr__(block.experts_module, _ATTR, backend)
         if spec.swap is not None:
-            module, forward = spec.swap(block, backend)
-            module.forward = forward
+            module = block.module if spec.swap == "block" else block.experts_module
+            module.forward = types.MethodType(spec.forward, backend)
             backend._swapped = module
     return backends
 

@@ -63,16 +63,12 @@ def experts_weights(block: MoEBlockView) -> ExpertWeights:
     )
 
 
-def swap_experts(block: MoEBlockView, backend):
+def experts_forward(backend, hidden_states, top_k_index, top_k_weights):
     """``DbrxExperts.forward(hidden, top_k_index, top_k_weights)`` on moelab's backend (its
     pre-hooks still run); returns ``[batch, -1, H]`` as DBRX does."""
-
-    def forward(hidden_states, top_k_index, top_k_weights):
-        x_TH = hidden_states.reshape(-1, block.hidden_size)
-        y_TH = backend(x_TH, top_k_index, top_k_weights)
-        return y_TH.view(hidden_states.shape[0], -1, block.hidden_size)
-
-    return block.experts_module, forward
+    H = backend.block.hidden_size
+    y_TH = backend(hidden_states.reshape(-1, H), top_k_index, top_k_weights)
+    return y_TH.view(hidden_states.shape[0], -1, H)
 
 
 ADAPTERS = (
@@ -82,6 +78,6 @@ ADAPTERS = (
         ("DbrxFFN",),
         read,
         "DbrxConfig",
-        experts_backend=ExpertsSpec(weights=experts_weights, swap=swap_experts),
+        experts_backend=ExpertsSpec(experts_weights, swap="experts", forward=experts_forward),
     ),
 )

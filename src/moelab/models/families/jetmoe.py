@@ -92,18 +92,14 @@ def _unsorted(out, top_k: int):
     return ids.view(T, top_k), gates.view(T, top_k)
 
 
-def swap_block(block: MoEBlockView, backend):
+def block_forward(backend, layer_input):
     """``JetMoeMoE.forward`` on moelab's backend: the gating runs as before (its hooks see it);
     returns ``[batch, seq, H]`` plus the block's output bias, as JetMoE does."""
-    module = block.module
-
-    def forward(layer_input):
-        x_TH = layer_input.reshape(-1, block.hidden_size)
-        ids_TK, gates_TK = _unsorted(block.router_module(x_TH), block.top_k)
-        y_TH = backend(x_TH, ids_TK, gates_TK)
-        return y_TH.view(layer_input.shape) + module.bias
-
-    return module, forward
+    block = backend.block
+    x_TH = layer_input.reshape(-1, block.hidden_size)
+    ids_TK, gates_TK = _unsorted(block.router_module(x_TH), block.top_k)
+    y_TH = backend(x_TH, ids_TK, gates_TK)
+    return y_TH.view(layer_input.shape) + block.module.bias
 
 
 ADAPTERS = (
@@ -113,6 +109,6 @@ ADAPTERS = (
         ("JetMoeMoE",),
         read,
         "JetMoeConfig",
-        experts_backend=ExpertsSpec(weights=experts_weights, swap=swap_block),
+        experts_backend=ExpertsSpec(experts_weights, swap="block", forward=block_forward),
     ),
 )

@@ -73,20 +73,16 @@ def experts_weights(block: MoEBlockView) -> ExpertWeights:
     return transposed_weights(ex.gate_up_proj, ex.down_proj, interleaved=False)
 
 
-def swap_block(block: MoEBlockView, backend):
+def block_forward(backend, hidden_states):
     """``Llama4TextMoe.forward`` on moelab's backend: the router runs as before (its hooks see it),
     the chosen experts (top-k of the logits) get ``score * x``; returns ``(out, router_logits)``."""
-    module = block.module
-
-    def forward(hidden_states):
-        x_TH = hidden_states.reshape(-1, block.hidden_size)
-        scores_TE, logits_TE = block.router_module(x_TH)
-        ids_TK = logits_TE.topk(block.top_k, dim=-1).indices
-        out = module.shared_expert(x_TH)
-        out.add_(backend(x_TH, ids_TK, scores_TE.gather(-1, ids_TK)))
-        return out, logits_TE
-
-    return module, forward
+    block = backend.block
+    x_TH = hidden_states.reshape(-1, block.hidden_size)
+    scores_TE, logits_TE = block.router_module(x_TH)
+    ids_TK = logits_TE.topk(block.top_k, dim=-1).indices
+    out = block.module.shared_expert(x_TH)
+    out.add_(backend(x_TH, ids_TK, scores_TE.gather(-1, ids_TK)))
+    return out, logits_TE
 
 
 ADAPTERS = (
@@ -96,6 +92,6 @@ ADAPTERS = (
         ("Llama4TextMoe",),
         read,
         "Llama4TextConfig",
-        experts_backend=ExpertsSpec(weights=experts_weights, swap=swap_block),
+        experts_backend=ExpertsSpec(experts_weights, swap="block", forward=block_forward),
     ),
 )
