@@ -256,3 +256,18 @@ def test_deep_copy_runs_its_own_weights(family):
             block.down.zero_()  # the copy's experts only
         assert torch.equal(model(inputs_embeds=embeds).logits, ref)
         assert not torch.allclose(twin(inputs_embeds=embeds).logits, ref)
+
+
+@pytest.mark.parametrize("family", ["Qwen2-MoE", "GPT-OSS", "Llama4"])
+def test_a_permuting_dispatcher_gives_the_same_forward_and_backward(family):
+    from moelab.nn import PermutingDispatcher
+
+    eager, ours = quiet_model(family), quiet_model(family)
+    enable_experts_backend(open_model(ours), dispatcher=PermutingDispatcher())
+    embeds, dy = inputs(eager)
+    y0, dx0, g0 = run(eager, embeds, dy)
+    y1, dx1, g1 = run(ours, embeds, dy)
+    close(y1, y0)
+    close(dx1, dx0)
+    for name in g0:
+        close(g1[name], g0[name])

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from moelab.nn import Experts, ExpertsConfig, MoELayer, TopKConfig, TopKRouter
-from moelab.nn._dispatch import Plan, SlotStats, make_plan
-from moelab.nn.dispatcher import Dispatch, LocalDispatcher
+from moelab.nn._dispatch import SlotStats, make_plan
+from moelab.nn.dispatcher import LocalDispatcher, PermutingDispatcher
 from moelab.nn.experts import run_experts
 
 F64 = torch.float64
@@ -27,23 +27,6 @@ class Recording(LocalDispatcher):
     def combine(self, y_MH, dispatch):
         self.calls.append(("combine", tuple(y_MH.shape)))
         return super().combine(y_MH, dispatch)
-
-
-class Permuting:
-    """Sends each real slot to its own row (sorted by expert) and sums the rows back per token."""
-
-    def dispatch(self, x_TH, ids_TK, weights_TK, mask_TK, num_experts):
-        plan = make_plan(ids_TK, mask_TK, num_experts)
-        x_RH = x_TH.index_select(0, plan.tok_R)
-        w_R1 = weights_TK.reshape(-1).index_select(0, plan.slot_R)[:, None]
-        R = plan.num_real
-        rows = torch.arange(R, device=x_TH.device)
-        local = Plan(rows, rows, plan.counts, R, R, 1)
-        return Dispatch(x_RH, w_R1, local, state=(plan.tok_R, x_TH.shape[0]))
-
-    def combine(self, y_MH, dispatch):
-        tok_R, T = dispatch.state
-        return y_MH.new_zeros(T, y_MH.shape[1]).index_add(0, tok_R, y_MH)
 
 
 def layer(dispatcher=None, combine="output", bias=False, seed=0):
@@ -83,7 +66,7 @@ def test_recording_dispatcher_is_called_and_changes_nothing():
 def test_permuting_dispatcher_equals_local_forward_and_backward(combine, bias):
     x = torch.randn(11, 6, dtype=F64)
     y0, g0 = grads(layer(combine=combine, bias=bias), x)
-    y1, g1 = grads(layer(Permuting(), combine=combine, bias=bias), x)
+    y1, g1 = grads(layer(PermutingDispatcher(), combine=combine, bias=bias), x)
     torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
     for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

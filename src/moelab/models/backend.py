@@ -5,8 +5,8 @@ R real (routed) slots.
 
 ``open_model(model, experts_implementation="moelab")`` (or :func:`enable_experts_backend` on a view)
 runs every MoE block's routed experts through ``moelab.nn``'s dropless dispatch
-(:func:`moelab.nn.experts.run_experts`: sorted slots, one GEMM chain per expert, hand-written
-backward) instead of transformers' eager loop or ``grouped_mm``:
+(``moelab.nn.dispatcher`` then :func:`moelab.nn.experts.run_experts`: sorted slots, one GEMM
+chain per expert, hand-written backward) instead of transformers' eager loop or ``grouped_mm``:
 
 * families whose experts class is decorated with transformers' ``@use_experts_implementation``
   get "moelab" registered in ``ExpertsInterface`` (:func:`register`) and selected with
@@ -52,6 +52,7 @@ from torch.utils.hooks import RemovableHandle
 from moelab.errors import MoelabError, UnsupportedModelError
 from moelab.models.view import ModelView, MoEBlockView
 from moelab.nn import _dispatch
+from moelab.nn.dispatcher import Dispatcher, LocalDispatcher
 from moelab.nn.experts import make_activation, run_experts
 
 IMPLEMENTATION = "moelab"
@@ -146,10 +147,16 @@ class ExpertsBackend:
     """moelab's execution of one block's routed experts (no shared experts, no output bias).
 
     ``backend(x_TH, ids_TK, weights_TK, mask_TK=None) -> y_TH`` combines as the block does
-    (``block.combine``); weights come from ``provider`` (default :func:`own_parameters`).
+    (``block.combine``); weights come from ``provider`` (default :func:`own_parameters`), routed
+    rows travel through ``dispatcher`` (default ``LocalDispatcher``; see ``moelab.nn.dispatcher``).
     """
 
-    def __init__(self, block: MoEBlockView, provider: WeightsProvider | None = None) -> None:
+    def __init__(
+        self,
+        block: MoEBlockView,
+        provider: WeightsProvider | None = None,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
         from moelab.nn.hf import _ACT  # view activation name -> moelab.nn activation
 
         if block.act not in _ACT or block.combine not in ("output", "input"):
@@ -158,7 +165,9 @@ class ExpertsBackend:
                 f"{block.combine!r} is not supported by moelab's experts backend"
             )
         self.block = block
+        self.spec = spec_for(block)
         self.provider: WeightsProvider = provider if provider is not None else own_parameters
+        self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         self.act = make_activation(_ACT[block.act], dict(block.act_params) or None)
         self._observers: OrderedDict[int, Observer] = OrderedDict()  # RemovableHandle needs it
         self._swapped: nn.Module | None = None  # set by enable_experts_backend
@@ -192,17 +201,29 @@ class ExpertsBackend:
         return y_TH
 
     def _run(self, x_TH, ids_TK, w_TK, mask_TK):
-        E = self.block.num_experts
-        plan = _dispatch.make_plan(ids_TK, mask_TK, E)
-        stats = _dispatch.SlotStats.empty(plan, x_TH) if self._observers else None
+        """dispatch -> weights from the provider -> grouped experts -> combine."""
+        d = self.dispatcher.dispatch(x_TH, ids_TK, w_TK, mask_TK, self.block.num_experts)
+        plan = d.plan
+        stats = None
+        if self._observers:
+            if plan.T * plan.K != ids_TK.numel():
+                raise MoelabError(
+                    f"{self.block.path}: observers need a dispatcher whose plan lists the tokens' "
+                    f"own slots (LocalDispatcher); {type(self.dispatcher).__name__} does not"
+                )
+            stats = _dispatch.SlotStats.empty(plan, x_TH)
         if plan.num_real == 0:
-            return x_TH.new_zeros(x_TH.shape[0], self.block.hidden_size), _flat_stats(stats, plan)
+            y_TH = self.dispatcher.combine(d.x_MH.new_zeros(d.x_MH.shape[0], x_TH.shape[1]), d)
+            return y_TH, _flat_stats(stats, plan)
         needed = [e for e, n in enumerate(plan.counts) if n]
         ids_n = torch.tensor(needed, dtype=torch.int64, device=x_TH.device)
-        w = self.provider(self.block, ids_n)
+        if self.provider is own_parameters:  # the same, without looking the spec up again
+            w = self.spec.weights(self.block)
+        else:
+            w = self.provider(self.block, ids_n)
         plan = self._plan_for(w, plan, needed)
-        y_TH = run_experts(x_TH, w_TK, plan, w.as_tuple(), self.act, stats=stats)
-        return y_TH, _flat_stats(stats, plan)
+        y_MH = run_experts(d.x_MH, d.weights_MK, plan, w.as_tuple(), self.act, stats=stats)
+        return self.dispatcher.combine(y_MH, d), _flat_stats(stats, plan)
 
     def _plan_for(self, w: ExpertWeights, plan: _dispatch.Plan, needed: list[int]):
         """The plan over the provider's rows: all E experts, or only the n needed ones."""
@@ -300,15 +321,20 @@ def valid_implementations() -> list[str]:
 
 
 def enable_experts_backend(
-    view: ModelView, provider: WeightsProvider | None = None
+    view: ModelView,
+    provider: WeightsProvider | None = None,
+    dispatcher: Dispatcher | None = None,
 ) -> list[ExpertsBackend]:
     """Run every block of ``view`` through moelab's experts backend; one backend per block.
+
+    ``provider``: where expert weights come from (default :func:`own_parameters`);
+    ``dispatcher``: how routed rows reach the experts (default ``moelab.nn.LocalDispatcher``).
 
     Raises UnsupportedModelError (before changing anything) if a block's family has no spec.
     Calling it again replaces the backends (e.g. with another provider).
     """
-    specs = [spec_for(b) for b in view.blocks]
-    backends = [ExpertsBackend(b, provider) for b in view.blocks]
+    backends = [ExpertsBackend(b, provider, dispatcher) for b in view.blocks]
+    specs = [b.spec for b in backends]
     previous = _previous_implementation(view)
     disable_experts_backend(view, previous)
     register()

@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 from moelab.nn.chain import ChainConfig, ChainOfExperts, ChainOutput
-from moelab.nn.dispatcher import Dispatch, Dispatcher, LocalDispatcher
+from moelab.nn.dispatcher import Dispatch, Dispatcher, LocalDispatcher, PermutingDispatcher
 from moelab.nn.experts import ACTIVATIONS, Experts, ExpertsConfig, split_experts
 from moelab.nn.hf import (
     PatchedBlock,
@@ -61,6 +61,7 @@ __all__ = [
     "Dispatch",
     "Dispatcher",
     "LocalDispatcher",
+    "PermutingDispatcher",
     "DomainConfig",
     "DomainRouter",
     "ExpertChoiceConfig",

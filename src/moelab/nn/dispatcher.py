@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from moelab.nn._dispatch import Plan, make_plan
@@ -79,4 +80,29 @@ class LocalDispatcher:
         return "LocalDispatcher()"
 
 
-__all__ = ["Dispatch", "Dispatcher", "LocalDispatcher"]
+class PermutingDispatcher:
+    """The permutation made physical: each real slot becomes its own row ``x_RH`` sorted by expert
+    (one slot per row, weight carried along), and ``combine`` sums the rows back per token.
+
+    This is what the experts see behind an all-to-all dispatcher, on one device; slower than
+    `LocalDispatcher` (it builds ``[R, H]``), kept as the reference an expert-parallel dispatcher
+    is tested against.
+    """
+
+    def dispatch(
+        self, x_TH: Tensor, ids_TK: Tensor, weights_TK: Tensor, mask_TK: Tensor | None,
+        num_experts: int,
+    ) -> Dispatch:
+        plan = make_plan(ids_TK, mask_TK, num_experts)
+        R = plan.num_real
+        x_RH = x_TH.index_select(0, plan.tok_R)
+        w_R1 = weights_TK.reshape(-1).index_select(0, plan.slot_R)[:, None]
+        rows = torch.arange(R, device=x_TH.device)
+        return Dispatch(x_RH, w_R1, Plan(rows, rows, plan.counts, R, R, 1), (plan, x_TH.shape[0]))
+
+    def combine(self, y_MH: Tensor, dispatch: Dispatch) -> Tensor:
+        plan, T = dispatch.state
+        return y_MH.new_zeros(T, y_MH.shape[1]).index_add(0, plan.tok_R, y_MH)
+
+
+__all__ = ["Dispatch", "Dispatcher", "LocalDispatcher", "PermutingDispatcher"]
