@@ -271,3 +271,14 @@ def test_a_permuting_dispatcher_gives_the_same_forward_and_backward(family):
     close(dx1, dx0)
     for name in g0:
         close(g1[name], g0[name])
+
+
+def test_open_a_checkpoint_with_the_moelab_backend(tiny_model_dir):
+    """A path goes through from_pretrained(experts_implementation="moelab"), then the backend."""
+    ids = torch.tensor([[1, 5, 9, 2]])
+    eager = open_model(tiny_model_dir, experts_implementation="eager")
+    view = open_model(tiny_model_dir, experts_implementation="moelab")
+    assert view.model.config._experts_implementation == "moelab"
+    assert all(experts_backend(b) is not None for b in view.blocks)
+    with torch.no_grad():
+        torch.testing.assert_close(view.model(ids).logits, eager.model(ids).logits)
