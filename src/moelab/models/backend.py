@@ -14,8 +14,10 @@ chain per expert, hand-written backward) instead of transformers' eager loop or 
 * the others (Llama4, DBRX, JetMoE) get the equivalent swap of one module's ``forward`` on the
   instance (the block for Llama4 and JetMoE, the experts for DBRX), described by their adapter;
   the module, its parameters and state_dict keys stay as they are, and the router is still
-  called, so routing hooks and edits on it keep working. :func:`disable_experts_backend` undoes
-  both.
+  called, so routing hooks and edits on it keep working. Their config keeps the experts
+  implementation it had (transformers refuses to set one on these classes); use
+  :func:`experts_backend` to ask whether a block runs moelab's. :func:`disable_experts_backend`
+  undoes both kinds.
 
 Per block, an :class:`ExpertsBackend` takes its expert weights from a **weights provider**
 (:class:`WeightsProvider`): ``provider(block, expert_ids_n) -> ExpertWeights``, called once per
