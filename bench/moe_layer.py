@@ -12,6 +12,11 @@ tokens, forward at 1 and 16 tokens. All implementations get the same weights and
 - ``moelab layer``: the whole ``MoELayer`` (router + experts), to show the router's cost;
 - ``hf eager`` / ``hf grouped_mm``: transformers' ``MixtralExperts`` (Mixtral block) or
   ``Qwen3MoeExperts`` (fine-grained block) with that experts implementation;
+- ``hf moelab``: the experts of a one-layer transformers model of that family opened with
+  ``open_model(model, experts_implementation="moelab")`` (moelab's dispatch on the model's own
+  fused ``gate_up_proj``, through ``ExpertsInterface``, default weights provider);
+- ``moelab from_view``: today's moelab path on a transformers block, ``experts_from_view`` over
+  the same model's storage (what ``moelab.nn.patch`` runs);
 - ``dense bound``: one SwiGLU MLP (H -> I -> H) over tokens*k rows: the same FLOPs as the experts,
   as three plain GEMMs;
 - ``memory bound``: bytes of the active experts' weights (3*H*I*4 per expert hit) over the copy
@@ -22,7 +27,9 @@ tokens, forward at 1 and 16 tokens. All implementations get the same weights and
 Each timing is the median of ``--reps`` runs after one warm-up; the implementations are interleaved
 within every repetition so that load drifting on a shared machine hits them alike. FLOPs: forward
 6*R*H*I, forward+backward 18*R*H*I with R = tokens*k routed rows. Ratios are times measured in this
-run: ``vs best hf`` = t(best transformers) / t(moelab), ``vs bound`` = t(bound) / t(moelab).
+run: ``vs best hf`` = t(best transformers) / t(moelab), ``vs bound`` = t(bound) / t(moelab);
+``hf moelab vs moelab`` = t(fastest of moelab, moelab from_view) / t(hf moelab) (>= 1: the
+backend is not slower than today's fastest moelab path).
 Where a goal of issue 3 is missed, the JSON carries the top operators of a torch.profiler run of
 moelab's layer in that mode (``why``).
 """
@@ -88,6 +95,35 @@ def hf_experts(case: dict, impl: str, gate: torch.Tensor, up: torch.Tensor, down
     return mod
 
 
+def hf_moelab(case: dict, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+    """The experts of a one-layer transformers model of the block's family holding copies of the
+    given weights, run by moelab's experts backend; and ``experts_from_view`` over that storage."""
+    import warnings
+
+    import transformers
+
+    from moelab.models import open_model
+    from moelab.models.tiny import TINY_CONFIGS
+    from moelab.nn import experts_from_view
+
+    H, inner, E, k = case["H"], case["I"], case["E"], case["k"]
+    cfg_name, lm_name, _ = TINY_CONFIGS[case["family"]]
+    sizes = dict(intermediate_size=inner, num_local_experts=E) if case["family"] == "Mixtral" else \
+        dict(moe_intermediate_size=inner, num_experts=E, intermediate_size=inner)
+    cfg = getattr(transformers, cfg_name)(
+        vocab_size=32, hidden_size=H, num_hidden_layers=1, num_attention_heads=8,
+        num_key_value_heads=8, num_experts_per_tok=k, experts_implementation="eager", **sizes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, lm_name)(cfg).eval()
+    view = open_model(model, experts_implementation="moelab")
+    ex = view.blocks[0].experts_module
+    with torch.no_grad():
+        ex.gate_up_proj.copy_(torch.cat([gate, up], dim=1))
+        ex.down_proj.copy_(down)
+    return ex, experts_from_view(view.blocks[0])
+
+
 _FLUSH: list[torch.Tensor] = []
 
 
@@ -125,6 +161,7 @@ class Block:
         self.layer = MoELayer(self.router, self.experts)
         w = [p.detach() for p in (self.experts.gate, self.experts.up, self.experts.down)]
         self.hf = {impl: hf_experts(case, impl, *w) for impl in ("eager", "grouped_mm")}
+        self.hf["moelab"], self.from_view = hf_moelab(case, *w)
         self.dense = DenseMLP(H, inner)
 
     def inputs(self, tokens: int, seed: int = 1):
@@ -143,6 +180,8 @@ class Block:
             "moelab layer": lambda x_: self.layer(x_).y,
             "hf eager": lambda x_: self.hf["eager"](x_, ids, w),
             "hf grouped_mm": lambda x_: self.hf["grouped_mm"](x_, ids, w),
+            "hf moelab": lambda x_: self.hf["moelab"](x_, ids, w),
+            "moelab from_view": lambda x_: self.from_view(x_, ids, w),
             "dense bound": lambda x_: self.dense(x_),
         }
         self.x, self.xd, self.ids = x, xd, ids
@@ -150,7 +189,8 @@ class Block:
 
     def params(self, name: str) -> list[torch.nn.Parameter]:
         mod = {"moelab": self.experts, "moelab layer": self.layer, "dense bound": self.dense,
-               "hf eager": self.hf["eager"], "hf grouped_mm": self.hf["grouped_mm"]}[name]
+               "hf eager": self.hf["eager"], "hf grouped_mm": self.hf["grouped_mm"],
+               "hf moelab": self.hf["moelab"], "moelab from_view": self.from_view}[name]
         return list(mod.parameters())
 
 
@@ -184,7 +224,8 @@ def bench_mode(block: Block, mode: str, tokens: int, reps: int, bandwidth: float
     block.dy = torch.randn(block.x.shape, generator=g)
     block.dy_dense = torch.randn(block.xd.shape, generator=g)
     for p in (*block.experts.parameters(), *block.router.parameters(), *block.dense.parameters(),
-              *block.hf["eager"].parameters(), *block.hf["grouped_mm"].parameters()):
+              *block.hf["eager"].parameters(), *block.hf["grouped_mm"].parameters(),
+              *block.hf["moelab"].parameters(), *block.from_view.parameters()):
         p.requires_grad_(backward)
     times: dict[str, list[float]] = {n: [] for n in fns}
     for n, fn in fns.items():  # warm-up
@@ -213,6 +254,9 @@ def bench_mode(block: Block, mode: str, tokens: int, reps: int, bandwidth: float
         "vs dense bound": out["impl"]["dense bound"]["median_s"] / t_ours,
         "vs memory bound": out["memory_bound_s"] / t_ours,
         "layer vs best hf": out["impl"][best_hf]["median_s"] / out["impl"]["moelab layer"]["median_s"],
+        "hf moelab vs best hf": out["impl"][best_hf]["median_s"] / out["impl"]["hf moelab"]["median_s"],
+        "hf moelab vs moelab": min(t_ours, out["impl"]["moelab from_view"]["median_s"])
+        / out["impl"]["hf moelab"]["median_s"],
     }
     return out
 
@@ -274,15 +318,16 @@ def print_case(name: str, res: dict) -> None:
     c = res["case"]
     print(f"\n{name}: H={c['H']} I={c['I']} E={c['E']} k={c['k']}  (median of {res['reps']}; "
           f"copy bandwidth {res['bandwidth_gbytes_per_s']:.1f} GB/s)")
-    print(f"{'mode':<18}{'tokens':>7}{'impl':>15}{'ms':>10}{'GFLOP/s':>9}{'GB/s w':>8}")
+    print(f"{'mode':<18}{'tokens':>7}{'impl':>18}{'ms':>10}{'GFLOP/s':>9}{'GB/s w':>8}")
     for m in res["modes"]:
         for n, r in m["impl"].items():
-            print(f"{m['mode']:<18}{m['tokens']:>7}{n:>15}{1e3 * r['median_s']:10.2f}"
+            print(f"{m['mode']:<18}{m['tokens']:>7}{n:>18}{1e3 * r['median_s']:10.2f}"
                   f"{r['gflops']:9.1f}{r['weight_gbytes_per_s']:8.1f}")
         q = m["ratios"]
         print(f"{'':<25}memory bound {1e3 * m['memory_bound_s']:.2f} ms; moelab: "
               f"{q['vs best hf']:.2f}x best hf ({m['best_hf']}), {100 * q['vs dense bound']:.0f} % of "
-              f"dense bound, {100 * q['vs memory bound']:.0f} % of memory bound")
+              f"dense bound, {100 * q['vs memory bound']:.0f} % of memory bound; hf moelab: "
+              f"{q['hf moelab vs best hf']:.2f}x best hf, {q['hf moelab vs moelab']:.2f}x fastest moelab")
     for g in res["goals"]:
         print(f"  goal {'MET ' if g['met'] else 'MISSED'}  {g['goal']}: {g['value']:.2f} (target {g['target']})")
 

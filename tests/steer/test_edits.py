@@ -242,3 +242,22 @@ def test_routing_type_masked_ids():
     assert r.tokens_per_expert(3).tolist() == [1, 0, 0]
     with pytest.raises(MoelabError, match="no logits"):
         _ = r.num_experts
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_edits_under_the_moelab_experts_backend(family):
+    """The seam and the experts backend compose: experts_off on a model running moelab's experts
+    equals the float64 reference with masked logits, and experts_on reaches every token."""
+    view = open_model(tiny_model(family), experts_implementation="moelab")
+    torch.manual_seed(5)
+    b = view.blocks[-1]
+    x = torch.randn(2, 5, b.hidden_size, dtype=torch.float64)
+    bias = torch.zeros(b.num_experts, dtype=torch.float64)
+    bias[[0]] = float("-inf")
+    with torch.no_grad(), experts_off(view, {b.layer: [0]}):
+        got = block_output(b, x)
+    assert rel_err(got, reference_forward(with_logit_bias(b, bias), x)) <= TOL
+    seen = []
+    with torch.no_grad(), experts_on(view, {b.layer: [1]}), b.register_routing_hook(seen.append):
+        view.model(_tokens(view))
+    assert (seen[0].ids_TK == 1).any(-1).all()

@@ -35,13 +35,18 @@ def open_model(
             ``*.safetensors`` weights (loaded with ``AutoModelForCausalLM``).
         trust_remote_code: allow the checkpoint's own Python code (off by default).
         dtype: dtype to load a checkpoint in (default: transformers' choice); paths only.
-        experts_implementation: transformers experts kernel ('eager', 'grouped_mm', 'batched_mm');
-            set on the loaded model, or passed to ``from_pretrained``.
+        experts_implementation: transformers experts kernel ('eager', 'grouped_mm', 'batched_mm')
+            or 'moelab' (moelab's dispatch with the model's own weights, every family; see
+            :mod:`moelab.models.backend`); set on the loaded model, or passed to ``from_pretrained``.
 
     Raises:
         CheckpointError: missing path or config, pickle-only weights, config contradicting weights.
         UnsupportedModelError: a model class with no adapter, or a model without any MoE block.
+        MoelabError: an unknown ``experts_implementation``.
     """
+    if experts_implementation is not None:
+        _check_experts_implementation(experts_implementation)
+    moelab_backend = experts_implementation == "moelab"
     if isinstance(model_or_path, (str, os.PathLike)):
         model = load_checkpoint(
             Path(model_or_path),
@@ -55,13 +60,33 @@ def open_model(
                 "open_model: dtype applies to checkpoint paths; cast a loaded model with .to()"
             )
         model = model_or_path
-        if experts_implementation is not None:
+        if experts_implementation is not None and not moelab_backend:
             model.set_experts_implementation(experts_implementation)
     else:
         raise MoelabError(
             f"open_model: expected a transformers model or a directory path, got {type(model_or_path).__name__}"
         )
-    return view_model(model)
+    view = view_model(model)
+    if moelab_backend:
+        from moelab.models.backend import enable_experts_backend
+
+        enable_experts_backend(view)
+    elif experts_implementation is not None:
+        from moelab.models.backend import disable_experts_backend
+
+        disable_experts_backend(view, experts_implementation)
+    return view
+
+
+def _check_experts_implementation(name: str) -> None:
+    from moelab.models.backend import valid_implementations
+
+    valid = valid_implementations()
+    if name not in valid:
+        raise MoelabError(
+            f"open_model: experts_implementation={name!r} is not known; expected one of "
+            f"{', '.join(repr(v) for v in valid)}"
+        )
 
 
 def view_model(model: nn.Module) -> ModelView:

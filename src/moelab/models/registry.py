@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
 from moelab.errors import UnsupportedModelError
 from moelab.models.view import MoEBlockView
+
+if TYPE_CHECKING:
+    from moelab.models.backend import ExpertsSpec
 
 # read(model, block_module, path, layer) -> MoEBlockView
 BlockReader = Callable[[nn.Module, nn.Module, str, int], MoEBlockView]
@@ -40,6 +43,7 @@ class FamilyAdapter:
     write_config: ConfigWriter | None = None  # None: moelab cannot write this family with other counts
     fixed_routing: str = ""  # non-empty: why a stock config cannot change the expert count or top-k
     block_output: BlockOutput | None = None  # None: the block returns the hidden states alone
+    experts_backend: ExpertsSpec | None = None  # how moelab's experts backend attaches (backend.py)
 
     def __post_init__(self) -> None:
         if not self.model_types or not self.block_classes:

@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from moelab.nn.chain import ChainConfig, ChainOfExperts, ChainOutput
+from moelab.nn.dispatcher import Dispatch, Dispatcher, LocalDispatcher, PermutingDispatcher
 from moelab.nn.experts import ACTIVATIONS, Experts, ExpertsConfig, split_experts
 from moelab.nn.hf import (
     PatchedBlock,
@@ -57,6 +58,10 @@ __all__ = [
     "ChainOfExperts",
     "ChainOutput",
     "DenseMLP",
+    "Dispatch",
+    "Dispatcher",
+    "LocalDispatcher",
+    "PermutingDispatcher",
     "DomainConfig",
     "DomainRouter",
     "ExpertChoiceConfig",

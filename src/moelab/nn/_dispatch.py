@@ -85,11 +85,14 @@ def scatter_tokens(v_RH: Tensor, plan: Plan) -> Tensor:
     return y_TH.index_add_(0, plan.tok_R, v_RH) if plan.num_real else y_TH
 
 
-def ffn_forward(x_TH, w_R, plan, gate, up, down, b_gate, b_up, b_down, act, keep: bool):
+def ffn_forward(x_TH, w_R, plan, gate, up, down, b_gate, b_up, b_down, act, keep: bool,
+                stats: SlotStats | None = None):
     """y_TH = sum over real slots of w * expert(x); optionally each expert's pre-activations.
 
     Each expert gathers its own rows and scatter-adds its own output, so the [rows, H] blocks stay
     in cache between the gather, the GEMMs and the scatter (no [R, H] buffer is materialised).
+    With ``stats``, each slot's unweighted output norm and down-projection input maximum are
+    written into it; the weight is then applied to the output rows instead of the activation.
     """
     y_TH = x_TH.new_zeros(plan.T, down.shape[1])
     gs, us = [], []
@@ -98,10 +101,14 @@ def ffn_forward(x_TH, w_R, plan, gate, up, down, b_gate, b_up, b_down, act, keep
         x_e = x_TH.index_select(0, tok_e)
         h_up = _linear(x_e, up[e], None if b_up is None else b_up[e])
         h_gate = None if gate is None else _linear(x_e, gate[e], None if b_gate is None else b_gate[e])
-        a_w = _gated(act, h_gate, h_up).mul_(w_e)
-        o_e = torch.mm(a_w, down[e].t())
-        if b_down is not None:
-            o_e.addmm_(w_e, b_down[e][None])  # + w_r * b_D
+        if stats is not None:
+            o_e = _observed_expert(_gated(act, h_gate, h_up), down[e], b_down, e, s, n, stats)
+            o_e.mul_(w_e)
+        else:
+            a_w = _gated(act, h_gate, h_up).mul_(w_e)
+            o_e = torch.mm(a_w, down[e].t())
+            if b_down is not None:
+                o_e.addmm_(w_e, b_down[e][None])  # + w_r * b_D
         y_TH.index_add_(0, tok_e, o_e)
         if keep:
             gs.append(h_gate)
@@ -109,19 +116,48 @@ def ffn_forward(x_TH, w_R, plan, gate, up, down, b_gate, b_up, b_down, act, keep
     return y_TH, gs, us
 
 
-def experts_forward(x_TH, w_TK, plan, gate, up, down, b_gate, b_up, b_down, act) -> Tensor:
+@dataclass
+class SlotStats:
+    """Per-slot statistics filled by the forward, in plan order (``[R]``, sorted by expert).
+
+    out_norm_R: ``||expert_e(x_t)||_2`` of each real slot, before its combine weight;
+    act_max_R: ``max_i |a_i|`` of the down projection's input ``a = act(gate x, up x)``.
+    """
+
+    out_norm_R: Tensor
+    act_max_R: Tensor
+
+    @classmethod
+    def empty(cls, plan: Plan, like: Tensor) -> SlotStats:
+        return cls(like.new_zeros(plan.num_real), like.new_zeros(plan.num_real))
+
+
+def _observed_expert(a, down_e, b_down, e, s, n, stats: SlotStats) -> Tensor:
+    """Unweighted expert output ``a D^T (+ b_D)`` of rows s..s+n, recording their statistics."""
+    stats.act_max_R[s : s + n] = a.detach().abs().amax(dim=1)
+    o_e = torch.mm(a, down_e.t())
+    if b_down is not None:
+        o_e.add_(b_down[e])
+    stats.out_norm_R[s : s + n] = torch.linalg.vector_norm(o_e.detach(), dim=1)
+    return o_e
+
+
+def experts_forward(x_TH, w_TK, plan, gate, up, down, b_gate, b_up, b_down, act,
+                    stats: SlotStats | None = None) -> Tensor:
     """Dispatch + experts + combine without saving anything for backward."""
     w_R = slot_weights(w_TK, plan, x_TH.dtype)
-    return ffn_forward(x_TH, w_R, plan, gate, up, down, b_gate, b_up, b_down, act, False)[0]
+    return ffn_forward(x_TH, w_R, plan, gate, up, down, b_gate, b_up, b_down, act, False, stats)[0]
 
 
 class GroupedExperts(torch.autograd.Function):
     """Differentiable dispatch + experts + combine (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, x_TH, w_TK, gate, up, down, b_gate, b_up, b_down, plan, act):  # noqa: D102
+    def forward(ctx, x_TH, w_TK, gate, up, down, b_gate, b_up, b_down, plan, act, stats=None):  # noqa: D102
         w_R = slot_weights(w_TK, plan, x_TH.dtype)
-        y_TH, gs, us = ffn_forward(x_TH, w_R, plan, gate, up, down, b_gate, b_up, b_down, act, True)
+        y_TH, gs, us = ffn_forward(
+            x_TH, w_R, plan, gate, up, down, b_gate, b_up, b_down, act, True, stats
+        )
         ctx.save_for_backward(x_TH, w_R, w_TK, gate, up, down, b_gate, b_up, b_down)
         ctx.gs, ctx.us, ctx.plan, ctx.act = gs, us, plan, act
         return y_TH
@@ -147,15 +183,32 @@ class GroupedExperts(torch.autograd.Function):
             g["b_down"],
             None,
             None,
+            None,
         )
 
 
+def halves_of_one(a: Tensor | None, b: Tensor | None) -> bool:
+    """True when ``a``, ``b`` are rows ``[:I]`` and ``[I:]`` of one contiguous ``[E, 2I, H]``
+    (transformers' fused ``gate_up_proj``)."""
+    if a is None or b is None or a.dim() != 3 or a.shape != b.shape:
+        return False
+    _, i, h = a.shape
+    want = (2 * i * h, h, 1)
+    return (a.stride() == want and b.stride() == want
+            and b.data_ptr() - a.data_ptr() == i * h * a.element_size())
+
+
 def _grad_buffers(plan, gate, up, down, b_gate, b_up, b_down) -> dict:
-    """Uninitialised gradient buffers; experts that got no rows are zeroed here."""
+    """Uninitialised gradient buffers; experts that got no rows are zeroed here. Where gate and
+    up are the halves of one fused tensor, so are their gradients (one buffer, no cat later)."""
     named = {"gate": gate, "up": up, "down": down, "b_gate": b_gate, "b_up": b_up,
              "b_down": b_down}
     d = {k: None if v is None else torch.empty(v.shape, dtype=v.dtype, device=v.device)
          for k, v in named.items()}
+    if halves_of_one(gate, up):
+        E, i, h = up.shape
+        both = torch.empty(E, 2 * i, h, dtype=up.dtype, device=up.device)
+        d["gate"], d["up"] = both[:, :i], both[:, i:]
     idle = [e for e, n in enumerate(plan.counts) if n == 0]
     if idle:
         for t in d.values():

@@ -182,37 +182,21 @@ class Experts(nn.Module):
         self, x_TH: Tensor, ids_TK: Tensor, weights_TK: Tensor, mask_TK: Tensor | None = None
     ) -> Tensor:
         self.check(x_TH, ids_TK, weights_TK, mask_TK)
-        if x_TH.dtype != self.up.dtype:
-            raise RoutingError(
-                f"experts: x dtype {x_TH.dtype} != expert weights dtype {self.up.dtype}"
-            )
         plan = _dispatch.make_plan(ids_TK, mask_TK, self.num_experts)
-        x_TH = x_TH.contiguous()
-        if self.config.impl == "grouped_mm":
-            return _grouped_mm_forward(self, x_TH, weights_TK, plan)
-        params = self._weights()
-        needs_grad = torch.is_grad_enabled() and (
-            x_TH.requires_grad
-            or weights_TK.requires_grad
-            or any(p is not None and p.requires_grad for p in params)
-        )
-        if needs_grad:
-            return _dispatch.GroupedExperts.apply(x_TH, weights_TK, *params, plan, self.act)
-        if self._few_rows_grouped_ok(x_TH, plan):
-            return _grouped_mm_forward(self, x_TH, weights_TK, plan)
-        return _dispatch.experts_forward(x_TH, weights_TK, plan, *params, self.act)
+        return self.run(x_TH, weights_TK, plan)
 
-    def _few_rows_grouped_ok(self, x_TH: Tensor, plan) -> bool:
-        """Inference with few rows per expert (decoding): one ``grouped_mm`` call per projection
-        beats a Python loop of ~8 small ops per active expert, whose dispatch overhead then costs
-        as much as reading the weights. Only where ``grouped_mm`` accepts the tensors."""
-        if not hasattr(F, "grouped_mm") or self.config.bias or x_TH.dtype not in _GROUPED_DTYPES:
-            return False
-        if not 0 < plan.num_real < 4 * self.num_experts:
-            return False
-        align = 16 // x_TH.element_size()
-        ws = [w for w in (self.gate, self.up, self.down) if w is not None]
-        return all(w.is_contiguous() for w in ws) and all(d % align == 0 for d in self.up.shape[1:])
+    def run(
+        self, x_MH: Tensor, weights_MK: Tensor, plan: _dispatch.Plan,
+        stats: _dispatch.SlotStats | None = None,
+    ) -> Tensor:
+        """The experts on an already dispatched input (see `moelab.nn.dispatcher`): ``plan`` sorts
+        the slots of ``weights_MK`` by expert; returns ``y_MH``, the weighted sum per row of x."""
+        if x_MH.dtype != self.up.dtype:
+            raise RoutingError(
+                f"experts: x dtype {x_MH.dtype} != expert weights dtype {self.up.dtype}"
+            )
+        return run_experts(x_MH, weights_MK, plan, self._weights(), self.act,
+                           impl=self.config.impl, stats=stats)
 
     def expert(self, e: int, x_RH: Tensor) -> Tensor:
         """Expert e on rows x_RH, with plain autograd ops (the reference)."""
@@ -246,24 +230,88 @@ class Experts(nn.Module):
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _grouped_mm_forward(experts: Experts, x_TH: Tensor, w_TK: Tensor, plan) -> Tensor:
+def run_experts(
+    x_TH: Tensor,
+    w_TK: Tensor,
+    plan: _dispatch.Plan,
+    weights: tuple[Tensor | None, ...],
+    act,
+    *,
+    impl: str = "loop",
+    stats: _dispatch.SlotStats | None = None,
+) -> Tensor:
+    """Grouped experts on a dispatch plan: ``y_t = sum_slots w * expert_e(x_t)``, ``[T, H]``.
+
+    ``weights`` = ``(gate, up, down, gate_bias, up_bias, down_bias)`` stacked ``[E, I, H]`` /
+    ``[E, H, I]`` (gate and biases may be None), indexed by the plan's expert numbers; gradients
+    reach whatever tensors are passed (parameters or differentiable views of them). ``impl``: see
+    `ExpertsConfig`. ``stats`` (optional) is filled with each slot's output norm and
+    down-projection input maximum.
+    """
+    x_TH = x_TH.contiguous()
+    gate, up, down, bg, bu, bd = weights
+    has_bias = any(b is not None for b in (bg, bu, bd))
+    if impl == "grouped_mm":
+        return _grouped_mm_forward(x_TH, w_TK, plan, weights, act, stats)
+    needs_grad = torch.is_grad_enabled() and (
+        x_TH.requires_grad
+        or w_TK.requires_grad
+        or any(p is not None and p.requires_grad for p in weights)
+    )
+    if needs_grad:
+        return _dispatch.GroupedExperts.apply(x_TH, w_TK, *weights, plan, act, stats)
+    if _few_rows_grouped_ok(x_TH, plan, gate, up, down, has_bias):
+        return _grouped_mm_forward(x_TH, w_TK, plan, weights, act, stats)
+    return _dispatch.experts_forward(x_TH, w_TK, plan, *weights, act, stats)
+
+
+def _few_rows_grouped_ok(x_TH: Tensor, plan, gate, up, down, has_bias: bool) -> bool:
+    """Inference with few rows per expert (decoding): one ``grouped_mm`` call per projection
+    beats a Python loop of ~8 small ops per active expert, whose dispatch overhead then costs
+    as much as reading the weights. Only where ``grouped_mm`` accepts the tensors."""
+    if not hasattr(F, "grouped_mm") or has_bias or x_TH.dtype not in _GROUPED_DTYPES:
+        return False
+    if not 0 < plan.num_real < 4 * up.shape[0]:
+        return False
+    align = 16 // x_TH.element_size()
+    ws = [w for w in (gate, up, down) if w is not None]
+    return all(_grouped_mm_layout_ok(w, align) for w in ws) and all(
+        d % align == 0 for d in up.shape[1:]
+    )
+
+
+def _grouped_mm_layout_ok(w: Tensor, align: int) -> bool:
+    """``grouped_mm`` takes strided views (e.g. the gate rows of transformers' fused
+    ``gate_up_proj``) if one of the matrix dims is dense and the rest is 16-byte aligned."""
+    if w.dtype not in _GROUPED_DTYPES or w.data_ptr() % 16:
+        return False
+    if 1 not in (w.stride(-1), w.stride(-2)):
+        return False
+    return all(s % align == 0 for s in w.stride() if s != 1)
+
+
+def _grouped_mm_forward(x_TH: Tensor, w_TK: Tensor, plan, weights, act, stats=None) -> Tensor:
     """Same maths through ``F.grouped_mm`` (autograd by torch); float32/bf16, aligned shapes only."""
     if not hasattr(F, "grouped_mm"):
         raise RoutingError(
             "ExpertsConfig.impl='grouped_mm' needs torch.nn.functional.grouped_mm (torch >= 2.10)"
         )
-    if experts.config.bias:
+    gate, up, down, bg, bu, bd = weights
+    if any(b is not None for b in (bg, bu, bd)):
         raise RoutingError(
             "ExpertsConfig.impl='grouped_mm' does not support biases; use impl='loop'"
         )
     xs_RH = x_TH.index_select(0, plan.tok_R)
     offs = torch.tensor(plan.counts, device=x_TH.device).cumsum(0).to(torch.int32)
-    h_up = F.grouped_mm(xs_RH, experts.up.transpose(1, 2), offs=offs)
-    if experts.gate is None:
-        a = experts.act(h_up)
+    h_up = F.grouped_mm(xs_RH, up.transpose(1, 2), offs=offs)
+    if gate is None:
+        a = act(h_up)
     else:
-        a = experts.act(F.grouped_mm(xs_RH, experts.gate.transpose(1, 2), offs=offs), h_up)
-    o_RH = F.grouped_mm(a, experts.down.transpose(1, 2), offs=offs)
+        a = act(F.grouped_mm(xs_RH, gate.transpose(1, 2), offs=offs), h_up)
+    o_RH = F.grouped_mm(a, down.transpose(1, 2), offs=offs)
+    if stats is not None:
+        stats.act_max_R.copy_(a.detach().abs().amax(dim=1))
+        stats.out_norm_R.copy_(torch.linalg.vector_norm(o_RH.detach(), dim=1))
     w_R = _dispatch.slot_weights(w_TK, plan, x_TH.dtype)
     return _dispatch.scatter_tokens(o_RH * w_R[:, None], plan)
 

@@ -1,14 +1,20 @@
-"""`MoELayer`: router + experts (+ shared experts), dropless by default, optional capacity.
+"""`MoELayer`: router -> dispatcher -> grouped experts -> combine (+ shared experts), dropless by
+default, optional capacity.
 
-Shape legend: T tokens, H hidden, E experts, K slots per token.
+Shape legend: T tokens, H hidden, E experts, K slots per token, M rows the experts read.
 
 Forward, step by step:
 1. flatten x to [T, H]; the router returns a `Routing` (float32 logits, ids, weights, mask);
 2. optionally drop slots beyond each expert's capacity C = ceil(capacity_factor * T * K / E)
    (GShard priority: all first choices before any second choice, then token order);
-3. experts: sort the real slots by expert, one GEMM chain per expert, scatter back weighted;
-4. add the shared experts, optionally scaled by sigmoid(shared_gate(x)) (Qwen2-MoE);
-5. reshape to the input's shape. Losses are computed from ``out.routing`` by `moelab.nn.losses`.
+3. dispatch: the dispatcher sorts the real slots by expert (`LocalDispatcher`: a plan over the
+   rows in place; an expert-parallel one would send rows to other ranks), see `moelab.nn.dispatcher`;
+4. grouped experts: one GEMM chain per expert on its rows, weighted (``experts.run``);
+5. combine: the dispatcher maps the experts' rows back to tokens (locally the identity);
+6. add the shared experts, optionally scaled by sigmoid(shared_gate(x)) (Qwen2-MoE);
+7. reshape to the input's shape. Losses are computed from ``out.routing`` by `moelab.nn.losses`.
+
+Router, dispatcher and experts are sibling attributes, so each can be swapped on its own.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelab.nn.dispatcher import Dispatcher, LocalDispatcher
 from moelab.nn.experts import ACTIVATIONS
 from moelab.nn.routing import Routing, RoutingError
 
@@ -92,6 +99,9 @@ class MoELayer(nn.Module):
     domain routing) are passed to the router. ``capacity_factor=None`` is dropless.
     ``combine="output"`` gives ``y_t = sum_k w_tk E_k(x_t)``; ``combine="input"`` gives
     ``y_t = sum_k E_k(w_tk x_t)`` (Llama 4 scales the experts' inputs by the router scores).
+    ``dispatcher`` (default `LocalDispatcher`) moves the routed rows to the experts and back;
+    experts with a ``run(x_MH, weights_MK, plan)`` method go through it, other experts modules are
+    called as ``experts(x_TH, ids_TK, weights_TK, mask_TK)``.
     """
 
     def __init__(
@@ -102,6 +112,7 @@ class MoELayer(nn.Module):
         shared_gate: nn.Module | None = None,
         capacity_factor: float | None = None,
         combine: str = "output",
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         super().__init__()
         if combine not in ("output", "input"):
@@ -123,6 +134,7 @@ class MoELayer(nn.Module):
         self.router, self.experts = router, experts
         self.shared_experts, self.shared_gate = shared_experts, shared_gate
         self.capacity_factor = capacity_factor
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
 
     @property
     def num_experts(self) -> int:
@@ -134,7 +146,7 @@ class MoELayer(nn.Module):
         return MoEOutput(y_TH.reshape(shape), routing, dropped)
 
     def step(self, x_TH: Tensor, **router_kwargs) -> tuple[Tensor, Routing, Tensor]:
-        """Steps 2-4 on flat tokens: ``(y_TH, routing, num_dropped)`` (used by `ChainOfExperts`)."""
+        """Steps 1-6 on flat tokens: ``(y_TH, routing, num_dropped)`` (used by `ChainOfExperts`)."""
         routing = self.router(x_TH, **router_kwargs)
         if routing.num_experts != self.num_experts:
             raise RoutingError(
@@ -144,7 +156,7 @@ class MoELayer(nn.Module):
         if self.capacity_factor is not None:
             routing, dropped = apply_capacity(routing, self.num_experts, self.capacity_factor)
         if self.combine == "output":
-            y_TH = self.experts(
+            y_TH = self.routed(
                 x_TH, routing.ids_TK, routing.weights_TK.to(x_TH.dtype), routing.mask_TK
             )
         else:
@@ -163,5 +175,18 @@ class MoELayer(nn.Module):
         xs_NH = (x_TH.unsqueeze(1) * w_TK1).reshape(T * K, x_TH.shape[1])
         ones_N1 = torch.ones(T * K, 1, dtype=x_TH.dtype, device=x_TH.device)
         mask = None if routing.mask_TK is None else routing.mask_TK.reshape(T * K, 1)
-        y_NH = self.experts(xs_NH, routing.ids_TK.reshape(T * K, 1), ones_N1, mask)
+        y_NH = self.routed(xs_NH, routing.ids_TK.reshape(T * K, 1), ones_N1, mask)
         return y_NH.view(T, K, -1).sum(1)
+
+    def routed(
+        self, x_TH: Tensor, ids_TK: Tensor, weights_TK: Tensor, mask_TK: Tensor | None
+    ) -> Tensor:
+        """Steps 3-5: dispatch, grouped experts, combine; ``y_TH`` (routed experts only)."""
+        run = getattr(self.experts, "run", None)
+        if run is None:
+            return self.experts(x_TH, ids_TK, weights_TK, mask_TK)
+        check = getattr(self.experts, "check", None)
+        if check is not None:
+            check(x_TH, ids_TK, weights_TK, mask_TK)
+        d = self.dispatcher.dispatch(x_TH, ids_TK, weights_TK, mask_TK, self.num_experts)
+        return self.dispatcher.combine(run(d.x_MH, d.weights_MK, d.plan), d)

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from moelab.errors import CheckpointError
+from moelab.models.backend import ExpertsSpec, ExpertWeights
 from moelab.models.families._common import act_name, check_experts, d, experts_prehook_installer
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
@@ -64,4 +65,31 @@ def write_config(config: Any, num_experts: int, top_k: int, n_group: int | None 
     return new
 
 
-ADAPTERS = (FamilyAdapter("DBRX", ("dbrx",), ("DbrxFFN",), read, "DbrxConfig", write_config=write_config),)
+def experts_weights(block: MoEBlockView) -> ExpertWeights:
+    """Live views ``[E, I, H]`` of w1/v1 and ``[E, H, I]`` of w2 (stored ``[E*I, H]``)."""
+    mlp = block.experts_module.mlp
+    E, I, H = block.num_experts, block.intermediate_size, block.hidden_size  # noqa: E741
+    return ExpertWeights(
+        mlp.w1.view(E, I, H), mlp.v1.view(E, I, H), mlp.w2.view(E, I, H).transpose(1, 2)
+    )
+
+
+def experts_forward(backend, hidden_states, top_k_index, top_k_weights):
+    """``DbrxExperts.forward(hidden, top_k_index, top_k_weights)`` on moelab's backend (its
+    pre-hooks still run); returns ``[batch, -1, H]`` as DBRX does."""
+    H = backend.block.hidden_size
+    y_TH = backend(hidden_states.reshape(-1, H), top_k_index, top_k_weights)
+    return y_TH.view(hidden_states.shape[0], -1, H)
+
+
+ADAPTERS = (
+    FamilyAdapter(
+        "DBRX",
+        ("dbrx",),
+        ("DbrxFFN",),
+        read,
+        "DbrxConfig",
+        write_config=write_config,
+        experts_backend=ExpertsSpec(experts_weights, swap="experts", forward=experts_forward),
+    ),
+)

@@ -31,6 +31,7 @@ from moelab.models.families._common import (
     glu_mlp,
 )
 from moelab.models.families._config import write_counts
+from moelab.models.families._experts import STANDARD
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
 
@@ -104,6 +105,7 @@ ADAPTERS = (
         _reader("DeepSeek-V2"),
         "DeepseekV2Config",
         write_config=write_config,
+        experts_backend=STANDARD,
     ),
     FamilyAdapter(
         "DeepSeek-V3",
@@ -112,7 +114,15 @@ ADAPTERS = (
         _reader("DeepSeek-V3"),
         "DeepseekV3Config",
         write_config=write_config,
+        experts_backend=STANDARD,
     ),
-    FamilyAdapter("GLM4-MoE", ("glm4_moe",), ("Glm4MoeMoE",), _reader("GLM4-MoE"), "Glm4MoeConfig",
-                  write_config=write_config),
+    FamilyAdapter(
+        "GLM4-MoE",
+        ("glm4_moe",),
+        ("Glm4MoeMoE",),
+        _reader("GLM4-MoE"),
+        "Glm4MoeConfig",
+        write_config=write_config,
+        experts_backend=STANDARD,
+    ),
 )

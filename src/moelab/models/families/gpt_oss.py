@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from moelab.models.backend import ExpertsSpec, ExpertWeights
 from moelab.models.families._common import (
     check_experts,
     config_num_experts,
@@ -23,6 +24,7 @@ from moelab.models.families._common import (
     transposed_gate_up,
 )
 from moelab.models.families._config import write_counts
+from moelab.models.families._experts import transposed_weights
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
 
@@ -68,5 +70,23 @@ def block_output(y: Tensor, routing: Any) -> tuple[Tensor, Tensor]:
     return y, routing.weights_TK.to(y.dtype)
 
 
-ADAPTERS = (FamilyAdapter("GPT-OSS", ("gpt_oss",), ("GptOssMLP",), read, "GptOssConfig",
-                          write_config=write_counts, block_output=block_output),)
+def experts_weights(block: MoEBlockView) -> ExpertWeights:
+    """Live (differentiable) views of the interleaved experts and their biases."""
+    ex = block.experts_module
+    return transposed_weights(
+        ex.gate_up_proj, ex.down_proj, True, ex.gate_up_proj_bias, ex.down_proj_bias
+    )
+
+
+ADAPTERS = (
+    FamilyAdapter(
+        "GPT-OSS",
+        ("gpt_oss",),
+        ("GptOssMLP",),
+        read,
+        "GptOssConfig",
+        write_config=write_counts,
+        block_output=block_output,
+        experts_backend=ExpertsSpec(weights=experts_weights),
+    ),
+)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moelab.models.backend import ExpertsSpec, ExpertWeights
 from moelab.models.edits import for_experts
 from moelab.models.families._common import (
     act_name,
@@ -23,6 +24,7 @@ from moelab.models.families._common import (
     fused_gate_up,
 )
 from moelab.models.families._config import write_counts
+from moelab.models.families._experts import fused_weights
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
 
@@ -88,10 +90,45 @@ def read(model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlock
     return check_experts(view, config_num_experts(config), config.intermediate_size)
 
 
+def experts_weights(block: MoEBlockView) -> ExpertWeights:
+    m = block.module
+    return fused_weights(m.input_linear.weight, m.output_linear.weight)
+
+
+def _unsorted(out, top_k: int):
+    """``(ids_TK, gates_TK)`` from the gating's expert-sorted outputs (differentiable in gates)."""
+    index_sorted, _batch_index, batch_gates, expert_size, logits = out
+    T, dev = logits.shape[0], logits.device
+    sorted_ids = torch.repeat_interleave(
+        torch.arange(len(expert_size), device=dev), torch.tensor(expert_size, device=dev)
+    )
+    ids = torch.empty(T * top_k, dtype=torch.int64, device=dev).scatter_(
+        0, index_sorted, sorted_ids
+    )
+    gates = batch_gates.new_zeros(T * top_k).scatter(0, index_sorted, batch_gates)
+    return ids.view(T, top_k), gates.view(T, top_k)
+
+
+def block_forward(backend, layer_input):
+    """``JetMoeMoE.forward`` on moelab's backend: the gating runs as before (its hooks see it);
+    returns ``[batch, seq, H]`` plus the block's output bias, as JetMoE does."""
+    block = backend.block
+    x_TH = layer_input.reshape(-1, block.hidden_size)
+    ids_TK, gates_TK = _unsorted(block.router_module(x_TH), block.top_k)
+    y_TH = backend(x_TH, ids_TK, gates_TK)
+    return y_TH.view(layer_input.shape) + block.module.bias
+
+
 ADAPTERS = (
     FamilyAdapter(
-        "JetMoE", ("jetmoe",), ("JetMoeMoE",), read, "JetMoeConfig", write_config=write_counts,
+        "JetMoE",
+        ("jetmoe",),
+        ("JetMoeMoE",),
+        read,
+        "JetMoeConfig",
+        write_config=write_counts,
         fixed_routing="JetMoE's config shares num_local_experts and num_experts_per_tok with its "
                       "attention experts (MoA)",
+        experts_backend=ExpertsSpec(experts_weights, swap="block", forward=block_forward),
     ),
 )

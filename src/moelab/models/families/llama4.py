@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moelab.models.backend import ExpertsSpec, ExpertWeights
 from moelab.models.edits import for_experts
 from moelab.models.families._common import (
     act_name,
@@ -26,6 +27,7 @@ from moelab.models.families._common import (
     transposed_gate_up,
 )
 from moelab.models.families._config import write_counts
+from moelab.models.families._experts import transposed_weights
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
 
@@ -83,7 +85,34 @@ def block_output(y: Tensor, routing: Any) -> tuple[Tensor, Tensor]:
     return y, routing.logits_TE.to(y.dtype)
 
 
+def experts_weights(block: MoEBlockView) -> ExpertWeights:
+    ex = block.experts_module
+    return transposed_weights(ex.gate_up_proj, ex.down_proj, interleaved=False)
+
+
+def block_forward(backend, hidden_states):
+    """``Llama4TextMoe.forward`` on moelab's backend: the router runs as before (its hooks see it),
+    the chosen experts (top-k of the logits) get ``score * x``; returns ``(out, router_logits)``."""
+    block = backend.block
+    x_TH = hidden_states.reshape(-1, block.hidden_size)
+    scores_TE, logits_TE = block.router_module(x_TH)
+    # the chosen experts are those with a score: a routing edit (a hook on the router) may have
+    # chosen others than the top-k of the raw logits; unedited, both give the same set
+    ids_TK = scores_TE.topk(block.top_k, dim=-1).indices
+    out = block.module.shared_expert(x_TH)
+    out.add_(backend(x_TH, ids_TK, scores_TE.gather(-1, ids_TK)))
+    return out, logits_TE
+
+
 ADAPTERS = (
-    FamilyAdapter("Llama4", ("llama4_text",), ("Llama4TextMoe",), read, "Llama4TextConfig",
-                  write_config=write_counts, block_output=block_output),
+    FamilyAdapter(
+        "Llama4",
+        ("llama4_text",),
+        ("Llama4TextMoe",),
+        read,
+        "Llama4TextConfig",
+        write_config=write_counts,
+        block_output=block_output,
+        experts_backend=ExpertsSpec(experts_weights, swap="block", forward=block_forward),
+    ),
 )

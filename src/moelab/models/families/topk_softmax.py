@@ -37,6 +37,7 @@ from moelab.models.families._common import (
     glu_mlp,
 )
 from moelab.models.families._config import write_counts
+from moelab.models.families._experts import STANDARD
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView, SharedExpertsView
 
@@ -141,7 +142,10 @@ def _adapter(fam: SoftmaxFamily, model_type: str, block: str, config_cls: str) -
     def read(model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlockView:
         return read_softmax_block(fam, model, module, path, layer)
 
-    return FamilyAdapter(fam.name, (model_type,), (block,), read, config_cls, write_config=write_counts)
+    return FamilyAdapter(
+        fam.name, (model_type,), (block,), read, config_cls, write_config=write_counts,
+        experts_backend=STANDARD,
+    )
 
 
 ADAPTERS = (
