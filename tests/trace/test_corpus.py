@@ -115,3 +115,26 @@ def test_corrupt_tokenizer_is_named(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(CorpusError, match=r"tokenizer\.json: cannot load the tokenizer"):
         TextTokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 17, 40, 95, 300, None])
+def test_prepare_input_tokenizes_only_what_packing_reaches(model_dir, max_tokens, monkeypatch):
+    """Tokenizing per label until max_tokens packs exactly what tokenizing every document packs."""
+    from moelab.models import open_model
+    from moelab.trace.inputs import prepare_input
+
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "x", "yy"]
+    docs = [Document(" ".join(rng.choice(words, size=int(rng.integers(1, 30)))), lab)
+            for lab in ["a", "b", "c"] for _ in range(90)]
+    tok = TextTokenizer(model_dir)
+    want = pack([tok.encode([d.text])[0] for d in docs], [d.label for d in docs], 16, max_tokens, tok.eos_id)
+    encoded = []
+    real_encode = TextTokenizer.encode
+    monkeypatch.setattr(TextTokenizer, "encode", lambda self, texts: encoded.extend(texts) or real_encode(self, texts))
+    got = prepare_input(docs, open_model(str(model_dir)), 16, max_tokens, None, model_dir).packed
+    np.testing.assert_array_equal(got.tokens_N, want.tokens_N)
+    np.testing.assert_array_equal(got.starts_S1, want.starts_S1)
+    np.testing.assert_array_equal(got.labels_S, want.labels_S)
+    if max_tokens is not None and max_tokens <= 95:
+        assert len(encoded) < len(docs)  # the rest of the corpus was never tokenized

@@ -90,9 +90,13 @@ def test_hooks_are_removed_and_the_model_is_untouched(make_tiny, model_dir, corp
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     n_hooks = _hook_count(model)
+    impl = model.config._experts_implementation
     moelab.trace.record(model, corpus_dir, tmp_path / "a", tokenizer=model_dir, seq_len=16,
                         max_tokens=64, progress=False, **ALL_FIELDS)
     assert _hook_count(model) == n_hooks and model.training
+    assert model.config._experts_implementation == impl  # the backend the trace used is off again
+    from moelab.models.backend import experts_backend
+    assert all(experts_backend(b) is None for b in open_model(model).blocks)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
     def boom(event):

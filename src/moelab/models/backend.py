@@ -115,7 +115,8 @@ class ExpertStats:
 
     out_norm_TK: ``||expert_e(x_t)||_2`` before the combine weight (for ``combine='input'``,
     Llama4, the expert's input is already ``w x``, so it is ``||expert_e(w x_t)||``);
-    act_max_TK: ``max_i |a_i|`` of the down projection's input; both 0 where ``mask_TK`` is False.
+    act_max_TK: ``max_i |a_i|`` of the down projection's input; out_max_TK: ``max_h |o_h|`` of the
+    expert's output (before the combine weight); all 0 where ``mask_TK`` is False.
     """
 
     block: MoEBlockView
@@ -123,6 +124,7 @@ class ExpertStats:
     mask_TK: Tensor
     out_norm_TK: Tensor
     act_max_TK: Tensor
+    out_max_TK: Tensor
 
 
 Observer = Callable[[ExpertStats], None]
@@ -243,7 +245,7 @@ class ExpertsBackend:
         counts = [plan.counts[e] for e in needed]
         return _dispatch.Plan(plan.slot_R, plan.tok_R, counts, plan.num_real, plan.T, plan.K)
 
-    def _notify(self, ids_TK, mask_TK, norm_N, amax_N) -> None:
+    def _notify(self, ids_TK, mask_TK, norm_N, amax_N, omax_N) -> None:
         shape = ids_TK.shape
         real = (
             mask_TK
@@ -251,7 +253,8 @@ class ExpertsBackend:
             else torch.ones(shape, dtype=torch.bool, device=ids_TK.device)
         )
         stats = ExpertStats(
-            self.block, ids_TK.detach(), real, norm_N.view(shape), amax_N.view(shape)
+            self.block, ids_TK.detach(), real, norm_N.view(shape), amax_N.view(shape),
+            omax_N.view(shape),
         )
         for fn in list(self._observers.values()):
             fn(stats)
@@ -277,7 +280,8 @@ def _flat_stats(stats: _dispatch.SlotStats | None, plan: _dispatch.Plan):
     N = plan.T * plan.K
     norm_N = stats.out_norm_R.new_zeros(N).index_copy_(0, plan.slot_R, stats.out_norm_R)
     amax_N = stats.act_max_R.new_zeros(N).index_copy_(0, plan.slot_R, stats.act_max_R)
-    return norm_N, amax_N
+    omax_N = stats.out_max_R.new_zeros(N).index_copy_(0, plan.slot_R, stats.out_max_R)
+    return norm_N, amax_N, omax_N
 
 
 def moelab_experts_forward(

@@ -121,15 +121,18 @@ class SlotStats:
     """Per-slot statistics filled by the forward, in plan order (``[R]``, sorted by expert).
 
     out_norm_R: ``||expert_e(x_t)||_2`` of each real slot, before its combine weight;
-    act_max_R: ``max_i |a_i|`` of the down projection's input ``a = act(gate x, up x)``.
+    act_max_R: ``max_i |a_i|`` of the down projection's input ``a = act(gate x, up x)``;
+    out_max_R: ``max_h |o_h|`` of the expert's output ``o`` (before its combine weight).
     """
 
     out_norm_R: Tensor
     act_max_R: Tensor
+    out_max_R: Tensor
 
     @classmethod
     def empty(cls, plan: Plan, like: Tensor) -> SlotStats:
-        return cls(like.new_zeros(plan.num_real), like.new_zeros(plan.num_real))
+        n = plan.num_real
+        return cls(like.new_zeros(n), like.new_zeros(n), like.new_zeros(n))
 
 
 def _observed_expert(a, down_e, b_down, e, s, n, stats: SlotStats) -> Tensor:
@@ -139,6 +142,7 @@ def _observed_expert(a, down_e, b_down, e, s, n, stats: SlotStats) -> Tensor:
     if b_down is not None:
         o_e.add_(b_down[e])
     stats.out_norm_R[s : s + n] = torch.linalg.vector_norm(o_e.detach(), dim=1)
+    stats.out_max_R[s : s + n] = o_e.detach().abs().amax(dim=1)
     return o_e
 
 

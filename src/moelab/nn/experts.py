@@ -312,6 +312,7 @@ def _grouped_mm_forward(x_TH: Tensor, w_TK: Tensor, plan, weights, act, stats=No
     if stats is not None:
         stats.act_max_R.copy_(a.detach().abs().amax(dim=1))
         stats.out_norm_R.copy_(torch.linalg.vector_norm(o_RH.detach(), dim=1))
+        stats.out_max_R.copy_(o_RH.detach().abs().amax(dim=1))
     w_R = _dispatch.slot_weights(w_TK, plan, x_TH.dtype)
     return _dispatch.scatter_tokens(o_RH * w_R[:, None], plan)
 

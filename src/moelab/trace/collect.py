@@ -67,6 +67,11 @@ class Collector:
 
     ``fields``: the optional fields to compute (``logits``, ``expert_norms``, ``act_max``,
     ``hidden_norm``); ids and weights are always kept. ``weights_dtype``: ``float32`` or ``float16``.
+
+    Expert norms and activation maxima come from inside the experts' own forward: the blocks run
+    through moelab's experts backend (:mod:`moelab.models.backend`, equal to eager; turned on for
+    the recording if the model is not already on it) and an observer keeps each slot's statistics,
+    so the chosen experts are not run a second time. :func:`expert_stats` is the slow reference.
     """
 
     def __init__(self, view: Any, fields: tuple[str, ...], weights_dtype: str):
@@ -74,19 +79,40 @@ class Collector:
         self.wdtype = torch.float32 if weights_dtype == "float32" else torch.float16
         self.blocks = list(view.blocks)
         self._seen: dict[int, dict[str, Tensor]] = {}
+        self._slots: dict[int, Any] = {}  # layer -> the backend's ExpertStats of this forward
         self._handles: list[Any] = []
+        self._enabled: Any = None  # the view whose backend this collector turned on
         try:
+            if "expert_norms" in fields or "act_max" in fields:
+                self._observe_experts(view)
             for block in self.blocks:
                 self._handles.append(block.register_routing_hook(self._hook_for(block)))
         except BaseException:
             self.remove()
             raise
 
+    def _observe_experts(self, view: Any) -> None:
+        from moelab.models.backend import enable_experts_backend, experts_backend
+
+        if any(experts_backend(b) is None for b in self.blocks):
+            enable_experts_backend(view)
+            self._enabled = view
+        for b in self.blocks:
+            def keep(st: Any, layer: int = b.layer) -> None:
+                self._slots[layer] = st
+
+            self._handles.append(experts_backend(b).add_observer(keep))
+
     def remove(self) -> None:
         """Take every hook off the model (safe to call twice)."""
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._enabled is not None:
+            from moelab.models.backend import disable_experts_backend
+
+            view, self._enabled = self._enabled, None
+            disable_experts_backend(view)
 
     def _hook_for(self, block: Any):
         def hook(event: Any) -> None:
@@ -109,13 +135,20 @@ class Collector:
             out[column("logits", i)] = event.logits_TE.to(torch.float16).cpu()
         if "hidden_norm" in self.fields:
             out[column("hidden_norm", i)] = norm32(event.hidden_TH).reshape(-1).cpu()
-        if "expert_norms" in self.fields or "act_max" in self.fields:
-            norm, act_in, act_out = expert_stats(block, event.hidden_TH, ids_TK, event.weights_TK)
-            if "expert_norms" in self.fields:
-                out[column("expert_norm", i)] = norm
-            if "act_max" in self.fields:
-                out[column("act_in_max", i)] = act_in
-                out[column("act_out_max", i)] = act_out
+        return out
+
+    def _expert_fields(self, block: Any, ids_TK: Tensor) -> dict[str, Tensor]:
+        """The backend's per-slot statistics of this forward, in the routing event's slot order."""
+        st = self._slots.pop(block.layer, None)
+        if st is None:
+            raise TraceError(f"{block.path}: the experts backend did not report this forward")
+        norm, act_in, act_out = _aligned(st, ids_TK.long(), block.num_experts)
+        i, out = block.layer, {}
+        if "expert_norms" in self.fields:
+            out[column("expert_norm", i)] = norm
+        if "act_max" in self.fields:
+            out[column("act_in_max", i)] = act_in
+            out[column("act_out_max", i)] = act_out
         return out
 
     def take(self, num_tokens: int) -> dict[str, np.ndarray]:
@@ -124,6 +157,9 @@ class Collector:
         missing = [b.path for b in self.blocks if b.layer not in seen]
         if missing:
             raise TraceError(f"the routing hooks of {missing} did not fire during the forward")
+        if "expert_norms" in self.fields or "act_max" in self.fields:
+            for b in self.blocks:
+                seen[b.layer].update(self._expert_fields(b, seen[b.layer][column("ids", b.layer)]))
         cols: dict[str, np.ndarray] = {}
         for layer_cols in seen.values():
             for name, t in layer_cols.items():
@@ -131,3 +167,17 @@ class Collector:
                     raise TraceError(f"{name}: the hook saw {t.shape[0]} tokens, the batch has {num_tokens}")
                 cols[name] = t.numpy()
         return cols
+
+
+def _aligned(st: Any, ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(norm, act_in_max, act_out_max)`` ``[T, K]`` float32 (CPU) of the backend's statistics
+    ``st`` at the slots ``ids_TK`` (-1: none, 0 there), matched by (token, expert): the backend may
+    list a token's experts in another order than the routing event."""
+    T, E = ids_TK.shape[0], num_experts
+    vals_TK3 = torch.stack([st.out_norm_TK, st.act_max_TK, st.out_max_TK], -1).float().cpu()
+    sid = st.ids_TK.cpu().masked_fill(~st.mask_TK.cpu(), E)
+    dense = torch.zeros(T, E + 1, 3).scatter_(1, sid.unsqueeze(-1).expand(-1, -1, 3), vals_TK3)
+    eid = ids_TK.masked_fill(ids_TK < 0, E)
+    got = dense.gather(1, eid.unsqueeze(-1).expand(-1, -1, 3))
+    got[ids_TK < 0] = 0
+    return got[..., 0], got[..., 1], got[..., 2]

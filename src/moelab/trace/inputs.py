@@ -83,6 +83,34 @@ def _documents(obj: Any, labels: list[str | None] | None) -> tuple[list[Document
     raise CorpusError("texts_or_token_ids: a list must hold only texts, only Documents or only token-id lists")
 
 
+_ENCODE_CHUNK = 64  # documents per tokenizer call
+
+
+def _encode_needed(tok: TextTokenizer, docs: list[Document], max_tokens: int | None
+                   ) -> tuple[list[Document], list[np.ndarray]]:
+    """Tokenize only the documents packing can reach: per label, in order, until the label holds
+    ``max_tokens`` tokens (packing interleaves labels and cuts at ``max_tokens`` in all, so no label
+    contributes more). The packed result equals tokenizing every document; a large corpus traced
+    with ``--max-tokens`` no longer pays for tokenizing all of it."""
+    if max_tokens is None:
+        return docs, [np.asarray(x, dtype=np.int64) for x in tok.encode([d.text for d in docs])]
+    by_label: dict[str | None, list[int]] = {}
+    for i, d in enumerate(docs):
+        by_label.setdefault(d.label, []).append(i)
+    encoded: dict[int, np.ndarray] = {}
+    for idx in by_label.values():
+        total = -1  # the stream has a separator between documents, not before the first
+        for start in range(0, len(idx), _ENCODE_CHUNK):
+            chunk = idx[start:start + _ENCODE_CHUNK]
+            for i, ids in zip(chunk, tok.encode([docs[i].text for i in chunk]), strict=True):
+                encoded[i] = np.asarray(ids, dtype=np.int64)
+                total += len(ids) + 1  # + the separator
+            if total >= max_tokens:
+                break
+    keep = sorted(encoded)
+    return [docs[i] for i in keep], [encoded[i] for i in keep]
+
+
 def prepare_input(obj: Any, view: Any, seq_len: int, max_tokens: int | None,
                   labels: list[str | None] | None, tokenizer: str | os.PathLike | None) -> CorpusInput:
     """Tokenize (if needed) and pack the input of :func:`moelab.trace.record`."""
@@ -101,10 +129,9 @@ def prepare_input(obj: Any, view: Any, seq_len: int, max_tokens: int | None,
         return CorpusInput(packed, None, corpus)
     docs, source = _documents(obj, labels)
     tok = TextTokenizer(_tokenizer_dir(view, tokenizer))
-    ids = tok.encode([d.text for d in docs])
-    token_arrays = [np.asarray(x, dtype=np.int64) for x in ids]
+    used, token_arrays = _encode_needed(tok, docs, max_tokens)
     _check_vocab(token_arrays, vocab)
     corpus = {"kind": "path" if source else "texts", "source": source, "documents": len(docs),
               "sha256": fingerprint_documents(docs)}
-    packed = pack(token_arrays, [d.label for d in docs], seq_len, max_tokens, tok.eos_id)
+    packed = pack(token_arrays, [d.label for d in used], seq_len, max_tokens, tok.eos_id)
     return CorpusInput(packed, tok.describe(), corpus)
