@@ -64,3 +64,18 @@ def test_card_reports_a_real_fit_and_specialised_routing(card):
     spread = max(max(load[a][i][e] / load[b][i][e] for a in load for b in load)
                  for i in range(len(load["code"])) for e in range(len(load["code"][i])))
     assert spread > 1.5, spread
+
+
+def test_default_model_names():
+    from moelab.errors import MoelabError
+
+    assert moelab.default_model() == moelab.default_model(moelab.data.DEFAULT_MODEL)
+    for name in moelab.data.MODEL_NAMES:
+        try:
+            path = moelab.default_model(name)
+        except MoelabError as err:  # a model not shipped yet names the commands that make it
+            assert f"--preset {name}" in str(err) and "not shipped yet" in str(err)
+        else:
+            assert (path / "config.json").is_file() and path.name == name
+    with pytest.raises(MoelabError, match="expected one of fine, coarse, dense"):
+        moelab.default_model("large")

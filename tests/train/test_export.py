@@ -72,3 +72,19 @@ def test_export_bad_input(tmp_path, tiny_corpus):
         evaluate_model_dir(tmp_path, tiny_corpus)
     assert not (tmp_path / "out").exists()
     torch.manual_seed(0)
+
+
+@pytest.mark.parametrize(("preset", "model_type", "load_rows"), [("tiny-fine", "deepseek_v3", 1), ("tiny-dense", "qwen3", 0)])
+def test_fine_and_dense_runs_export_with_their_card(preset, model_type, load_rows, tiny_corpus, tmp_path):
+    train(make_config(preset, corpus=tiny_corpus, steps=3), tmp_path / "run", progress=False)
+    card = export_model(tmp_path / "run", tmp_path / "model", eval_tokens=1024)
+    assert card["model_type"] == model_type and card["name"] == {"tiny-fine": "fine", "tiny-dense": "dense"}[preset]
+    assert all(len(layers) == load_rows for layers in card["load_by_domain"].values())
+    again = evaluate_model_dir(tmp_path / "model", tiny_corpus, tokens=1024)
+    assert again.perplexity == pytest.approx(card["perplexity"], rel=1e-4)
+    readme = (tmp_path / "model" / "README.md").read_text()
+    if load_rows:  # the MoE layers are named by their index in the model: layer 0 is dense
+        assert "**Layer 1**" in readme and "**Layer 0**" not in readme and "sigmoid routing" in readme
+        assert card["params"]["active_per_token"] < card["params"]["total"]
+    else:
+        assert "Expert load" not in readme and card["params"]["active_per_token"] == card["params"]["total"]

@@ -4,7 +4,8 @@ The slice is the first ``tokens`` tokens of each domain's validation stream (doc
 order, EOS between them), cut into non-overlapping windows of ``seq_len``; each window predicts its
 last ``seq_len - 1`` tokens. Perplexity is ``exp`` of the mean next-token negative log-likelihood over
 all predicted tokens of a domain. Load is the share of top-k assignments each expert receives in each
-layer, over every token of the domain's slice.
+MoE layer, over every token of the domain's slice, counted on the experts the tokens were sent to
+(moelab's routing hooks, so a DeepSeek-V3 correction bias is included); a dense model has none.
 
 Legend: W windows, S tokens per window, V vocab, L layers, E experts, D domains.
 """
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moelab.train.batches import encode_split, eval_windows
-from moelab.train.losses import expert_load
+from moelab.train.routing import RoutingRecorder, routed_counts
 
 EVAL_TOKENS = 32768
 EVAL_SEQ_LEN = 256
@@ -33,7 +34,8 @@ class EvalResult:
     Attributes:
         loss: mean next-token NLL (nats/token) per domain.
         tokens: tokens predicted per domain.
-        load_LE: per domain, ``[L][E]`` share of top-k assignments (each layer's row sums to 1).
+        load_LE: per domain, ``[L][E]`` share of top-k assignments per MoE layer (each row sums to 1;
+            no rows for a dense model).
     """
 
     loss: dict[str, float]
@@ -48,28 +50,33 @@ class EvalResult:
 @torch.no_grad()
 def evaluate_streams(model: torch.nn.Module, streams: dict[str, Tensor], seq_len: int = EVAL_SEQ_LEN,
                      batch_size: int = 16) -> EvalResult:
-    """Evaluate a transformers MoE causal LM (``output_router_logits`` supported) on token streams."""
+    """Evaluate a transformers causal LM (MoE or dense) on token streams."""
     was_training = model.training
     model.eval()
     loss, count, load = {}, {}, {}
-    top_k = model.config.num_experts_per_tok
+    # a dense model's config has no experts per token, and no MoE block to hook
+    recorder = RoutingRecorder(model) if getattr(model.config, "num_experts_per_tok", None) else None
     try:
         for domain, stream in streams.items():
             windows_WS = eval_windows(stream, seq_len)
             nll, n, load_LE = 0.0, 0, None
             for chunk_WS in windows_WS.split(batch_size):
-                out = model(input_ids=chunk_WS, output_router_logits=True, use_cache=False)
-                logits = out.logits[:, :-1].float()
+                if recorder is not None:
+                    recorder.clear()
+                logits = model(input_ids=chunk_WS, use_cache=False).logits[:, :-1].float()
                 nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk_WS[:, 1:].reshape(-1),
                                        reduction="sum").item()
                 n += chunk_WS[:, 1:].numel()
-                counts_LE = torch.stack([expert_load(lg, top_k) for lg in out.router_logits])
-                load_LE = counts_LE if load_LE is None else load_LE + counts_LE
+                if recorder is not None:
+                    counts_LE = routed_counts(recorder.routings)
+                    load_LE = counts_LE if load_LE is None else load_LE + counts_LE
             loss[domain] = nll / n
             count[domain] = n
-            load[domain] = (load_LE / load_LE.sum(dim=1, keepdim=True)).tolist()
+            load[domain] = [] if load_LE is None else (load_LE / load_LE.sum(dim=1, keepdim=True)).tolist()
     finally:
         model.train(was_training)
+        if recorder is not None:
+            recorder.close()
     return EvalResult(loss=loss, tokens=count, load_LE=load)
 
 
