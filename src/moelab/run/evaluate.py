@@ -38,7 +38,8 @@ class EvalResult:
     Attributes:
         loss: mean next-token NLL (nats/token) per domain.
         tokens: tokens predicted per domain.
-        load_LE: per domain, ``[L][E]`` share of top-k assignments (each layer's row sums to 1).
+        load_LE: per domain, ``[L][E]`` share of top-k assignments per MoE layer (each row sums to 1;
+            no rows for a dense model).
     """
 
     loss: dict[str, float]
@@ -69,28 +70,37 @@ def evaluate_streams(model: torch.nn.Module, streams: dict[str, Tensor], seq_len
     expert load is counted from the routing the experts received (routing hooks, after any routing
     edit), so routers that select with a correction bias, by group or by SparseMixer count right.
     """
-    view = open_model(model)
+    blocks = _moe_blocks(model)
     loss, count, load = {}, {}, {}
     for domain, stream in streams.items():
-        sums = _Sums(view, advance)
-        handles = [b.register_routing_hook(sums.count) for b in view.blocks]
+        sums = _Sums(blocks, advance)
+        handles = [b.register_routing_hook(sums.count) for b in blocks]
         run_batches(model, eval_windows(stream, seq_len).split(batch_size), handles=handles,
                     on_output=sums.add, use_cache=False)
         loss[domain] = sums.nll / sums.n
         count[domain] = sums.n
-        load[domain] = (sums.load_LE / sums.load_LE.sum(dim=1, keepdim=True)).tolist()
+        load[domain] = (sums.load_LE / sums.load_LE.sum(dim=1, keepdim=True)).tolist() if blocks else []
     return EvalResult(loss=loss, tokens=count, load_LE=load)
+
+
+def _moe_blocks(model: torch.nn.Module) -> list:
+    """The MoE blocks of the model's view; none for a dense model (its config names no experts)."""
+    from moelab.models.families._common import config_num_experts
+
+    if config_num_experts(model.config) is None:
+        return []
+    return open_model(model).blocks
 
 
 class _Sums:
     """Summed NLL and predicted tokens over the windows of a domain, and the expert load ``[L, E]``
     from the routing hooks (real slots only)."""
 
-    def __init__(self, view, advance: Callable[[int], None] | None) -> None:
+    def __init__(self, blocks: list, advance: Callable[[int], None] | None) -> None:
         self.nll, self.n, self.advance = 0.0, 0, advance
-        self.row = {b.layer: n for n, b in enumerate(view.blocks)}
-        E = max(b.num_experts for b in view.blocks)
-        self.load_LE = torch.zeros(len(view.blocks), E)
+        self.row = {b.layer: n for n, b in enumerate(blocks)}
+        E = max((b.num_experts for b in blocks), default=1)
+        self.load_LE = torch.zeros(len(blocks), E)
 
     def count(self, ev) -> None:
         self.load_LE[self.row[ev.block.layer]] += expert_load(ev.routing, self.load_LE.shape[1])
@@ -125,7 +135,7 @@ def evaluate_model_dir(model_dir: Path, corpus_dir: Path, tokens: int = EVAL_TOK
     """Load a saved model (float32, :func:`moelab.models.load_checkpoint`: safetensors only) and evaluate it."""
     from moelab.models import load_checkpoint
 
-    model = load_checkpoint(Path(model_dir), dtype=torch.float32)
+    model = load_checkpoint(Path(model_dir), dtype=torch.float32, dense_ok=True)
     streams = validation_streams(corpus_dir, tokens)
     with eval_progress(streams, seq_len, progress) as advance:
         return evaluate_streams(model, streams, seq_len, advance=advance)

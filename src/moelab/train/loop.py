@@ -36,7 +36,8 @@ from moelab.train.checkpoint import (
 )
 from moelab.train.config import TrainConfig, hf_config
 from moelab.train.log import append_log, plot_loss, truncate_log
-from moelab.train.losses import lm_losses
+from moelab.train.losses import MoeLosses, dense_lm_losses, lm_losses, sigmoid_lm_losses
+from moelab.train.routing import RoutingRecorder, update_correction_bias
 
 QUICK_EVAL_TOKENS = 8192
 
@@ -61,12 +62,15 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+_MODEL_CLASSES = {"qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
 def build_model(cfg: TrainConfig, vocab_size: int, eos: int) -> torch.nn.Module:
-    """A freshly initialised ``Qwen3MoeForCausalLM`` (float32), seeded by ``cfg.seed``."""
-    from transformers import Qwen3MoeForCausalLM
+    """A freshly initialised stock transformers model of ``cfg.arch`` (float32), seeded by ``cfg.seed``."""
+    import transformers
 
     torch.manual_seed(cfg.seed)
-    return Qwen3MoeForCausalLM(hf_config(cfg, vocab_size, eos)).float()
+    return getattr(transformers, _MODEL_CLASSES[cfg.arch])(hf_config(cfg, vocab_size, eos)).float()
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
@@ -90,23 +94,36 @@ def _prepare_run(cfg: TrainConfig, run_dir: Path, model, opt, gen) -> tuple[Trai
     return state, fingerprint
 
 
-def _train_step(cfg: TrainConfig, model, opt, streams, gen, step: int):
+def _step_losses(cfg: TrainConfig, model, ids_BS, recorder: RoutingRecorder | None) -> MoeLosses:
+    """Forward one batch and compute the losses of ``cfg.arch`` (see :mod:`moelab.train.losses`)."""
+    if cfg.arch == "qwen3":
+        return dense_lm_losses(model(input_ids=ids_BS, use_cache=False).logits, ids_BS)
+    if recorder is not None:
+        recorder.clear()
+    out = model(input_ids=ids_BS, output_router_logits=True, use_cache=False)
+    if cfg.arch == "deepseek_v3":
+        return sigmoid_lm_losses(out.logits, ids_BS, out.router_logits, recorder.routings, cfg.aux_coef)
+    return lm_losses(out.logits, ids_BS, out.router_logits, cfg.top_k, cfg.aux_coef, cfg.z_coef)
+
+
+def _train_step(cfg: TrainConfig, model, opt, streams, gen, step: int, recorder: RoutingRecorder | None = None):
     for group in opt.param_groups:
         group["lr"] = lr_at(cfg, step)
     ids_BS, _ = sample_batch(streams, cfg.domain_weights, cfg.batch_size, cfg.seq_len, gen)
-    out = model(input_ids=ids_BS, output_router_logits=True, use_cache=False)
-    losses = lm_losses(out.logits, ids_BS, out.router_logits, cfg.top_k, cfg.aux_coef, cfg.z_coef)
+    losses = _step_losses(cfg, model, ids_BS, recorder)
     opt.zero_grad(set_to_none=True)
     losses.total.backward()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
+    if cfg.bias_rate > 0:  # after the step, from the counts of the routing this step's loss saw
+        update_correction_bias(recorder.view, losses.load_LE, cfg.bias_rate)
     return losses
 
 
 def _quick_eval(model, val_streams, state: TrainState, run_dir: Path) -> None:
     res = evaluate_streams(model, val_streams, seq_len=min(256, min(s.numel() for s in val_streams.values())))
-    ent = {d: round(min(load_entropy(v)), 4) for d, v in res.load_LE.items()}
+    ent = {d: round(min(load_entropy(v)), 4) for d, v in res.load_LE.items() if v}
     append_log(run_dir, {"kind": "eval", "step": state.step, "tokens": state.tokens,
                          "val_loss": {d: round(v, 4) for d, v in res.loss.items()}, "min_load_entropy": ent})
 
@@ -135,7 +152,9 @@ def train(cfg: TrainConfig, run_dir: Path, stop_at: int | None = None, progress:
     result = TrainResult(run_dir=run_dir, state=state, losses=[], resumed_from=state.step)
     end = min(cfg.steps, stop_at if stop_at is not None else cfg.steps)
     model.train()
-    acc = _Accumulator(cfg.num_layers, cfg.num_experts)
+    # routing hooks, where losses or the bias update need the experts each token was sent to
+    recorder = RoutingRecorder(model) if cfg.arch == "deepseek_v3" else None
+    acc = _Accumulator(len(cfg.moe_layers), cfg.num_experts)
     last_save, consistent = time.monotonic(), True
     columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn()]
@@ -145,7 +164,7 @@ def train(cfg: TrainConfig, run_dir: Path, stop_at: int | None = None, progress:
             while state.step < end and not (should_stop is not None and should_stop()):
                 consistent = False
                 t0 = time.perf_counter()
-                step_losses = _train_step(cfg, model, opt, streams, gen, state.step)
+                step_losses = _train_step(cfg, model, opt, streams, gen, state.step, recorder)
                 dt = time.perf_counter() - t0
                 state.step, state.tokens, state.elapsed_s = state.step + 1, state.tokens + cfg.tokens_per_step, state.elapsed_s + dt
                 consistent = True
@@ -166,6 +185,9 @@ def train(cfg: TrainConfig, run_dir: Path, stop_at: int | None = None, progress:
                 save_checkpoint(run_dir, model, opt, gen, state, fingerprint)
                 plot_loss(run_dir)
             raise
+        finally:
+            if recorder is not None:
+                recorder.close()
     save_checkpoint(run_dir, model, opt, gen, state, fingerprint)
     plot_loss(run_dir)
     result.interrupted = state.step < end
@@ -201,10 +223,11 @@ class _Accumulator:
     def record(self, state: TrainState, lr: float) -> dict:
         if self.n == 0:
             raise MoelabError("training log: no steps in the interval")
-        share_LE = self.load_LE / self.load_LE.sum(dim=1, keepdim=True)
         rec = {"kind": "train", "step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 2),
                **{k: round(v / self.n, 5) for k, v in self.sums.items()},
-               "lr": lr, "tok_s": round(self.tokens / max(self.seconds, 1e-9), 1),
-               "load_min": round(share_LE.min().item(), 4), "load_max": round(share_LE.max().item(), 4)}
+               "lr": lr, "tok_s": round(self.tokens / max(self.seconds, 1e-9), 1)}
+        if self.load_LE.numel():  # a dense model has no expert load
+            share_LE = self.load_LE / self.load_LE.sum(dim=1, keepdim=True)
+            rec |= {"load_min": round(share_LE.min().item(), 4), "load_max": round(share_LE.max().item(), 4)}
         self.reset()
         return rec

@@ -9,6 +9,11 @@ logits transformers returns with ``output_router_logits=True`` and averaged over
   ``E * sum_e f_e * P_e``, 1.0 when routing is uniform, growing towards E/K as it collapses. Per layer,
   unlike transformers' ``load_balancing_loss_func``, which pools the layers' counts into one.
 - router z-loss (ST-MoE, Zoph et al. 2022, arXiv:2202.08906, eq. 5): ``mean_t logsumexp(z_t)^2``.
+
+Sigmoid routers (DeepSeek-V3) get :func:`sigmoid_lm_losses` instead: DeepSeek-V3's sequence-wise
+balance loss (arXiv:2412.19437, eqs. 17-20) on the normalised sigmoid scores, counted on the experts
+the tokens were actually sent to (selection includes the correction bias), and no z-loss. A dense
+model's losses (:func:`dense_lm_losses`) are the cross-entropy alone.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from moelab.nn.losses import load_balancing_loss, z_loss
+from moelab.nn.losses import load_balancing_loss, sequence_balance_loss, z_loss
 from moelab.nn.routing import Routing
 from moelab.run.loss import next_token_nll
 
@@ -72,3 +77,40 @@ def lm_losses(
     with torch.no_grad():
         load_LE = torch.stack([_routing(lg, top_k).tokens_per_expert().float() for lg in router_logits])
     return MoeLosses(ce + aux_coef * balance + z_coef * z, ce, balance, z, load_LE)
+
+
+def sigmoid_lm_losses(
+    logits_BSV: Tensor,
+    input_ids_BS: Tensor,
+    router_logits: tuple[Tensor, ...],
+    routings: list[Routing],
+    aux_coef: float,
+) -> MoeLosses:
+    """Cross-entropy plus DeepSeek-V3's sequence-wise balance loss for sigmoid-scored MoE layers.
+
+    Args:
+        router_logits: one raw ``[T, E]`` logit tensor per MoE layer, with its autograd graph.
+        routings: the same layers' routing as the experts received it (``RoutingRecorder``), whose
+            ids decide the counts ``f``; ``P`` comes from ``sigmoid(logits)`` normalised per token.
+    """
+    if len(router_logits) != len(routings):
+        raise ValueError(f"sigmoid_lm_losses: {len(router_logits)} router logit tensors for {len(routings)} routings")
+    ce = next_token_nll(logits_BSV, input_ids_BS)
+    per_layer = []
+    for logits_TE, r in zip(router_logits, routings, strict=True):
+        scores_TE = torch.sigmoid(logits_TE.float())
+        probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+        routing = Routing(logits_TE=logits_TE.float(), ids_TK=r.ids_TK, weights_TK=r.weights_TK, aux={"probs_TE": probs_TE})
+        per_layer.append(sequence_balance_loss(routing, input_ids_BS.shape[0]))
+    balance = torch.stack(per_layer).mean()
+    zero = torch.zeros((), device=ce.device)
+    with torch.no_grad():
+        load_LE = torch.stack([r.tokens_per_expert().float() for r in routings])
+    return MoeLosses(ce + aux_coef * balance, ce, balance, zero, load_LE)
+
+
+def dense_lm_losses(logits_BSV: Tensor, input_ids_BS: Tensor) -> MoeLosses:
+    """The cross-entropy of a dense model, in the same record (no router: zero losses, ``load_LE`` ``[0, 1]``)."""
+    ce = next_token_nll(logits_BSV, input_ids_BS)
+    zero = torch.zeros((), device=ce.device)
+    return MoeLosses(ce, ce, zero, zero, torch.zeros(0, 1))
