@@ -203,5 +203,7 @@ def test_applied_model_equals_simulation_and_masked_routing(family, strong_model
     scale = sim.abs().max().item()
     assert (got - sim).abs().max().item() <= 1e-6 * scale
     if not plan.meta["apply"]["changes"]:  # NOTE: switched-off groups make masked routing differ
-        assert (masked - sim).abs().max().item() <= 1e-9 * scale
+        # masked routing is a routing edit on the model's own forward (float32 router softmax in
+        # some families), so it agrees with the float64 simulation as the written model does
+        assert (masked - sim).abs().max().item() <= 1e-6 * scale
     assert (got - base).abs().max().item() > 1e-3 * scale  # the pruning is visible in the logits

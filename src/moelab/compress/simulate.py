@@ -10,13 +10,14 @@ I expert width, N tokens routed to one expert.
   builds merged weights: it checks the writer (:func:`moelab.compress.apply.apply_plan`) rather
   than repeating it. Routing uses the router rows of ``router_from`` and the compressed top-k and
   groups of :func:`moelab.compress.apply.routing_settings`.
-* :func:`masked_logits` — runs the original model with every other expert's router logit masked:
-  ``-inf`` before the softmax (softmax, SparseMixer) and never selected (selection score ``-inf``
-  for sigmoid routers and correction biases). Pruning to a set S must equal this exactly.
+* :func:`masked_logits` — runs the original model with every other expert's router logit masked, as
+  a routing edit: ``-inf`` logits, the family's own rule choosing again (never selected, also through
+  a correction bias). Pruning to a set S must equal this exactly.
 * :func:`simulated` — runs the original model with the compressed layers of a plan simulated.
 
-The two context managers replace each MoE block's output through a forward hook (removed on exit),
-so they work for every family without touching its modules.
+:func:`simulated` replaces each MoE block's output by the float64 simulation through a forward hook
+(removed on exit): it is the oracle that checks the merged checkpoints the writer builds, not a way
+to change a model (that is a routing edit or an experts backend).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from moelab.models import (
     reference_forward,
     reference_route,
 )
+from moelab.models.edits import reselect
+from moelab.routing import Routing
 
 _f64 = torch.float64
 
@@ -136,13 +139,7 @@ def masked_block(block: MoEBlockView, keep: list[int]) -> MoEBlockView:
     scoring); top-k is clamped to ``len(keep)`` as :func:`moelab.compress.apply.apply_plan` does.
     """
     E = block.num_experts
-    if not keep:
-        raise PlanError(f"keep layer {block.layer}: removes every expert")
-    bad = [e for e in keep if not 0 <= int(e) < E]
-    if bad or len(set(keep)) != len(keep):
-        raise PlanError(f"keep layer {block.layer}: expected distinct experts in [0, {E}), got {list(keep)}")
-    removed = torch.ones(E, dtype=torch.bool)
-    removed[torch.tensor([int(e) for e in keep])] = False
+    removed = _removed(block, list(keep))
     ninf = torch.zeros(E, dtype=_f64).masked_fill(removed, float("-inf"))
     corr = ninf if block.correction_bias is None else _t(block.correction_bias) + ninf
     rb = _t(block.router_bias)
@@ -178,31 +175,49 @@ def override_blocks(view: ModelView, fns: dict[int, Callable[[Tensor], Tensor]])
             h.remove()
 
 
-def _module_view(block: MoEBlockView) -> MoEBlockView:
-    """The block as its module computes it: without a shared MLP that runs outside the block."""
-    if block.shared is not None and not block.shared.inside_block:
-        return dataclasses.replace(block, shared=None)
-    return block
-
-
 @contextmanager
 def masked_logits(view: ModelView, keep: dict[int, list[int]]) -> Iterator[ModelView]:
     """Run the original model with only the experts in ``keep[layer]`` routable in those layers.
 
-    Within the ``with`` block every forward of ``view.model`` computes the listed layers with the
-    float64 reference (:func:`masked_block`); other layers are untouched.
+    A routing edit per listed layer (:meth:`moelab.models.MoEBlockView.register_routing_edit`): the
+    other experts' logits are ``-inf`` and the family's own rule chooses again, so they are never
+    selected (also through a correction bias) and softmax weights renormalise over ``keep``. Where
+    fewer than top-k experts are kept, the slots left over are switched off, which is the clamped
+    top-k of :func:`moelab.compress.apply.apply_plan`. Other layers are untouched.
     """
-    fns = {}
-    for layer, experts in keep.items():
-        try:
-            block = view.block(layer)
-        except KeyError as err:
-            raise PlanError(f"keep layer {layer}: the model has no MoE block there "
-                            f"(MoE layers: {[b.layer for b in view.blocks]})") from err
-        mb = _module_view(masked_block(block, list(experts)))
-        fns[layer] = (lambda x, mb=mb: reference_forward(mb, x.to(_f64)))
-    with override_blocks(view, fns):
+    handles = []
+    try:
+        for layer, experts in keep.items():
+            try:
+                block = view.block(layer)
+            except KeyError as err:
+                raise PlanError(f"keep layer {layer}: the model has no MoE block there "
+                                f"(MoE layers: {[b.layer for b in view.blocks]})") from err
+            handles.append(block.register_routing_edit(_only(_removed(block, list(experts)))))
         yield view
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _removed(block: MoEBlockView, keep: list[int]) -> Tensor:
+    """``[E]`` bool: the experts not in ``keep`` (checked: distinct ids in range, at least one)."""
+    E = block.num_experts
+    if not keep:
+        raise PlanError(f"keep layer {block.layer}: removes every expert")
+    if any(not 0 <= int(e) < E for e in keep) or len(set(keep)) != len(keep):
+        raise PlanError(f"keep layer {block.layer}: expected distinct experts in [0, {E}), got {list(keep)}")
+    removed = torch.ones(E, dtype=torch.bool)
+    removed[torch.tensor([int(e) for e in keep])] = False
+    return removed
+
+
+def _only(removed_E: Tensor) -> Callable:
+    def edit(block: MoEBlockView, hidden_TH: Tensor, routing: Routing) -> Routing:
+        logits = routing.logits_TE.masked_fill(removed_E.to(routing.logits_TE.device), float("-inf"))
+        return reselect(block, routing.replace(logits_TE=logits))
+
+    return edit
 
 
 @contextmanager
