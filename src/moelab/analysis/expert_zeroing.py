@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moelab.analysis._inputs import AnalysisInputError, EmptySelectionError
 from moelab.models import ModelView, MoEBlockView
+from moelab.run import run_batches
+from moelab.run.loss import next_token_nll
 from moelab.steer.edits import scale_weights
 
 
@@ -61,26 +62,19 @@ def _check_batches(batches: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
-@torch.no_grad()
 def next_token_loss(model: torch.nn.Module, batches: Sequence[Tensor]) -> float:
     """Mean next-token NLL (nats/token) of a causal LM over every predicted token of ``batches``
-    (each ``[B, S]`` token ids). The model runs in eval mode and its mode is restored after."""
+    (each ``[B, S]`` token ids), run through :func:`moelab.run.run_batches` (eval mode, no grad,
+    the model's mode restored after)."""
     checked = _check_batches(batches)
-    was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
-    try:
-        device = next(model.parameters()).device
-        for ids_BS in checked:
-            ids_BS = ids_BS.to(device)
-            logits_BSV = model(input_ids=ids_BS, use_cache=False).logits[:, :-1].float()
-            target = ids_BS[:, 1:]
-            nll += F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.shape[-1]), target.reshape(-1),
-                                   reduction="sum").item()
-            count += target.numel()
-    finally:
-        model.train(was_training)
-    return nll / count
+    sums = {"nll": 0.0, "count": 0}
+
+    def add(ids_BS: Tensor, out) -> None:
+        sums["nll"] += next_token_nll(out.logits, ids_BS, reduction="sum").item()
+        sums["count"] += ids_BS[:, 1:].numel()
+
+    run_batches(model, checked, on_output=add, use_cache=False)
+    return sums["nll"] / sums["count"]
 
 
 @dataclass(frozen=True)

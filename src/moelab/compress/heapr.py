@@ -69,7 +69,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moelab.compress.calib import Calibration
@@ -78,6 +77,8 @@ from moelab.compress.spec import CompressSpec
 from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView, RoutingEvent, glu_activation
 from moelab.routing import Routing
+from moelab.run import run_batches
+from moelab.run.loss import next_token_nll
 
 # options that would ask an atomic method for a number of experts instead of a share of parameters
 _EXPERT_COUNT_OPTIONS = ("num_experts", "n_experts", "experts", "keep", "keep_experts", "num_keep",
@@ -226,14 +227,6 @@ def _weights_need_grad(block: MoEBlockView, hidden_TH: Tensor, routing: Routing)
     return routing.replace(weights_TK=routing.weights_TK.detach().requires_grad_())
 
 
-def _summed_loss(model: torch.nn.Module, ids_BS: Tensor, dtype: torch.dtype) -> Tensor:
-    """Summed next-token cross-entropy of a batch (position s predicts token s + 1)."""
-    logits_BSV = model(input_ids=ids_BS, use_cache=False).logits
-    V = logits_BSV.shape[-1]
-    return F.cross_entropy(logits_BSV[:, :-1].reshape(-1, V).to(dtype), ids_BS[:, 1:].reshape(-1),
-                           reduction="sum")
-
-
 def _gradient_pass(view: ModelView, batches: list[Tensor], stats: dict[int, AtomStats],
                    dtype: torch.dtype, advance: Callable[[int], None]) -> None:
     """Pass 1 (forward + backward): accumulate ``sum_t (down_e^T g_{t,e})^2`` and ``N_e``."""
@@ -249,7 +242,9 @@ def _gradient_pass(view: ModelView, batches: list[Tensor], stats: dict[int, Atom
             routing.clear()
             outs.clear()
             with torch.enable_grad():
-                loss = _summed_loss(view.model, ids_BS.to(device), dtype)
+                ids_BS = ids_BS.to(device)
+                logits_BSV = view.model(input_ids=ids_BS, use_cache=False).logits
+                loss = next_token_nll(logits_BSV, ids_BS, reduction="sum", dtype=dtype)
                 missing = [b.layer for b in view.blocks if b.layer not in routing or b.layer not in outs]
                 if missing:
                     raise HeaprError(f"model: the MoE blocks of layers {missing} did not run in the forward")
@@ -295,14 +290,8 @@ def _activation_pass(view: ModelView, batches: list[Tensor], stats: dict[int, At
             st.act_sq_EI[e] += _atom_activations(block, e, x_NH, dtype).square().sum(0)
 
     handles = [b.register_routing_hook(on_route) for b in view.blocks]
-    device = next(view.model.parameters()).device
-    try:
-        for ids_BS in batches:
-            view.model(input_ids=ids_BS.to(device), use_cache=False)
-            advance(ids_BS.numel())
-    finally:
-        for h in handles:
-            h.remove()
+    run_batches(view.model, batches, handles=handles, on_output=lambda ids_BS, _out: advance(ids_BS.numel()),
+                use_cache=False)
 
 
 def heapr_stats(view: ModelView, calib: Calibration, *, progress: bool = False) -> HeaprStats:
