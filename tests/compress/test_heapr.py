@@ -313,7 +313,7 @@ def test_leaves_no_hooks_or_grad_changes(monkeypatch):
     def boom(*_a, **_k):
         raise RuntimeError("injected")
 
-    monkeypatch.setattr("moelab.compress.heapr._atom_activations", boom)
+    monkeypatch.setattr("moelab.compress.heapr.expert_activations", boom)
     with pytest.raises(RuntimeError, match="injected"):
         plan_heapr(view, random_calib(), CompressSpec(ratio=0.5))
     assert _hook_count(model) == hooks and model.training

@@ -75,7 +75,8 @@ from moelab.compress.calib import Calibration
 from moelab.compress.plan import LayerPlan, Member, OutExpert, Plan
 from moelab.compress.spec import CompressSpec
 from moelab.errors import MoelabError
-from moelab.models import ModelView, MoEBlockView, RoutingEvent, glu_activation
+from moelab.models import ModelView, MoEBlockView, RoutingEvent
+from moelab.models.reference import expert_activations, expert_input
 from moelab.routing import Routing
 from moelab.run import run_batches
 from moelab.run.loss import next_token_nll
@@ -183,17 +184,6 @@ def _check_request(spec: Any, options: dict[str, Any]) -> None:
         raise HeaprError(f"options: HEAPr takes {list(_OPTIONS)}, got unknown {unknown}")
 
 
-def _atom_activations(block: MoEBlockView, e: int, x_NH: Tensor, dtype: torch.dtype) -> Tensor:
-    """``a [N, I]``: the intermediate activations of expert ``e`` on ``x_NH``, in ``dtype``."""
-    g_NI = x_NH @ block.gate[e].to(dtype).T
-    u_NI = x_NH @ block.up[e].to(dtype).T
-    if block.gate_bias is not None:
-        g_NI = g_NI + block.gate_bias[e].to(dtype)
-    if block.up_bias is not None:
-        u_NI = u_NI + block.up_bias[e].to(dtype)
-    return glu_activation(block.act, g_NI, u_NI, block.act_params)
-
-
 def _routed(ids_TK: Tensor, w_TK: Tensor, e: int) -> tuple[Tensor, Tensor]:
     """Tokens routed to expert ``e`` and their combine weights ``c [N]``."""
     tok_N, slot_N = torch.where(ids_TK == e)
@@ -286,8 +276,8 @@ def _activation_pass(view: ModelView, batches: list[Tensor], stats: dict[int, At
             tok_N, c_N = _routed(ev.ids_TK, w_TK, e)
             if tok_N.numel() == 0:
                 continue
-            x_NH = x_TH[tok_N] * c_N.unsqueeze(-1) if block.combine == "input" else x_TH[tok_N]
-            st.act_sq_EI[e] += _atom_activations(block, e, x_NH, dtype).square().sum(0)
+            x_NH = expert_input(block, x_TH[tok_N], c_N)
+            st.act_sq_EI[e] += expert_activations(block, e, x_NH, dtype).square().sum(0)
 
     handles = [b.register_routing_hook(on_route) for b in view.blocks]
     run_batches(view.model, batches, handles=handles, on_output=lambda ids_BS, _out: advance(ids_BS.numel()),

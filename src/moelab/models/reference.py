@@ -10,7 +10,6 @@ right (tests compare it with each family's own block output).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moelab.models.rule import route_logits
@@ -24,27 +23,53 @@ def _f64(t: Tensor | None) -> Tensor | None:
 def glu_activation(
     name: str, gate: Tensor, up: Tensor, params: dict[str, float] | None = None
 ) -> Tensor:
-    """``act(gate, up)`` of a gated MLP by name.
+    """``act(gate, up)`` of a gated MLP by the view's name, from the one activation registry
+    (:data:`moelab.nn.experts.ACTIVATIONS` via ``VIEW_ACTIVATIONS``).
 
     'silu', 'gelu' (erf), 'gelu_tanh' (tanh approximation; transformers' gelu_new / gelu_pytorch_tanh),
     'relu': ``f(gate) * up``. 'gpt_oss_swiglu' (GPT-OSS, parameters alpha and limit):
     ``g = min(gate, limit); u = clamp(up, -limit, limit); (u + 1) * g * sigmoid(alpha * g)``.
     """
-    params = params or {}
-    if name == "silu":
-        return F.silu(gate) * up
-    if name == "gelu":
-        return F.gelu(gate) * up
-    if name == "gelu_tanh":
-        return F.gelu(gate, approximate="tanh") * up
-    if name == "relu":
-        return F.relu(gate) * up
-    if name == "gpt_oss_swiglu":
-        limit, alpha = params["limit"], params["alpha"]
-        g = gate.clamp(max=limit)
-        u = up.clamp(min=-limit, max=limit)
-        return (u + 1) * g * torch.sigmoid(alpha * g)
-    raise ValueError(f"unknown activation {name!r}")
+    from moelab.nn.experts import VIEW_ACTIVATIONS, make_activation
+
+    if name not in VIEW_ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r} (known: {sorted(VIEW_ACTIVATIONS)})")
+    return make_activation(VIEW_ACTIVATIONS[name], params or None)(gate, up)
+
+
+def expert_input(block: MoEBlockView, x_NH: Tensor, w_N: Tensor) -> Tensor:
+    """What expert ``e`` receives for tokens ``x_NH`` with combine weights ``w_N``: ``x`` where
+    the weight scales the output (``combine='output'``), ``w * x`` where it scales the input (Llama4)."""
+    if block.combine == "input":
+        return x_NH * w_N.unsqueeze(-1).to(x_NH.dtype)
+    if block.combine == "output":
+        return x_NH
+    raise ValueError(f"unknown combine {block.combine!r}")
+
+
+def expert_activations(block: MoEBlockView, e: int, x_NH: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``a [N, I]`` = ``act(gate[e] x + gate_bias[e], up[e] x + up_bias[e])`` in ``dtype``: the
+    down projection's input of expert ``e``."""
+    x_NH = x_NH.to(dtype)
+
+    def t(w: Tensor) -> Tensor:
+        return w.detach().to(dtype)
+
+    g_NI = x_NH @ t(block.gate[e]).T
+    u_NI = x_NH @ t(block.up[e]).T
+    if block.gate_bias is not None:
+        g_NI = g_NI + t(block.gate_bias[e])
+    if block.up_bias is not None:
+        u_NI = u_NI + t(block.up_bias[e])
+    return glu_activation(block.act, g_NI, u_NI, block.act_params)
+
+
+def expert_down(block: MoEBlockView, e: int, a_NI: Tensor) -> Tensor:
+    """``down[e] a + down_bias[e]`` in ``a``'s dtype: ``[N, H]``."""
+    y_NH = a_NI @ block.down[e].detach().to(a_NI.dtype).T
+    if block.down_bias is not None:
+        y_NH = y_NH + block.down_bias[e].detach().to(a_NI.dtype)
+    return y_NH
 
 
 def reference_route(block: MoEBlockView, hidden_TH: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,16 +97,7 @@ def _shared_forward(shared: SharedExpertsView, x_TH: Tensor) -> Tensor:
 
 def expert_forward(block: MoEBlockView, e: int, x_NH: Tensor) -> Tensor:
     """Expert ``e`` of the block on ``x_NH [N, H]`` (float64), no routing weight: ``[N, H]``."""
-    g_NI = x_NH @ _f64(block.gate[e]).T
-    u_NI = x_NH @ _f64(block.up[e]).T
-    if block.gate_bias is not None:
-        g_NI = g_NI + _f64(block.gate_bias[e])
-    if block.up_bias is not None:
-        u_NI = u_NI + _f64(block.up_bias[e])
-    y_NH = glu_activation(block.act, g_NI, u_NI, block.act_params) @ _f64(block.down[e]).T
-    if block.down_bias is not None:
-        y_NH = y_NH + _f64(block.down_bias[e])
-    return y_NH
+    return expert_down(block, e, expert_activations(block, e, x_NH))
 
 
 def reference_forward(block: MoEBlockView, hidden_TH: Tensor) -> Tensor:
@@ -99,13 +115,10 @@ def reference_forward(block: MoEBlockView, hidden_TH: Tensor) -> Tensor:
         tok, slot = torch.where(ids_TK == e)
         if tok.numel() == 0:
             continue
-        w_N1 = w_TK[tok, slot].unsqueeze(-1)
-        if block.combine == "input":
-            y_NH = expert_forward(block, e, x_TH[tok] * w_N1)
-        elif block.combine == "output":
-            y_NH = expert_forward(block, e, x_TH[tok]) * w_N1
-        else:
-            raise ValueError(f"unknown combine {block.combine!r}")
+        w_N = w_TK[tok, slot]
+        y_NH = expert_forward(block, e, expert_input(block, x_TH[tok], w_N))
+        if block.combine == "output":
+            y_NH = y_NH * w_N.unsqueeze(-1)
         out_TH.index_add_(0, tok, y_NH)
     if block.shared is not None:
         out_TH = out_TH + _shared_forward(block.shared, x_TH)
@@ -114,4 +127,5 @@ def reference_forward(block: MoEBlockView, hidden_TH: Tensor) -> Tensor:
     return out_TH.reshape(shape).to(dtype)
 
 
-__all__ = ["reference_route", "reference_forward", "expert_forward", "glu_activation"]
+__all__ = ["expert_activations", "expert_down", "expert_forward", "expert_input", "glu_activation",
+           "reference_forward", "reference_route"]

@@ -60,6 +60,16 @@ ACTIVATIONS = {
 }
 
 
+# the model view's GLU activation names (moelab.models) -> their entry in ACTIVATIONS
+VIEW_ACTIVATIONS = {
+    "silu": "swiglu",
+    "gelu": "geglu_exact",
+    "gelu_tanh": "geglu",
+    "relu": "reglu",
+    "gpt_oss_swiglu": "gpt_oss_swiglu",
+}
+
+
 def make_activation(name: str, params: dict[str, float] | None = None):
     """The activation function of ``name`` with its parameters bound (GPT-OSS: alpha, limit)."""
     fn, _ = ACTIVATIONS[name]

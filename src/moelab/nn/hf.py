@@ -29,19 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from moelab.errors import UnsupportedModelError
+from moelab.nn.experts import VIEW_ACTIVATIONS as _ACT
 from moelab.nn.experts import Experts, ExpertsConfig
 from moelab.nn.layer import DenseMLP, MoELayer
 from moelab.nn.routers.group_limited import GroupLimitedConfig, GroupLimitedRouter
 from moelab.nn.routers.sparsemixer import SparseMixerConfig, SparseMixerRouter
-
-# view activation name -> moelab gated activation
-_ACT = {
-    "silu": "swiglu",
-    "gelu": "geglu_exact",
-    "gelu_tanh": "geglu",
-    "relu": "reglu",
-    "gpt_oss_swiglu": "gpt_oss_swiglu",
-}
 
 
 def _share(t: Tensor, requires_grad: bool = True) -> nn.Parameter:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from moelab.errors import TraceError
-from moelab.models import glu_activation
+from moelab.models.reference import expert_activations, expert_down, expert_input
 from moelab.trace.schema import column
 
 
@@ -43,19 +43,9 @@ def expert_stats(block: Any, hidden_TH: Tensor, ids_TK: Tensor, weights_TK: Tens
     x_TH = hidden_TH.reshape(-1, hidden_TH.shape[-1])
     for e in torch.unique(ids_TK[ids_TK >= 0]).tolist():
         tok, slot = torch.where(ids_TK == e)
-        x_NH = x_TH[tok]
-        if block.combine == "input":
-            x_NH = x_NH * weights_TK[tok, slot].unsqueeze(-1).to(x_NH.dtype)
-        g_NI = x_NH @ block.gate[e].T
-        u_NI = x_NH @ block.up[e].T
-        if block.gate_bias is not None:
-            g_NI = g_NI + block.gate_bias[e]
-        if block.up_bias is not None:
-            u_NI = u_NI + block.up_bias[e]
-        h_NI = glu_activation(block.act, g_NI, u_NI, block.act_params)
-        y_NH = h_NI @ block.down[e].T
-        if block.down_bias is not None:
-            y_NH = y_NH + block.down_bias[e]
+        x_NH = expert_input(block, x_TH[tok], weights_TK[tok, slot])
+        h_NI = expert_activations(block, e, x_NH, x_NH.dtype)
+        y_NH = expert_down(block, e, h_NI)
         in_TK[tok, slot] = h_NI.abs().amax(-1).float().cpu()
         out_TK[tok, slot] = y_NH.abs().amax(-1).float().cpu()
         norm_TK[tok, slot] = norm32(y_NH).cpu()
