@@ -33,6 +33,7 @@ import torch
 
 from moelab import __version__
 from moelab.errors import TraceError
+from moelab.run.runner import evaluating
 from moelab.trace.collect import Collector
 from moelab.trace.fingerprint import as_view, describe_differences, model_fingerprint
 from moelab.trace.inputs import CorpusInput, prepare_input
@@ -230,21 +231,16 @@ def _record_shards(view: Any, data: CorpusInput, cfg: RecordConfig, manifest: Ma
     total = sum(int(starts[shards[i][1]] - starts[shards[i][0]]) for i in todo)
     schema = arrow_schema(manifest.layers, cfg.fields, cfg.weights_dtype, data.packed.labels_S is not None)
     model = view.model
-    was_training = model.training
     collector = Collector(view, cfg.fields, cfg.weights_dtype)
-    try:
-        model.eval()
-        with torch.no_grad(), token_progress(total, enabled=progress) as advance:
-            for i in todo:
-                first, end = shards[i]
-                cols = _record_sequences(model, collector, data, cfg, first, end, advance)
-                table = _shard_table(cols, data, first, end, schema)
-                info = write_shard(out, SHARD_PATTERN.format(i), table, int(starts[first]), first, end - first)
-                manifest.shards = sorted([*manifest.shards, info], key=_shard_index)
-                write_manifest(out, manifest)
-    finally:
-        collector.remove()
-        model.train(was_training)
+    # the one runner's guarantees: eval mode, no grad, the collector's hooks off and the mode restored
+    with evaluating(model, [collector]), token_progress(total, enabled=progress) as advance:
+        for i in todo:
+            first, end = shards[i]
+            cols = _record_sequences(model, collector, data, cfg, first, end, advance)
+            table = _shard_table(cols, data, first, end, schema)
+            info = write_shard(out, SHARD_PATTERN.format(i), table, int(starts[first]), first, end - first)
+            manifest.shards = sorted([*manifest.shards, info], key=_shard_index)
+            write_manifest(out, manifest)
 
 
 def _batches(starts_S1: np.ndarray, first: int, end: int, batch_size: int) -> list[tuple[int, int]]:
