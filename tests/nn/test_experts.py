@@ -185,3 +185,32 @@ def test_decoding_path_uses_grouped_mm_and_equals_reference(monkeypatch):
         ex(x, ids, w)  # 128 rows >= 4 * E: the loop
     ex(x[:3], ids[:3], w[:3])  # parameters need grad: the loop with its backward
     assert len(calls) == 2
+
+
+def test_few_rows_grouped_mm_on_fused_gate_up_equals_the_reference():
+    """Inference on the halves of one [E, 2I, H] tensor (transformers' fused storage) takes one
+    grouped_mm for gate and up; it equals the per-slot reference (float32, rtol 1e-5)."""
+    import torch.nn.functional as F
+
+    from moelab.nn._dispatch import make_plan
+    from moelab.nn.experts import make_activation, run_experts
+
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip("torch without grouped_mm")
+    g = torch.Generator().manual_seed(0)
+    E, I, H, T, K = 8, 16, 32, 5, 2
+    gate_up = torch.randn(E, 2 * I, H, generator=g) / H**0.5
+    down = torch.randn(E, H, I, generator=g) / I**0.5
+    gate, up = gate_up[:, :I], gate_up[:, I:]
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g)
+    with torch.no_grad():
+        got = run_experts(x, w, make_plan(ids, None, E), (gate, up, down, None, None, None),
+                          make_activation("swiglu"))
+    want = torch.zeros(T, H)
+    for t in range(T):
+        for k in range(K):
+            e = int(ids[t, k])
+            want[t] += w[t, k] * (F.silu(x[t] @ gate[e].T) * (x[t] @ up[e].T)) @ down[e].T
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -219,13 +219,15 @@ class ExpertsBackend:
         if plan.num_real == 0:
             y_TH = self.dispatcher.combine(d.x_MH.new_zeros(d.x_MH.shape[0], x_TH.shape[1]), d)
             return y_TH, _flat_stats(stats, plan)
-        needed = [e for e, n in enumerate(plan.counts) if n]
-        ids_n = torch.tensor(needed, dtype=torch.int64, device=x_TH.device)
         if self.provider is own_parameters:  # the same, without looking the spec up again
             w = self.spec.weights(self.block)
+            if w.up.shape[0] != self.block.num_experts:
+                raise MoelabError(f"{self.block.path}: the experts spec gave {w.up.shape[0]} experts")
         else:
+            needed = [e for e, n in enumerate(plan.counts) if n]
+            ids_n = torch.tensor(needed, dtype=torch.int64, device=x_TH.device)
             w = self.provider(self.block, ids_n)
-        plan = self._plan_for(w, plan, needed)
+            plan = self._plan_for(w, plan, needed)
         y_MH = run_experts(d.x_MH, d.weights_MK, plan, w.as_tuple(), self.act, stats=stats)
         return self.dispatcher.combine(y_MH, d), _flat_stats(stats, plan)
 

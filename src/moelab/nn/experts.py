@@ -300,6 +300,17 @@ def _grouped_mm_layout_ok(w: Tensor, align: int) -> bool:
     return all(s % align == 0 for s in w.stride() if s != 1)
 
 
+def _fused_gate_up(gate: Tensor | None, up: Tensor) -> Tensor | None:
+    """The ``[E, 2I, H]`` tensor whose row halves ``gate`` and ``up`` are (transformers' fused
+    ``gate_up_proj``), when no gradient is needed through them; else None."""
+    if gate is None or not _dispatch.halves_of_one(gate, up):
+        return None
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return None  # a view built from ``gate`` alone would send up's gradient to gate
+    E, i, h = gate.shape
+    return gate.as_strided((E, 2 * i, h), (2 * i * h, h, 1), gate.storage_offset())
+
+
 def _grouped_mm_forward(x_TH: Tensor, w_TK: Tensor, plan, weights, act, stats=None) -> Tensor:
     """Same maths through ``F.grouped_mm`` (autograd by torch); float32/bf16, aligned shapes only."""
     if not hasattr(F, "grouped_mm"):
@@ -313,10 +324,15 @@ def _grouped_mm_forward(x_TH: Tensor, w_TK: Tensor, plan, weights, act, stats=No
         )
     xs_RH = x_TH.index_select(0, plan.tok_R)
     offs = torch.tensor(plan.counts, device=x_TH.device).cumsum(0).to(torch.int32)
-    h_up = F.grouped_mm(xs_RH, up.transpose(1, 2), offs=offs)
-    if gate is None:
-        a = act(h_up)
+    fused = _fused_gate_up(gate, up)
+    if fused is not None:  # one call on the dense [E, 2I, H] storage beats two on its strided halves
+        i = up.shape[1]
+        h_gu = F.grouped_mm(xs_RH, fused.transpose(1, 2), offs=offs)
+        a = act(h_gu[:, :i], h_gu[:, i:])
+    elif gate is None:
+        a = act(F.grouped_mm(xs_RH, up.transpose(1, 2), offs=offs))
     else:
+        h_up = F.grouped_mm(xs_RH, up.transpose(1, 2), offs=offs)
         a = act(F.grouped_mm(xs_RH, gate.transpose(1, 2), offs=offs), h_up)
     o_RH = F.grouped_mm(a, down.transpose(1, 2), offs=offs)
     if stats is not None:
