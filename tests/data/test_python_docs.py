@@ -102,3 +102,18 @@ def test_docs_prose_build_keeps_the_topics_tokenizer(tmp_path):
     licences = (tmp_path / "docs" / "LICENSES").read_text()
     assert "python3.11-doc" not in (tmp_path / "topics" / "LICENSES").read_text()
     assert "Python Software" in licences and "reStructuredText" in licences
+
+
+# the tokenizer every shipped model was trained with: a corpus rebuild must not change it
+SHIPPED_TOKENIZER_SHA256 = "9dee097f8a5e30263e668eae21da500fefab3027a89b05e19425bf3b84ed54d7"
+
+
+def test_shipped_prose_is_the_python_docs_and_the_tokenizer_is_unchanged():
+    from moelab.data import default_corpus, read_manifest
+
+    manifest = read_manifest(default_corpus())
+    assert manifest["sources"]["prose"].startswith("Debian python3.11-doc 3.11")
+    assert manifest["files"]["tokenizer.json"]["sha256"] == SHIPPED_TOKENIZER_SHA256
+    prose = manifest["splits"]["prose"]
+    assert sum(s["documents"] for s in prose.values()) > 400 and prose["train"]["chars"] > 5e6
+    assert any(d.id.startswith("library/") for d in read_split(default_corpus(), "prose", "val"))

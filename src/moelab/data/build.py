@@ -100,7 +100,7 @@ class BuildConfig:
     out_dir: Path
     drama: Path | None = None
     code_dir: Path | None = None
-    prose: str = "topics"
+    prose: str = "python-docs"
     python_doc: Path | None = None
     prose_dir: Path | None = None
     vocab_size: int = 4096
