@@ -8,22 +8,13 @@ import pytest
 import torch
 
 from moelab.models import SUPPORTED_FAMILIES, open_model, reference_forward, reference_route
-from moelab.models.tiny import TINY_CONFIGS, tiny_model
+from moelab.models.tiny import TINY_CONFIGS, native_block_output, tiny_model
 
 TOL = 1e-6
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
-
-
-def native_block_output(block, x):
-    """The family's own output for the MoE part of the layer (shared MLP added where it sits outside)."""
-    out = block.module(x)
-    out = (out[0] if isinstance(out, tuple) else out).reshape(x.shape)  # Llama4 returns [T, H]
-    if block.shared is not None and not block.shared.inside_block:
-        out = out + block.shared.module(x)
-    return out
 
 
 def test_tiny_models_cover_all_families():

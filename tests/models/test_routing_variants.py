@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moelab.models import open_model, reference_forward, reference_route
-from moelab.models.tiny import tiny_model
+from moelab.models.tiny import native_block_output, tiny_model
 
 TOL = 1e-6
 
@@ -74,20 +74,12 @@ VARIANTS = [
 ]
 
 
-def _native(block, x):
-    out = block.module(x)
-    out = (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
-    if block.shared is not None and not block.shared.inside_block:
-        out = out + block.shared.module(x)
-    return out
-
-
 def _check_all_blocks(view, seed=0):
     torch.manual_seed(seed)
     for b in view.blocks:
         x = torch.randn(4, 8, b.hidden_size, dtype=torch.float64)
         with torch.no_grad():
-            want, got = _native(b, x), reference_forward(b, x)
+            want, got = native_block_output(b, x), reference_forward(b, x)
         assert ((got - want).norm() / want.norm()).item() <= TOL, f"{b.family} {b.path}"
 
 

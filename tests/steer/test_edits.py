@@ -12,7 +12,7 @@ import torch
 
 from moelab.errors import MoelabError
 from moelab.models import open_model, reference_forward, reference_route
-from moelab.models.tiny import TINY_CONFIGS, tiny_model
+from moelab.models.tiny import TINY_CONFIGS, native_block_output, tiny_model
 from moelab.routing import Routing
 from moelab.steer import experts_off, experts_on, logit_offsets, scale_weights, skip_below
 
@@ -21,14 +21,6 @@ TOL = 1e-6
 
 def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
-
-
-def block_output(block, x):
-    out = block.module(x)
-    out = (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
-    if block.shared is not None and not block.shared.inside_block:
-        out = out + block.shared.module(x)
-    return out
 
 
 def with_logit_bias(block, bias_E):
@@ -67,7 +59,7 @@ def test_experts_off_equals_reference_with_masked_logits(view):
     bias[off] = float("-inf")
     seen = []
     with torch.no_grad(), experts_off(view, {b.layer: off}) as h, b.register_routing_hook(seen.append):
-        got = block_output(b, x)
+        got = native_block_output(b, x)
     want = reference_forward(with_logit_bias(b, bias), x)
     assert rel_err(got, want) <= TOL, b.family
     ev = seen[0]
@@ -102,15 +94,15 @@ def test_logit_offsets_equal_reference_and_gradients_match_finite_differences(vi
     off = (0.3 * torch.randn(b.num_experts, dtype=torch.float64)).requires_grad_()
     with logit_offsets(view, {b.layer: off}):
         with torch.no_grad():
-            got = block_output(b, x)
+            got = native_block_output(b, x)
         assert rel_err(got, reference_forward(with_logit_bias(b, off.detach()), x)) <= TOL
 
         def f(o):
             with torch.no_grad():
                 off.copy_(o)
-                return block_output(b, x).pow(2).sum()
+                return native_block_output(b, x).pow(2).sum()
 
-        loss = block_output(b, x).pow(2).sum()
+        loss = native_block_output(b, x).pow(2).sum()
         (grad,) = torch.autograd.grad(loss, off)
         eps = 1e-6
         base = off.detach().clone()
@@ -255,7 +247,7 @@ def test_edits_under_the_moelab_experts_backend(family):
     bias = torch.zeros(b.num_experts, dtype=torch.float64)
     bias[[0]] = float("-inf")
     with torch.no_grad(), experts_off(view, {b.layer: [0]}):
-        got = block_output(b, x)
+        got = native_block_output(b, x)
     assert rel_err(got, reference_forward(with_logit_bias(b, bias), x)) <= TOL
     seen = []
     with torch.no_grad(), experts_on(view, {b.layer: [1]}), b.register_routing_hook(seen.append):

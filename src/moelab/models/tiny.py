@@ -264,6 +264,17 @@ def tiny_view(family: str, **kwargs: Any):
         return open_model(tiny_model(family, **kwargs))
 
 
+def native_block_output(block: Any, x: torch.Tensor) -> torch.Tensor:
+    """The family's own output for the MoE part of a decoder layer on ``x [..., H]``: the block
+    module's hidden states, plus the shared MLP where the family runs it beside the block
+    (GraniteMoeShared). What :func:`moelab.models.reference_forward` is compared with in tests."""
+    out = block.module(x)
+    out = (out[0] if isinstance(out, tuple) else out).reshape(x.shape)  # Llama4 returns [T, H]
+    if block.shared is not None and not block.shared.inside_block:
+        out = out + block.shared.module(x)
+    return out
+
+
 def _randomise_zero_init(model: nn.Module) -> None:
     """Give zero-initialised routing buffers/biases small random values so tests exercise them."""
     with torch.no_grad():
