@@ -1,6 +1,7 @@
 """Benchmark: every compression planner on the embedded default model, per domain, against the original.
 
-    python bench/compress.py                          # -> bench/results/compress.json, docs/results/compression.md
+    python bench/compress.py                          # default model -> bench/results/compress-fine.json
+    python bench/compress.py --model coarse           # -> bench/results/compress-coarse.json
     python bench/compress.py --ratios 0.5 --methods random,reap --model DIR --corpus DIR
 
 For each planner in the registry and each ratio (share of experts removed; for the atomic HEAPr the
@@ -11,8 +12,9 @@ top-1 agreement. Domain-specific rows calibrate EASY-EP and frequency pruning on
 only, so the two compare on that domain. ``random`` and the domain-calibrated rows are run with several
 seeds (mean, and the per-seed range of perplexity): their differences are of the size of the seed spread.
 
-The markdown table is regenerated between the markers of ``docs/results/compression.md``; the
-hand-written notes below them are kept.
+Each model's table is regenerated between its own markers in ``docs/results/compression.md``, and
+so is the granularity table that sets the shipped models side by side (from every
+``bench/results/compress-*.json`` present); the hand-written notes are kept.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from moelab.compress.evaluate import corpus_streams, evaluate_compressed, load_m
 from moelab.compress.pipeline import compress
 from moelab.compress.registry import PLANNERS
 from moelab.compress.spec import CompressSpec
+from moelab.data import DEFAULT_MODEL, MODEL_NAMES
 
-BEGIN, END = "<!-- bench/compress.py: begin -->", "<!-- bench/compress.py: end -->"
+MARK = "<!-- bench/compress.py: {} {} -->"  # (begin | end, section)
 DOMAIN_METHODS = ("easy-ep", "frequency")  # calibrated per domain as well
 RANDOM_SEEDS = (0, 1, 2)
 DOMAIN_SEEDS = (0, 1, 2, 3, 4)
@@ -116,15 +119,40 @@ def markdown(rows: list[dict], original: dict, meta: dict) -> str:
             f"{meta['eval_tokens']:,} validation tokens of each domain, windows of {meta['seq_len']}. KL is "
             "KL(original || compressed) in nats per token and top-1 the share of identical argmax predictions, "
             "both averaged over domains; s is seconds to calibrate, plan and apply.")
-    return "\n".join([BEGIN, info, "", *lines, END])
+    return "\n".join([info, "", *lines])
 
 
-def write_doc(path: Path, table: str) -> None:
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + table + old[old.index(END) + len(END):]
+def granularity(results: dict[str, dict]) -> str:
+    """Models side by side: per planner and ratio, the geometric-mean perplexity ratio over domains."""
+    names = sorted(results)
+    head = ["method", "removed", *[f"{n}: ppl ×, KL" for n in names]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cell = {}
+    for n, res in results.items():
+        base = res["original"]["perplexity"]
+        for r in res["rows"]:
+            if r["label"] is None:
+                ratio = statistics.geometric_mean(r["perplexity"][d] / base[d] for d in base)
+                cell[n, r["method"], r["ratio"]] = f"×{ratio:.2f}, {statistics.mean(r['kl'].values()):.3f}"
+    keys = sorted({(m, q) for _, m, q in cell}, key=lambda k: (k[1], k[0]))
+    for m, q in keys:
+        lines.append(f"| {m} | {q:.0%} | " + " | ".join(cell.get((n, m, q), "-") for n in names) + " |")
+    models = "; ".join(f"{n}: `{results[n]['meta']['model']}` ({results[n]['meta']['date']})" for n in names)
+    info = ("Perplexity after compression over the original's, geometric mean over the domains, and KL "
+            f"(nats per token, mean over domains), from each model's table below. Models: {models}.")
+    return "\n".join([info, "", *lines])
+
+
+def write_doc(path: Path, section: str, body: str, title: str) -> None:
+    """Replace ``section``'s text between its markers, or add it as a new ``## title`` before the notes."""
+    begin, end = MARK.format("begin", section), MARK.format("end", section)
+    old = path.read_text(encoding="utf-8") if path.is_file() else "# Compression methods on the shipped models\n\n## Notes\n"
+    block = f"{begin}\n{body}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
     else:
-        new = "# Compression methods on the embedded default model\n\n" + table + "\n\n## Notes\n"
+        at = old.index("## Notes") if "## Notes" in old else len(old)
+        new = old[:at] + f"## {title}\n\n{block}\n\n" + old[at:]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(new, encoding="utf-8")
@@ -133,7 +161,8 @@ def write_doc(path: Path, table: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="model folder (default: the embedded model)")
+    ap.add_argument("--model", default=None, help=f"shipped model ({', '.join(MODEL_NAMES)}) or a model folder "
+                    "(default: the default model)")
     ap.add_argument("--corpus", type=Path, default=None, help="corpus folder (default: the embedded corpus)")
     ap.add_argument("--methods", default=",".join(sorted(PLANNERS)), help="comma-separated planners")
     ap.add_argument("--ratios", default="0.25,0.5", help="comma-separated shares of experts removed")
@@ -141,14 +170,17 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/compress.json"))
+    ap.add_argument("--out", type=Path, default=None, help="default: bench/results/compress-NAME.json")
     ap.add_argument("--doc", type=Path, default=Path("docs/results/compression.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model_dir = args.model or moelab.default_model()
+    shipped = args.model is None or args.model in MODEL_NAMES
+    model_dir = moelab.default_model(args.model) if shipped else Path(args.model)
+    name = (args.model or DEFAULT_MODEL) if shipped else model_dir.name
+    args.out = args.out or Path(f"bench/results/compress-{name}.json")
     corpus = args.corpus or moelab.default_corpus()
     reference = load_model(model_dir)
     streams = corpus_streams(corpus, model_dir, args.eval_tokens)
@@ -176,7 +208,11 @@ def main() -> None:
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"meta": meta, "original": original, "rows": rows}, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, args.out)
-    write_doc(args.doc, markdown(rows, original, meta))
+    write_doc(args.doc, name, markdown(rows, original, meta), f"The {name} model")
+    results = {f.stem.removeprefix("compress-"): json.loads(f.read_text(encoding="utf-8"))
+               for f in sorted(args.out.parent.glob("compress-*.json"))}
+    if len(results) > 1:
+        write_doc(args.doc, "granularity", granularity(results), "Granularity: the shipped models side by side")
     print(f"wrote {args.out} and {args.doc}")
 
 

@@ -14,6 +14,8 @@ from moelab.run.evaluate import evaluate_model_dir
 from moelab.train.card import load_shift
 from moelab.train.config import make_config
 from moelab.train.export import export_model
+from moelab.train.compare import plot_curves
+from moelab.train.log import read_log
 from moelab.train.loop import train
 
 
@@ -114,5 +116,40 @@ def test_comparison_rows_come_from_cards_and_fresh_evaluation(tiny_corpus, tmp_p
     assert (by["fine"].same_budget, by["dense"].same_budget, by["coarse"].same_budget) == (True, True, False)
     table = markdown_table(rows)
     assert "(other budget)" in table and table.count("\n") == 2 + len(rows)
+    # the card carries the training curve: one point per logged step here (fewer than 100 logged)
+    log = [r for r in read_log(tmp_path / "fine") if r["kind"] == "train"]
+    assert by["fine"].curve["tokens"] == [r["tokens"] for r in log]
+    assert by["fine"].curve["train_ce"] == pytest.approx([r["ce"] for r in log], abs=1e-4)
+    assert plot_curves(rows, tmp_path / "curves.png").stat().st_size > 1000
+    assert all(r.flops_per_token > 2 * (r.params_active - 4 * r.params_total // 100) for r in rows)
     with pytest.raises(MoelabError, match="no card.json"):
         compare_models({"x": tmp_path}, tiny_corpus)
+
+
+def test_loss_curve_averages_logged_steps_into_at_most_the_points_asked(tmp_path):
+    from moelab.train.log import append_log, loss_curve
+
+    for step in range(1, 11):
+        append_log(tmp_path, {"kind": "train", "step": step, "tokens": 100 * step, "ce": float(step)})
+    append_log(tmp_path, {"kind": "eval", "step": 10, "tokens": 1000, "val_loss": {"code": 2.5}})
+    curve = loss_curve(tmp_path, points=4)  # buckets of ceil(10/4) = 3 steps
+    assert curve["tokens"] == [300, 600, 900, 1000] and curve["train_ce"] == [2.0, 5.0, 8.0, 10.0]
+    assert curve["val"] == {"code": [[1000, 2.5]]}
+
+
+def test_flops_per_token_is_the_hand_count_on_a_dense_model(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from moelab.train.compare import flops_per_token
+
+    cfg = Qwen3Config(vocab_size=100, hidden_size=16, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(cfg)
+    model.save_pretrained(tmp_path)
+    # per layer: q 16->32, k 16->16, v 16->16, o 32->16, gate/up 16->48, down 48->16; lm_head 16->100
+    matmul = 2 * (16 * 32 + 16 * 16 + 16 * 16 + 32 * 16 + 3 * 16 * 48) + 16 * 100
+    norms = 2 * (16 + 16 + 8 + 8) + 16  # per-element scales, counted as one FLOP pair each by the formula
+    attention = 2 * 2 * 64 * 4 * (8 + 8)  # 2 layers, n_ctx 64, 4 heads, d_qk = d_v = 8
+    active = sum(p.numel() for p in model.parameters())  # dense: every weight is active
+    assert active == matmul + norms + 100 * 16  # + the input embedding, a lookup
+    assert flops_per_token(tmp_path, active_params=active, n_ctx=64) == 2 * (matmul + norms) + attention

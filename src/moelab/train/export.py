@@ -29,7 +29,7 @@ from moelab.run.evaluate import EVAL_TOKENS, evaluate_model_dir
 from moelab.train.card import render_card
 from moelab.train.checkpoint import CHECKPOINT, read_checkpoint_meta
 from moelab.train.config import TrainConfig
-from moelab.train.log import PLOT
+from moelab.train.log import PLOT, loss_curve
 from moelab.train.loop import build_model
 
 
@@ -100,6 +100,7 @@ def export_model(run_dir: Path, out_dir: Path, reproduce: str | None = None,
             "load_by_domain": result.load_LE,
             "machine": _machine(cfg),
             "command": reproduce or _default_command(cfg),
+            "curve": loss_curve(run_dir),
         }
         (tmp / "card.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(render_card(card), encoding="utf-8")

@@ -38,6 +38,23 @@ def append_log(run_dir: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def loss_curve(run_dir: Path, points: int = 100) -> dict[str, Any]:
+    """The training curve, compact enough for a model card: train cross-entropy averaged over at most
+    ``points`` equal runs of logged steps (``tokens``, ``train_ce``), and every validation record
+    (``val``: domain -> ``[[tokens, loss], ...]``)."""
+    rows = read_log(run_dir)
+    train = [r for r in rows if r.get("kind") == "train"]
+    size = max(1, -(-len(train) // points))  # ceil: at most `points` buckets
+    buckets = [train[i:i + size] for i in range(0, len(train), size)]
+    val: dict[str, list[list[float]]] = {}
+    for r in rows:
+        if r.get("kind") == "eval":
+            for domain, loss in r["val_loss"].items():
+                val.setdefault(domain, []).append([r["tokens"], round(loss, 4)])
+    return {"tokens": [b[-1]["tokens"] for b in buckets],
+            "train_ce": [round(sum(r["ce"] for r in b) / len(b), 4) for b in buckets], "val": val}
+
+
 def plot_loss(run_dir: Path) -> Path | None:
     """Plot training cross-entropy (and validation loss per domain where logged) to ``loss.png``."""
     import matplotlib
