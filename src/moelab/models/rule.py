@@ -78,12 +78,26 @@ def route_logits(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(ids_TK int64, weights_TK, mask_TK bool)`` by the block's rule, in ``logits_TE``'s dtype."""
     k = block.top_k
-    off_TE = torch.isneginf(logits_TE)
     if block.scoring == "sparsemixer":
+        off_TE = torch.isneginf(logits_TE)
         choice = None if forced_E is None else logits_TE.masked_fill(forced_E, float("inf"))
         ids_TK, w_TK = sparsemixer_select(logits_TE, k, block.scoring_params["jitter_eps"], choice)
         mask_TK = ~off_TE.gather(-1, ids_TK)
         return ids_TK, w_TK * block.routed_scaling_factor * mask_TK, mask_TK
+    scores_TE, sel_TE = _keys(block, logits_TE, forced_E)
+    key_TK, ids_TK = sel_TE.topk(k, dim=-1)
+    mask_TK = ~torch.isneginf(key_TK)
+    w_TK = scores_TE.gather(-1, ids_TK) * mask_TK
+    if block.norm_topk_prob:
+        norm = w_TK.abs().pow(block.norm_p).sum(-1, keepdim=True).pow(1.0 / block.norm_p)
+        w_TK = w_TK / norm.clamp(min=block.norm_min if block.norm_min > 0 else 1e-30)
+    return ids_TK, w_TK * block.routed_scaling_factor, mask_TK
+
+
+def _keys(block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(scores_TE, sel_TE)``: the scores weights come from, and the key experts are chosen by
+    (scores + correction bias, forced experts +inf, -inf logits and experts outside the best groups
+    -inf). Not for SparseMixer, whose rounds have no single key."""
     if block.scoring == "softmax":
         scores_TE = torch.softmax(logits_TE, dim=-1)
     elif block.scoring == "sigmoid":
@@ -95,16 +109,35 @@ def route_logits(
         sel_TE = scores_TE + block.correction_bias.detach().to(scores_TE.dtype)
     if forced_E is not None:
         sel_TE = sel_TE.masked_fill(forced_E, float("inf"))
-    sel_TE = sel_TE.masked_fill(off_TE, _NEG)
+    sel_TE = sel_TE.masked_fill(torch.isneginf(logits_TE), _NEG)
     if block.n_group is not None and block.n_group > 1:
         sel_TE = group_mask(sel_TE, block.n_group, block.topk_group, block.group_score)
-    key_TK, ids_TK = sel_TE.topk(k, dim=-1)
-    mask_TK = ~torch.isneginf(key_TK)
-    w_TK = scores_TE.gather(-1, ids_TK) * mask_TK
-    if block.norm_topk_prob:
-        norm = w_TK.abs().pow(block.norm_p).sum(-1, keepdim=True).pow(1.0 / block.norm_p)
-        w_TK = w_TK / norm.clamp(min=block.norm_min if block.norm_min > 0 else 1e-30)
-    return ids_TK, w_TK * block.routed_scaling_factor, mask_TK
+    return scores_TE, sel_TE
+
+
+def selection_order(block: MoEBlockView, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
+    """``(ids_TE, selectable_TE)``: every token's experts in the order the block's rule prefers them
+    (its first ``top_k`` are the ones :func:`route_logits` chooses), and whether the rule could choose
+    that expert at all (False past a ``-inf`` logit or outside the token's best groups)."""
+    if block.scoring == "sparsemixer":  # each round takes the largest remaining logit
+        key_TE, ids_TE = logits_TE.sort(dim=-1, descending=True)
+    else:
+        key_TE, ids_TE = _keys(block, logits_TE)[1].sort(dim=-1, descending=True)
+    return ids_TE, ~torch.isneginf(key_TE)
+
+
+def single_expert(block: MoEBlockView, logits_TE: Tensor, ids_T: Tensor) -> Tensor:
+    """``weights_T``: the weight the block's rule gives expert ``ids_T[t]`` when it is token t's only
+    expert (the rule at top-1 with that expert chosen), in ``logits_TE``'s dtype."""
+    idx_T1 = ids_T.unsqueeze(-1)
+    if block.scoring == "sparsemixer":
+        choice_TE = logits_TE.scatter(-1, idx_T1, float("inf"))
+        w_T1 = sparsemixer_select(logits_TE, 1, block.scoring_params["jitter_eps"], choice_TE)[1]
+    else:
+        w_T1 = _keys(block, logits_TE)[0].gather(-1, idx_T1)
+        if block.norm_topk_prob:  # ||w||_p of one weight is |w|
+            w_T1 = w_T1 / w_T1.abs().clamp(min=block.norm_min if block.norm_min > 0 else 1e-30)
+    return w_T1.squeeze(-1) * block.routed_scaling_factor
 
 
 def select(
@@ -116,4 +149,4 @@ def select(
     return route_logits(block, logits_TE.to(compute), forced_E)
 
 
-__all__ = ["group_mask", "route_logits", "select", "sparsemixer_select"]
+__all__ = ["group_mask", "route_logits", "select", "selection_order", "single_expert", "sparsemixer_select"]

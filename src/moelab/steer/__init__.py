@@ -1,7 +1,8 @@
 """moelab.steer: change a model's routing at inference, on every supported family.
 
 The stock routing edits (the contract later stages build on) are in :mod:`moelab.steer.edits`:
-``experts_off``, ``experts_on``, ``logit_offsets``, ``scale_weights`` and ``skip_below``. Each
+``experts_off``, ``experts_on``, ``logit_offsets``, ``route_to_rank``, ``scale_weights`` and
+``skip_below``. Each
 returns an :class:`EditHandle` with ``remove()``, ``with`` support and per-layer counts.
 """
 
@@ -10,8 +11,9 @@ from moelab.steer.edits import (
     experts_off,
     experts_on,
     logit_offsets,
+    route_to_rank,
     scale_weights,
     skip_below,
 )
 
-__all__ = ["EditHandle", "experts_off", "experts_on", "logit_offsets", "scale_weights", "skip_below"]
+__all__ = ["EditHandle", "experts_off", "experts_on", "logit_offsets", "route_to_rank", "scale_weights", "skip_below"]

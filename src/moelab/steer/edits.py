@@ -10,6 +10,9 @@ Shape legend: T tokens, E experts, K slots per token.
                                              rule; offset_E may require grad
     scale_weights(view, {layer: {e: f}})      w_tk *= f[ids_tk] (RICE-style reinforcement; no
                                              renormalisation)
+    route_to_rank(view, {layer: r})           every token goes to one expert, the r-th the family's
+                                             rule prefers (from 0), weighted as the rule weights a
+                                             top-1 choice (SCMoE's weak pass)
     skip_below(view, {layer: beta})           NAEE dynamic skipping (Lu et al. 2024, section 3.2):
                                              a non-first slot is switched off when w_k < beta * w_1;
                                              with ``renormalize`` the kept weights are rescaled to
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView, open_model
 from moelab.models.edits import Handle, reselect
+from moelab.models.rule import selection_order, single_expert
 from moelab.routing import Routing
 
 # an edit body: (block, hidden_TH, routing) -> (routing, extra counts of this call)
@@ -259,4 +263,41 @@ def _skip(r: Routing, beta: float, renormalize: bool) -> tuple[Routing, dict[str
     return r.replace(weights_TK=new_TK, mask_TK=keep_TK), extra
 
 
-__all__ = ["EditHandle", "experts_off", "experts_on", "logit_offsets", "scale_weights", "skip_below"]
+def route_to_rank(model: ModelView | nn.Module, ranks: Mapping[int, int]) -> EditHandle:
+    """Top-1 routing to each token's rank-r expert: ``{layer: r}`` (r = 0 is the rule's first choice).
+
+    The token's slot 0 holds that expert with the weight the family's rule gives a lone choice
+    (:func:`moelab.models.rule.single_expert`); its other slots are switched off. A token for which
+    the rule cannot choose a rank-r expert (outside its groups, or a ``-inf`` logit) is an error.
+    """
+    view = _view(model)
+
+    def make(block: MoEBlockView, r) -> _Body:
+        if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < block.num_experts:
+            raise MoelabError(f"route_to_rank: layer {block.layer}: rank must be an int in "
+                              f"[0, {block.num_experts}) (the layer has {block.num_experts} experts), got {r!r}")
+
+        def body(block, hidden_TH, routing):
+            if routing.logits_TE is None:
+                raise MoelabError(f"route_to_rank: {block.path}: the family gives no router logits")
+            order_TE, ok_TE = selection_order(block, routing.logits_TE)
+            if not bool(ok_TE[:, r].all()):
+                raise MoelabError(f"route_to_rank: layer {block.layer}: rank {r} is outside what the "
+                                  "routing rule can choose for some tokens (group-limited or -inf logits)")
+            ids_TK = routing.ids_TK.clone()
+            ids_TK[:, 0] = order_TE[:, r]
+            logits = routing.logits_TE
+            w_T = single_expert(block, logits.to(torch.promote_types(logits.dtype, torch.float32)), ids_TK[:, 0])
+            w_TK = torch.zeros_like(routing.weights_TK)
+            w_TK[:, 0] = w_T.to(w_TK.dtype)
+            mask_TK = torch.zeros_like(ids_TK, dtype=torch.bool)
+            mask_TK[:, 0] = True
+            return routing.replace(ids_TK=ids_TK, weights_TK=w_TK, mask_TK=mask_TK), {}
+
+        return body
+
+    return _install(view, "route_to_rank", ranks, make)
+
+
+__all__ = ["EditHandle", "experts_off", "experts_on", "logit_offsets", "route_to_rank", "scale_weights",
+           "skip_below"]
