@@ -17,13 +17,15 @@ largest entries of ``w̄_l = sum_i K_i w_il``. Three surrogates give the target 
                         from the sample's own w_l, ``mode_steps`` times (a mean shift toward the
                         densest neighbour routing)
     neighbourhood GD    from w̄_l, Adam on  sum_i K_i · loss(x_i; ω)  (the neighbours' loss)
-    oracle              from w̄_l, Adam on the sample's own loss (its labels: the bound the
-                        surrogates are measured against, not a method; it starts where NGD does
-                        because from the sample's own weights an unchosen expert gets no gradient)
+    oracle              Adam on the sample's own loss (its labels: the bound the surrogates are
+                        measured against, not a method), once from the sample's own w_l and once
+                        from w̄_l (from its own weights an unchosen expert gets no gradient); the
+                        better fit is kept, or no re-mixing at all where neither beats the model
 
 The sample then runs with re-mixed routing (:func:`remixed`, a routing edit): each token's dense
-weights ``d_E`` become ``d_E + 1[C_l]·(ω_l − d_E)`` on the core experts, the family's top-k of that
-is kept, rescaled to the token's original total weight.
+weights ``d_E`` become ``d_E + mix·1[C_l]·(ω_l − d_E)`` on the core experts (``mix`` = 1 replaces
+them, as the paper does; less keeps some of each token's own routing), the top-k of that is kept,
+rescaled to the token's original total weight.
 
 Shape legend: N samples, S positions, T tokens, E experts, K slots, D hidden size.
 """
@@ -54,6 +56,7 @@ class C3POConfig:
     mode_a: float = 0.5
     mode_steps: int = 5
     mode_bandwidth: float = 0.5
+    mix: float = 1.0
     fit: FitConfig = field(default_factory=lambda: FitConfig(steps=10, lr=0.05))
 
     def __post_init__(self) -> None:
@@ -63,6 +66,8 @@ class C3POConfig:
                 raise MoelabError(f"C3PO: {name} must be an int >= 1, got {v!r}")
         if self.core_experts is not None and self.core_experts < 1:
             raise MoelabError(f"C3PO: core_experts must be >= 1, got {self.core_experts}")
+        if not 0 < self.mix <= 1:
+            raise MoelabError(f"C3PO: mix must be in (0, 1], got {self.mix!r}")
         if not 0 <= self.mode_a < 1 or self.tau <= 0 or self.mode_bandwidth <= 0:
             raise MoelabError("C3PO: mode_a must be in [0, 1), tau and mode_bandwidth > 0")
 
@@ -139,9 +144,9 @@ def neighbours(ref: ReferenceSet, embed_D: Tensor, cfg: C3POConfig) -> tuple[Ten
     return top.indices, torch.softmax(top.values / cfg.tau, dim=0)
 
 
-def remixed(model: ModelView | nn.Module, targets: dict[int, tuple[Tensor, Tensor]]) -> EditHandle:
-    """Routing edit: ``{layer: (omega_E, core_E bool)}`` re-mixes every token's weights (see above);
-    ``omega_E`` may require grad."""
+def remixed(model: ModelView | nn.Module, targets: dict[int, tuple[Tensor, Tensor]], mix: float = 1.0) -> EditHandle:
+    """Routing edit: ``{layer: (omega_E, core_E bool)}`` re-mixes every token's weights by ``mix``
+    (see above); ``omega_E`` may require grad."""
     view = _view(model)
 
     def make(block: MoEBlockView, value):
@@ -151,7 +156,7 @@ def remixed(model: ModelView | nn.Module, targets: dict[int, tuple[Tensor, Tenso
 
         def body(block, hidden_TH, routing):
             d_TE = _dense(routing, block.num_experts)
-            mixed_TE = d_TE + core.to(d_TE.dtype) * (omega.to(d_TE.dtype) - d_TE)
+            mixed_TE = d_TE + mix * core.to(d_TE.dtype) * (omega.to(d_TE.dtype) - d_TE)
             w_TK, ids_TK = mixed_TE.topk(routing.ids_TK.shape[1], dim=-1)
             total_T1 = d_TE.sum(-1, keepdim=True)
             w_TK = w_TK * total_T1 / w_TK.sum(-1, keepdim=True).clamp(min=1e-30)
@@ -191,18 +196,32 @@ def surrogate(model: ModelView | nn.Module, ref: ReferenceSet, ids_1S: Tensor, m
         return {layer: (mean[layer], core[layer]) for layer in layers}, None
     if method == "mode":
         return {layer: (_mode(own[layer][0], ref.weights[layer][idx], K, cfg), core[layer]) for layer in layers}, None
-    omega = {layer: mean[layer].clone().requires_grad_(True) for layer in layers}
-    samples, kernel = (ref.ids_NS[idx], K) if method == "ngd" else (ids_1S, torch.ones(1))
+    if method == "ngd":
+        return _fit(view, layers, mean, core, ref.ids_NS[idx], K, cfg)
+    own_start = {layer: own[layer][0] for layer in layers}
+    fits = [_fit(view, layers, start, core, ids_1S, torch.ones(1), cfg) for start in (own_start, mean)]
+    best = min(fits, key=lambda f: f[1].losses[f[1].best_step])
+    with torch.no_grad():
+        base = float(next_token_nll(view.model(input_ids=ids_1S, use_cache=False).logits, ids_1S))
+    if best[1].losses[best[1].best_step] >= base:  # no re-mixing beats the model's own routing: keep it
+        return {layer: (mean[layer], torch.zeros_like(core[layer])) for layer in layers}, best[1]
+    return best
+
+
+def _fit(view: ModelView, layers: list[int], start: dict[int, Tensor], core: dict[int, Tensor], samples_NS: Tensor,
+         kernel_N: Tensor, cfg: C3POConfig) -> tuple[dict[int, tuple[Tensor, Tensor]], FitReport]:
+    """Targets fitted from ``start`` to the kernel-weighted next-token loss of ``samples_NS``."""
+    omega = {layer: start[layer].clone().requires_grad_(True) for layer in layers}
 
     def loss() -> Tensor:
-        logits = view.model(input_ids=samples, use_cache=False).logits
-        per = torch.stack([next_token_nll(logits[i:i + 1], samples[i:i + 1]) for i in range(samples.shape[0])])
-        return (kernel.to(per.dtype) * per).sum()
+        logits = view.model(input_ids=samples_NS, use_cache=False).logits
+        per = torch.stack([next_token_nll(logits[i:i + 1], samples_NS[i:i + 1]) for i in range(samples_NS.shape[0])])
+        return (kernel_N.to(per.dtype) * per).sum()
 
     was_training = view.model.training
     view.model.eval()
     try:
-        with remixed(view, {layer: (omega[layer], core[layer]) for layer in layers}):
+        with remixed(view, {layer: (omega[layer], core[layer]) for layer in layers}, cfg.mix):
             report = minimise(list(omega.values()), loss, cfg.fit)
     finally:
         view.model.train(was_training)
