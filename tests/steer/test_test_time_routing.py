@@ -145,3 +145,23 @@ def test_bad_input(constructed):
             FitConfig(**bad)
     with pytest.raises(MoelabError, match="neighbours must be"):
         C3POConfig(neighbours=0)
+
+
+def test_a_diverging_fit_is_reported_and_keeps_the_best_values():
+    from moelab.steer._fit import minimise
+
+    p = torch.tensor([0.5], requires_grad=True)
+    report = minimise([p], lambda: (p ** 2).sum(), FitConfig(steps=5, lr=1e6))  # Adam jumps by ~lr
+    assert report.diverged and report.best_step == 0 and p.item() == 0.5
+    q = torch.tensor([0.5], requires_grad=True)
+    calls = []
+
+    def nan_after_first():
+        calls.append(1)
+        return (q ** 2).sum() * (1.0 if len(calls) == 1 else float("nan"))
+
+    report = minimise([q], nan_after_first, FitConfig(steps=5, lr=0.1))
+    assert report.diverged and torch.isfinite(q).all() and q.item() == 0.5
+    view = open_model(_constructed())  # a diverging rewiring still generates finite, valid tokens
+    ids, reports = rewire_greedy(view, _samples(X, 1, 3), 3, RewireConfig(last_layers=1, fit=FitConfig(steps=3, lr=1e6)))
+    assert ids.shape == (1, 6) and int(ids.max()) < 4
