@@ -41,6 +41,11 @@ def _corpus_default() -> Path:
 @click.option("--seed", type=int, default=None, help="Seed of initialisation and batch sampling.")
 @click.option("--threads", type=int, default=None, help="torch intra-op threads (default 1).")
 @click.option("--checkpoint-every-s", type=float, default=None, help="Seconds between checkpoints.")
+@click.option("--ternary-experts", is_flag=True, default=None,
+              help="Train the routed experts ternary (MoTE: {-1,0,1} x scale through a straight-through "
+                   "estimator); the export holds the ternary weights.")
+@click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Start from this model folder's weights (same preset shapes), e.g. a shipped model.")
 @no_progress_option
 def train_cmd(run_dir: Path, preset: str, corpus: Path | None, stop_at: int | None, no_progress: bool,
               **overrides) -> None:

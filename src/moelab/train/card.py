@@ -141,6 +141,10 @@ def render_card(card: dict[str, Any]) -> str:
         _architecture(card),
         f"Parameters: {p['total'] / 1e6:.2f} M in all ({p['experts'] / 1e6:.2f} M in routed experts), "
         f"{p['active_per_token'] / 1e6:.2f} M active per token.", "",
+        *([f"Routed experts are ternary ({{-1, 0, +1}} times one scale per expert matrix, MoTE, arXiv:2506.14435), "
+           "trained through a straight-through estimator (`moelab.nn.ternary`); the shared expert, routers and "
+           "attention are full precision." + (f" Fine-tuned from `{tc['init_from']}`." if tc.get("init_from") else ""), ""]
+          if tc.get("ternary_experts") else []),
         f"Why {_TITLE[arch]}: " + _WHY[arch], "",
         "## Data", "",
         "moelab's default corpus (`moelab.default_corpus()`, licences in its `LICENSES` file), split by document:", "",

@@ -35,7 +35,8 @@ from moelab.errors import MoelabError
 # fields that do not change what is trained, so a run may resume with other values for them
 _RUN_ONLY_FIELDS = ("corpus", "checkpoint_every_s", "checkpoint_every_steps", "log_every", "eval_every", "threads")
 # fields added after runs were started: left out of the fingerprint at these values, so those runs still resume
-_LATER_FIELDS = {"arch": "qwen3_moe", "shared_experts": 0, "dense_layers": 0, "dense_ffn": 0, "bias_rate": 0.0}
+_LATER_FIELDS = {"arch": "qwen3_moe", "shared_experts": 0, "dense_layers": 0, "dense_ffn": 0, "bias_rate": 0.0,
+                 "ternary_experts": False, "init_from": None}
 ARCHS = ("qwen3_moe", "deepseek_v3", "qwen3")
 
 
@@ -48,13 +49,15 @@ class TrainConfig:
         num_experts (routed experts per MoE layer), top_k, shared_experts (always-on experts of width
         expert_ffn, deepseek_v3), dense_layers (leading layers with a dense FFN, deepseek_v3),
         dense_ffn (width of a dense FFN; 0 = the active expert width ``expert_ffn * (top_k +
-        shared_experts)``), seq_len (tokens per row, also max positions).
+        shared_experts)``), seq_len (tokens per row, also max positions), ternary_experts (routed experts
+        trained ternary through a straight-through estimator, MoTE; see :mod:`moelab.nn.ternary`).
     Attributes (optimisation): batch_size (rows per step), steps, lr (peak), min_lr_ratio (cosine floor
         as a fraction of lr), warmup_steps, weight_decay, grad_clip, aux_coef (load-balancing loss
         weight: Switch loss for softmax routers, DeepSeek-V3's sequence-wise loss for sigmoid ones),
         z_coef (router z-loss weight, softmax routers), bias_rate (step size of the aux-loss-free
         correction-bias update, deepseek_v3; 0 = off), domain_weights (sampling share of code/drama/prose),
-        seed.
+        seed, init_from (a model folder of this config's shapes to start from instead of a fresh
+        initialisation: fine-tuning, e.g. quantisation-aware training of a shipped model).
     Attributes (run): corpus (folder with manifest and tokenizer), checkpoint_every_s / _steps (save
         when either is reached), log_every (steps per JSONL line), eval_every (steps per quick
         validation, 0 = off), threads (torch intra-op threads).
@@ -73,6 +76,7 @@ class TrainConfig:
     dense_layers: int = 0
     dense_ffn: int = 0
     seq_len: int = 256
+    ternary_experts: bool = False
     batch_size: int = 6
     steps: int = 12000
     lr: float = 3e-3
@@ -85,6 +89,7 @@ class TrainConfig:
     bias_rate: float = 0.0
     domain_weights: dict[str, float] = field(default_factory=lambda: {"code": 0.45, "drama": 0.4, "prose": 0.15})
     seed: int = 0
+    init_from: str | None = None
     checkpoint_every_s: float = 240.0
     checkpoint_every_steps: int = 0
     log_every: int = 10
@@ -124,6 +129,7 @@ class TrainConfig:
                 raise MoelabError(f"{what} (arch={self.arch})")
 
         need(self.arch in ARCHS, f"arch: expected one of {', '.join(ARCHS)}, got {self.arch!r}")
+        need(not (self.ternary_experts and self.arch == "qwen3"), "ternary_experts: a dense model has no experts")
         if self.arch != "deepseek_v3":
             need(self.shared_experts == 0 and self.dense_layers == 0 and self.bias_rate == 0,
                  "shared_experts, dense_layers and bias_rate: only deepseek_v3 has shared experts, "

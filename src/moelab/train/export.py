@@ -73,6 +73,11 @@ def export_model(run_dir: Path, out_dir: Path, reproduce: str | None = None,
     tok = load_tokenizer(cfg.corpus)
     model = build_model(cfg, tok.get_vocab_size(), eos_id(tok))
     load_model(model, str(run_dir / CHECKPOINT / "model.safetensors"), strict=False)
+    if cfg.ternary_experts:  # the latent weights trained through Q: ship Q(W), what the model computed
+        from moelab.models import open_model
+        from moelab.nn.ternary import ternarize_experts
+
+        ternarize_experts(open_model(model))
     model.config.output_router_logits = False
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)

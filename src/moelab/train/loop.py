@@ -73,6 +73,33 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos: int) -> torch.nn.Module:
     return getattr(transformers, _MODEL_CLASSES[cfg.arch])(hf_config(cfg, vocab_size, eos)).float()
 
 
+def init_weights(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """Load the model folder ``cfg.init_from`` (moelab's checkpoint loader: safetensors only) into
+    ``model``; every tensor must match in name and shape."""
+    from moelab.models.checkpoint import load_checkpoint
+
+    try:
+        source = load_checkpoint(Path(cfg.init_from), dtype=torch.float32, dense_ok=True).state_dict()
+    except MoelabError as err:
+        raise MoelabError(f"init_from: {err}") from None
+    target = model.state_dict()
+    wrong = [k for k in target if k not in source or source[k].shape != target[k].shape]
+    extra = [k for k in source if k not in target]
+    if wrong or extra:
+        raise MoelabError(f"init_from: {cfg.init_from} does not match the {cfg.arch} model of this preset "
+                          f"(missing or other shape: {wrong[:3]}, unexpected: {extra[:3]})")
+    model.load_state_dict(source)
+
+
+def use_ternary_experts(model: torch.nn.Module) -> None:
+    """Run the routed experts through the experts backend with the straight-through ternary provider."""
+    from moelab.models import open_model
+    from moelab.models.backend import enable_experts_backend
+    from moelab.nn.ternary import ternary_provider
+
+    enable_experts_backend(open_model(model), ternary_provider)
+
+
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (norm gains are left undecayed)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -146,6 +173,10 @@ def train(cfg: TrainConfig, run_dir: Path, stop_at: int | None = None, progress:
     streams = encode_split(cfg.corpus, "train")
     val_streams = validation_streams(cfg.corpus, QUICK_EVAL_TOKENS) if cfg.eval_every else None
     model = build_model(cfg, tok.get_vocab_size(), eos_id(tok))
+    if cfg.init_from:
+        init_weights(cfg, model)  # a resumed checkpoint overwrites these below
+    if cfg.ternary_experts:
+        use_ternary_experts(model)
     opt = make_optimizer(cfg, model)
     gen = torch.Generator().manual_seed(cfg.seed)
     state, fingerprint = _prepare_run(cfg, run_dir, model, opt, gen)
