@@ -7,9 +7,27 @@ precision; only the routed experts' gate/up/down projections are quantised.
 
 from __future__ import annotations
 
+from moelab.compress.quant.calibrate import (
+    BlockHessians,
+    CalibPolicy,
+    calibration_report,
+    check_calibrated,
+    collect_hessians,
+)
 from moelab.compress.quant.common import QuantConfig, QuantizedTensor, dequantize, qparams
 from moelab.compress.quant.gptq import gptq_quantize, gptq_reference, hessian_error
+from moelab.compress.quant.quantize import (
+    QuantizedBlock,
+    QuantResult,
+    QuantSpec,
+    dequantized_model,
+    quantize_block,
+    quantize_experts,
+    write_dequantized,
+)
 from moelab.compress.quant.rtn import rtn_quantize
 
-__all__ = ["QuantConfig", "QuantizedTensor", "dequantize", "gptq_quantize", "gptq_reference", "hessian_error",
-           "qparams", "rtn_quantize"]
+__all__ = ["BlockHessians", "CalibPolicy", "QuantConfig", "QuantResult", "QuantSpec", "QuantizedBlock",
+           "QuantizedTensor", "calibration_report", "check_calibrated", "collect_hessians", "dequantize",
+           "dequantized_model", "gptq_quantize", "gptq_reference", "hessian_error", "qparams", "quantize_block",
+           "quantize_experts", "rtn_quantize", "write_dequantized"]
