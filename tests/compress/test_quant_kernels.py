@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelab.compress.quant import QuantConfig, gptq_quantize, gptq_reference, hessian_error, rtn_quantize
+from moelab.compress.quant import (
+    QuantConfig,
+    gptq_quantize,
+    gptq_reference,
+    hessian_error,
+    rtn_quantize,
+)
 from moelab.errors import MoelabError
 
 CONFIGS = [QuantConfig(b, g, s) for b in (2, 3, 4, 8) for g in (8, None) for s in (True, False)]

@@ -23,7 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from moelab.compress.calib import Calibration
-from moelab.compress.quant.calibrate import BlockHessians, CalibPolicy, calibration_report, collect_hessians
+from moelab.compress.quant.calibrate import (
+    BlockHessians,
+    CalibPolicy,
+    calibration_report,
+    collect_hessians,
+)
 from moelab.compress.quant.common import QuantConfig, QuantizedTensor
 from moelab.compress.quant.gptq import PERCDAMP, gptq_quantize, hessian_error
 from moelab.compress.quant.rtn import rtn_quantize
