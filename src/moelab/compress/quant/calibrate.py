@@ -107,13 +107,23 @@ def _forced(hs: BlockHessians, ev: RoutingEvent, experts: list[int]) -> None:
         _add(hs, ev.block, e, x_NH)
 
 
-def collect_hessians(view: ModelView, calib: Calibration, policy: CalibPolicy | None = None
-                     ) -> dict[int, BlockHessians]:
+def _pass(view: ModelView, calib: Calibration, on_event, label: str, progress: bool) -> None:
+    """One routing pass with a token progress bar."""
+    from moelab.compress.pipeline import _count_tokens
+    from moelab.trace.progress import token_progress
+
+    with token_progress(calib.num_tokens, enabled=progress, label=label) as advance, \
+            _count_tokens(view.model, advance):
+        routing_pass(view, calib, on_event)
+
+
+def collect_hessians(view: ModelView, calib: Calibration, policy: CalibPolicy | None = None, *,
+                     progress: bool = False) -> dict[int, BlockHessians]:
     """``layer -> BlockHessians`` over the calibration batches, every expert calibrated (see the module
     docstring): one routed pass, and a second pass only when some expert is starved (or ``all_experts``)."""
     policy = policy or CalibPolicy()
     out = {b.layer: _empty(b) for b in view.blocks}
-    routing_pass(view, calib, lambda ev: _routed(out[ev.block.layer], ev, policy.cap))  # also counts
+    _pass(view, calib, lambda ev: _routed(out[ev.block.layer], ev, policy.cap), "calibrating", progress)
     forced: dict[int, list[int]] = {}
     for layer, hs in out.items():
         E = hs.routed_E.shape[0]
@@ -130,7 +140,8 @@ def collect_hessians(view: ModelView, calib: Calibration, policy: CalibPolicy | 
             if ev.block.layer in forced:
                 _forced(out[ev.block.layer], ev, forced[ev.block.layer])
 
-        routing_pass(view, calib, on_event)
+        n = sum(len(v) for v in forced.values())
+        _pass(view, calib, on_event, f"recalibrating {n} experts on all tokens", progress)
     check_calibrated(out)
     return out
 

@@ -215,7 +215,9 @@ def save_quantized(view: ModelView, result: QuantResult, out_dir: str | os.PathL
         raise MoelabError(f"out: {out} already exists; choose another folder or pass overwrite=True (--overwrite)")
     model = dequantized_model(view, result)
     dtype = next(model.parameters()).dtype
-    with atomic_dir(out) as tmp:
+    from moelab.models.checkpoint import no_transformers_bars
+
+    with atomic_dir(out) as tmp, no_transformers_bars():
         model.save_pretrained(tmp, safe_serialization=True)
         _copy_tokenizer(tokenizer_from, tmp)
         meta = result.meta() | {"format": format}

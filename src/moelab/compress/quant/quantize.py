@@ -102,8 +102,8 @@ class QuantResult:
 
 
 def check_not_quantized(config: Any, where: str = "model") -> None:
-    """Refuse a model whose config already carries a ``quantization_config``."""
-    qc = getattr(config, "quantization_config", None)
+    """Refuse a model whose config (object, or config.json's dict) already carries a ``quantization_config``."""
+    qc = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
     if qc:
         method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", qc)
         raise MoelabError(f"{where}: already quantised (config.json has quantization_config, quant_method "
@@ -163,7 +163,7 @@ def quantize_block(block: MoEBlockView, spec: QuantSpec, hs: BlockHessians | Non
 
 def quantize_experts(view: ModelView, spec: QuantSpec, calib: Calibration | None = None, *,
                      hessians: dict[int, BlockHessians] | None = None,
-                     bits: dict[int, list[int]] | None = None) -> QuantResult:
+                     bits: dict[int, list[int]] | None = None, progress: bool = False) -> QuantResult:
     """Quantise every routed expert of ``view`` (the model itself is not changed).
 
     GPTQ needs ``calib`` (or precomputed ``hessians`` from :func:`collect_hessians`); RTN uses
@@ -176,7 +176,7 @@ def quantize_experts(view: ModelView, spec: QuantSpec, calib: Calibration | None
         for proj, t in block_weights(b).items():
             spec.config.group(t.shape[-1], f"{b.path} {proj} [{t.shape[-2]}, {t.shape[-1]}]")
     if hessians is None and calib is not None:
-        hessians = collect_hessians(view, calib, spec.policy)
+        hessians = collect_hessians(view, calib, spec.policy, progress=progress)
     if hessians is None and spec.needs_calibration:
         raise MoelabError("calib: GPTQ needs calibration data (moelab.compress.calibration_batches)")
     blocks = {}
