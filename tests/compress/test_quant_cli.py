@@ -59,3 +59,19 @@ def test_quantize_bad_input(tiny_model_dir, tmp_path):
     assert_error(run("quantize", tiny_model_dir, "--group", 8, "--calib", other, *out),
                  "tokenised for another model")
     assert not (tmp_path / "x").exists()
+
+
+def test_quantize_pmq_mixed_precision(tiny_model_dir, tmp_path):
+    out = tmp_path / "p"
+    res = run("quantize", tiny_model_dir, "--method", "gptq", "--group", 8, "--avg-bits", 2.5, "--allocate", "pmq",
+              *CALIB, "--out", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "gptq + pmq (budget 2.5 bits, from [2, 3, 4])" in res.output and "0 uncalibrated experts" in res.output
+    meta = json.loads((out / "quant.json").read_text())
+    assert 2.0 <= meta["average_bits"] <= 2.5
+    for bits in meta["bits_per_expert"].values():
+        assert sum(bits) <= 2.5 * len(bits)
+    assert_error(run("quantize", tiny_model_dir, "--group", 8, "--avg-bits", 1.5, "--out", tmp_path / "y",
+                     "--no-progress"), "avg_bits: 1.5 is below the smallest bit-width 2")
+    assert_error(run("quantize", tiny_model_dir, "--group", 8, "--avg-bits", 2.5, "--format", "compressed-tensors",
+                     "--out", tmp_path / "z", "--no-progress"), "mixed bit-widths")

@@ -21,6 +21,12 @@ from moelab.cli._options import CORPUS_FORMATS, no_progress_option
 @click.option("--format", "fmt", type=click.Choice(["dequantized", "compressed-tensors"]), default="dequantized",
               show_default=True, help="dequantized: a stock checkpoint of (q - zero) * scale; compressed-tensors: "
               "packed int32 weights that transformers (with the compressed-tensors package) and vLLM read.")
+@click.option("--avg-bits", type=float, default=None,
+              help="Mixed precision: an average-bits budget per expert weight (per layer), e.g. 2.5; bits per "
+                   "expert from 2, 3, 4 chosen by --allocate.")
+@click.option("--allocate", type=click.Choice(["pmq", "greedy", "uniform"]), default="pmq", show_default=True,
+              help="With --avg-bits: pmq (MC-MoE's integer program: importance x quantisation loss, HiGHS), "
+                   "greedy, or uniform.")
 @click.option("--calib", type=click.Path(exists=True, path_type=Path), default=None,
               help=f"Calibration corpus (GPTQ). {CORPUS_FORMATS} Default: the embedded corpus (train split).")
 @click.option("--calib-tokens", type=click.IntRange(min=1), default=8192, show_default=True,
@@ -39,7 +45,7 @@ from moelab.cli._options import CORPUS_FORMATS, no_progress_option
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @no_progress_option
 def quantize_command(model: Path | None, method: str, bits: int, group: int, sym: bool, fmt: str,
-                     calib: Path | None, calib_tokens: int, calib_label: str | None, seq_len: int,
+                     avg_bits: float | None, allocate: str, calib: Path | None, calib_tokens: int, calib_label: str | None, seq_len: int,
                      min_tokens: int, cap: int | None, all_experts: bool, seed: int, out: Path,
                      overwrite: bool, no_progress: bool) -> None:
     """Quantise the routed experts of MODEL (default: the embedded model) and write a checkpoint to --out.
@@ -49,20 +55,24 @@ def quantize_command(model: Path | None, method: str, bits: int, group: int, sym
     from moelab.cli.compress import _default
     from moelab.compress.quant import CalibPolicy, QuantConfig, QuantSpec
     from moelab.compress.quant.pipeline import quantize_checkpoint
+    from moelab.compress.quant.pmq import PMQConfig
 
     spec = QuantSpec(method, QuantConfig(bits, group or None, sym),
                      policy=CalibPolicy(min_tokens, cap, all_experts))
+    pmq = PMQConfig(avg_bits) if avg_bits is not None else None
     model = model or _default("default_model", "MODEL")
     run = quantize_checkpoint(model, spec, out=out, format=fmt, overwrite=overwrite, calib_corpus=calib,
                               calib_tokens=calib_tokens, calib_label=calib_label, seq_len=seq_len, seed=seed,
-                              progress=not no_progress)
+                              pmq=pmq, allocate=allocate, progress=not no_progress)
     cal = run.result.calibration
     if cal is not None:
         click.echo(f"calibration: {cal['experts']} experts, routed tokens per expert min {cal['routed_tokens_min']} "
                    f"/ median {cal['routed_tokens_median']:.0f} / max {cal['routed_tokens_max']}; "
                    f"{cal['recalibrated_on_all_tokens']} recalibrated on all tokens; "
                    f"{cal['uncalibrated']} uncalibrated experts")
-    click.echo(f"{method} {spec.config.describe()}: {run.result.average_bits():.2f} bits per expert weight, "
+    name = f"{method} {spec.config.describe()}" if pmq is None else \
+        f"{method} + {allocate} (budget {avg_bits} bits, from {list(pmq.candidates)})"
+    click.echo(f"{name}: {run.result.average_bits():.2f} bits per expert weight, "
                f"{fmt} checkpoint {run.bytes_before / 1e6:.2f} MB -> {run.bytes_after / 1e6:.2f} MB -> {run.out} "
                f"({run.seconds:.1f} s)")
 

@@ -16,6 +16,7 @@ from moelab.compress.quant.calibrate import (
 )
 from moelab.compress.quant.common import QuantConfig, QuantizedTensor, dequantize, qparams
 from moelab.compress.quant.gptq import gptq_quantize, gptq_reference, hessian_error
+from moelab.compress.quant.pmq import PMQConfig, mixed_precision
 from moelab.compress.quant.quantize import (
     QuantizedBlock,
     QuantResult,
@@ -27,7 +28,7 @@ from moelab.compress.quant.quantize import (
 )
 from moelab.compress.quant.rtn import rtn_quantize
 
-__all__ = ["BlockHessians", "CalibPolicy", "QuantConfig", "QuantResult", "QuantSpec", "QuantizedBlock",
+__all__ = ["BlockHessians", "CalibPolicy", "PMQConfig", "mixed_precision", "QuantConfig", "QuantResult", "QuantSpec", "QuantizedBlock",
            "QuantizedTensor", "calibration_report", "check_calibrated", "collect_hessians", "dequantize",
            "dequantized_model", "gptq_quantize", "gptq_reference", "hessian_error", "qparams", "quantize_block",
            "quantize_experts", "rtn_quantize", "write_dequantized"]

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from moelab.compress.calib import Calibration, routing_pass
+from moelab.compress.stats import gates
 from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView, RoutingEvent
 from moelab.models.reference import expert_activations, expert_input
@@ -55,7 +56,9 @@ class CalibPolicy:
 @dataclass(eq=False)
 class BlockHessians:
     """One MoE block: ``h_in [E, H, H]``, ``h_mid [E, I, I]`` (float64), routed rows per expert
-    ``routed_E``, rows in each Hessian ``used_E``, and ``source[e]``: 'routed' or 'all tokens'."""
+    ``routed_E``, rows in each Hessian ``used_E``, ``source[e]``: 'routed' or 'all tokens', the routed
+    tokens ``tokens`` and the sum of each expert's gates ``gate_sum_E`` (combine weight / routed scaling
+    factor, as :func:`moelab.compress.stats.gates`) for importance scores."""
 
     layer: int
     h_in: Tensor
@@ -63,6 +66,8 @@ class BlockHessians:
     routed_E: Tensor
     used_E: Tensor
     source: list[str] = field(default_factory=list)
+    gate_sum_E: Tensor | None = None
+    tokens: int = 0
 
     def report(self) -> dict:
         return {"layer": self.layer, "routed_tokens": self.routed_E.tolist(), "used_tokens": self.used_E.tolist(),
@@ -73,7 +78,8 @@ def _empty(block: MoEBlockView) -> BlockHessians:
     E, H, I = block.num_experts, block.hidden_size, block.intermediate_size  # noqa: E741
     z = torch.zeros
     return BlockHessians(block.layer, z(E, H, H, dtype=torch.float64), z(E, I, I, dtype=torch.float64),
-                         z(E, dtype=torch.int64), z(E, dtype=torch.int64), ["routed"] * E)
+                         z(E, dtype=torch.int64), z(E, dtype=torch.int64), ["routed"] * E,
+                         z(E, dtype=torch.float64))
 
 
 def _add(hs: BlockHessians, block: MoEBlockView, e: int, x_NH: Tensor) -> None:
@@ -88,6 +94,9 @@ def _routed(hs: BlockHessians, ev: RoutingEvent, cap: int | None) -> None:
     block = ev.block
     x_TH = ev.hidden_TH.to(torch.float64)
     real_TK = ev.ids_TK >= 0 if ev.mask_TK is None else ev.mask_TK.bool() & (ev.ids_TK >= 0)
+    hs.tokens += int(ev.ids_TK.shape[0])
+    g_TK = gates(block, ev.weights_TK)
+    hs.gate_sum_E.index_add_(0, ev.ids_TK[real_TK].cpu(), g_TK[real_TK].cpu())
     for e in range(block.num_experts):
         tok, slot = torch.where((ev.ids_TK == e) & real_TK)
         hs.routed_E[e] += tok.numel()

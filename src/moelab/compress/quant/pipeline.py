@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from moelab.compress.calib import calibration_batches
+from moelab.compress.quant.calibrate import collect_hessians
 from moelab.compress.quant.checkpoint import (
     FORMATS,
     check_ct_loadable,
     checkpoint_bytes,
     save_quantized,
 )
+from moelab.compress.quant.pmq import ALLOCATORS, PMQConfig, mixed_precision
 from moelab.compress.quant.quantize import (
     QuantResult,
     QuantSpec,
@@ -72,20 +74,32 @@ def quantize_checkpoint(model: str | os.PathLike, spec: QuantSpec, *, out: str |
                         format: str = "dequantized", overwrite: bool = False,
                         calib_corpus: str | os.PathLike | None = None, calib_tokens: int = 8192,
                         calib_label: str | None = None, seq_len: int = 256, seed: int = 0,
-                        bits: dict[int, list[int]] | None = None, progress: bool = False) -> QuantRun:
-    """Open the checkpoint ``model``, calibrate (GPTQ), quantise the routed experts, write ``out``."""
+                        pmq: PMQConfig | None = None, allocate: str = "pmq",
+                        progress: bool = False) -> QuantRun:
+    """Open the checkpoint ``model``, calibrate (GPTQ, or any mixed precision), quantise the routed
+    experts, write ``out``. ``pmq``: bits per expert under an average-bits budget, chosen by
+    ``allocate`` ('pmq', 'greedy', 'uniform'; :mod:`moelab.compress.quant.pmq`)."""
     t0 = time.perf_counter()
     check_inputs(model, out, overwrite, format, calib_corpus)
+    if pmq is not None and allocate not in ALLOCATORS:
+        raise MoelabError(f"allocate: {allocate!r}; expected one of {ALLOCATORS}")
+    if pmq is not None and allocate != "uniform" and format == "compressed-tensors":
+        raise MoelabError("format compressed-tensors: mixed bit-widths per expert do not load in stock "
+                          "transformers 5 (one scheme for all fused experts); use --format dequantized")
     view = open_model(model)
     calib = None
-    if spec.needs_calibration:
+    if spec.needs_calibration or pmq is not None:
         if calib_corpus is None:
             from moelab.data import default_corpus
 
             calib_corpus = default_corpus()
         calib = calibration_batches(view, Path(calib_corpus), tokens=calib_tokens, seq_len=seq_len, seed=seed,
                                     label=calib_label, tokenizer=model)
-    result = quantize_experts(view, spec, calib, bits=bits, progress=progress)
+    if pmq is not None:
+        result = mixed_precision(view, spec, collect_hessians(view, calib, spec.policy, progress=progress), pmq,
+                                 allocate)
+    else:
+        result = quantize_experts(view, spec, calib, progress=progress)
     if format == "compressed-tensors":
         check_ct_loadable(result)
     written = None
