@@ -1,6 +1,11 @@
 """moelab.compress.quant: quantise routed experts (RTN, GPTQ per expert), calibrate every expert, and write
 checkpoints that stock transformers (and compressed-tensors readers) load.
 
+Modules: :mod:`.common` (format, scales, zero points), :mod:`.rtn`, :mod:`.gptq` (Frantar et al. 2023),
+:mod:`.calibrate` (per-expert Hessians, every expert calibrated), :mod:`.pmq` (MC-MoE's mixed precision),
+:mod:`.quantize` (a model's experts), :mod:`.checkpoint` (dequantised / compressed-tensors output),
+:mod:`.pipeline` (``moelab quantize``). EAQuant and MoTE ternary experts are not implemented yet.
+
 Routers, shared-expert gates, shared experts, dense MLPs, attention and embeddings stay in the model's
 precision; only the routed experts' gate/up/down projections are quantised.
 """
@@ -28,7 +33,11 @@ from moelab.compress.quant.quantize import (
 )
 from moelab.compress.quant.rtn import rtn_quantize
 
-__all__ = ["BlockHessians", "CalibPolicy", "PMQConfig", "mixed_precision", "QuantConfig", "QuantResult", "QuantSpec", "QuantizedBlock",
+from moelab.compress.quant.checkpoint import save_quantized
+from moelab.compress.quant.pipeline import quantize_checkpoint
+
+__all__ = ["BlockHessians", "CalibPolicy", "PMQConfig", "QuantConfig", "QuantResult", "QuantSpec", "QuantizedBlock",
            "QuantizedTensor", "calibration_report", "check_calibrated", "collect_hessians", "dequantize",
-           "dequantized_model", "gptq_quantize", "gptq_reference", "hessian_error", "qparams", "quantize_block",
-           "quantize_experts", "rtn_quantize", "write_dequantized"]
+           "dequantized_model", "gptq_quantize", "gptq_reference", "hessian_error", "mixed_precision", "qparams",
+           "quantize_block", "quantize_checkpoint", "quantize_experts", "rtn_quantize", "save_quantized",
+           "write_dequantized"]
