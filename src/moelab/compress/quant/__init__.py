@@ -19,8 +19,10 @@ from moelab.compress.quant.calibrate import (
     check_calibrated,
     collect_hessians,
 )
+from moelab.compress.quant.checkpoint import save_quantized
 from moelab.compress.quant.common import QuantConfig, QuantizedTensor, dequantize, qparams
 from moelab.compress.quant.gptq import gptq_quantize, gptq_reference, hessian_error
+from moelab.compress.quant.pipeline import quantize_checkpoint
 from moelab.compress.quant.pmq import PMQConfig, mixed_precision
 from moelab.compress.quant.quantize import (
     QuantizedBlock,
@@ -32,9 +34,6 @@ from moelab.compress.quant.quantize import (
     write_dequantized,
 )
 from moelab.compress.quant.rtn import rtn_quantize
-
-from moelab.compress.quant.checkpoint import save_quantized
-from moelab.compress.quant.pipeline import quantize_checkpoint
 
 __all__ = ["BlockHessians", "CalibPolicy", "PMQConfig", "QuantConfig", "QuantResult", "QuantSpec", "QuantizedBlock",
            "QuantizedTensor", "calibration_report", "check_calibrated", "collect_hessians", "dequantize",

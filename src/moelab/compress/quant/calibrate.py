@@ -76,10 +76,12 @@ class BlockHessians:
 
 def _empty(block: MoEBlockView) -> BlockHessians:
     E, H, I = block.num_experts, block.hidden_size, block.intermediate_size  # noqa: E741
-    z = torch.zeros
-    return BlockHessians(block.layer, z(E, H, H, dtype=torch.float64), z(E, I, I, dtype=torch.float64),
-                         z(E, dtype=torch.int64), z(E, dtype=torch.int64), ["routed"] * E,
-                         z(E, dtype=torch.float64))
+
+    def z(*shape, dtype=torch.float64):  # on the experts' device: the Hessians are summed where the rows are
+        return torch.zeros(*shape, dtype=dtype, device=block.gate.device)
+
+    return BlockHessians(block.layer, z(E, H, H), z(E, I, I), z(E, dtype=torch.int64), z(E, dtype=torch.int64),
+                         ["routed"] * E, z(E))
 
 
 def _add(hs: BlockHessians, block: MoEBlockView, e: int, x_NH: Tensor) -> None:
@@ -92,11 +94,12 @@ def _add(hs: BlockHessians, block: MoEBlockView, e: int, x_NH: Tensor) -> None:
 
 def _routed(hs: BlockHessians, ev: RoutingEvent, cap: int | None) -> None:
     block = ev.block
-    x_TH = ev.hidden_TH.to(torch.float64)
+    x_TH = ev.hidden_TH.to(hs.h_in.device, torch.float64)
     real_TK = ev.ids_TK >= 0 if ev.mask_TK is None else ev.mask_TK.bool() & (ev.ids_TK >= 0)
     hs.tokens += int(ev.ids_TK.shape[0])
     g_TK = gates(block, ev.weights_TK)
-    hs.gate_sum_E.index_add_(0, ev.ids_TK[real_TK].cpu(), g_TK[real_TK].cpu())
+    dev = hs.gate_sum_E.device
+    hs.gate_sum_E.index_add_(0, ev.ids_TK[real_TK].to(dev), g_TK[real_TK].to(dev))
     for e in range(block.num_experts):
         tok, slot = torch.where((ev.ids_TK == e) & real_TK)
         hs.routed_E[e] += tok.numel()
@@ -104,14 +107,14 @@ def _routed(hs: BlockHessians, ev: RoutingEvent, cap: int | None) -> None:
             room = max(0, cap - int(hs.used_E[e]))
             tok, slot = tok[:room], slot[:room]
         if tok.numel():
-            x_NH = expert_input(block, x_TH[tok], ev.weights_TK[tok, slot].to(torch.float64))
+            x_NH = expert_input(block, x_TH[tok], ev.weights_TK[tok, slot].to(x_TH.device, torch.float64))
             _add(hs, block, e, x_NH)
 
 
 def _forced(hs: BlockHessians, ev: RoutingEvent, experts: list[int]) -> None:
     """All tokens through ``experts`` (weight 1 where the weight scales the input)."""
-    x_TH = ev.hidden_TH.to(torch.float64)
-    x_NH = expert_input(ev.block, x_TH, torch.ones(x_TH.shape[0], dtype=torch.float64))
+    x_TH = ev.hidden_TH.to(hs.h_in.device, torch.float64)
+    x_NH = expert_input(ev.block, x_TH, torch.ones(x_TH.shape[0], dtype=torch.float64, device=x_TH.device))
     for e in experts:
         _add(hs, ev.block, e, x_NH)
 
@@ -169,8 +172,8 @@ def check_calibrated(hessians: dict[int, BlockHessians]) -> None:
 def calibration_report(hessians: dict[int, BlockHessians]) -> dict:
     """Tokens per expert: routed counts, rows used, recalibrated experts, and the uncalibrated count (0)."""
     layers = [hs.report() for hs in hessians.values()]
-    used = torch.cat([hs.used_E for hs in hessians.values()])
-    routed = torch.cat([hs.routed_E for hs in hessians.values()])
+    used = torch.cat([hs.used_E.cpu() for hs in hessians.values()])
+    routed = torch.cat([hs.routed_E.cpu() for hs in hessians.values()])
     return {"layers": layers, "experts": int(used.numel()),
             "uncalibrated": int((used == 0).sum()),
             "recalibrated_on_all_tokens": sum(len(r["recalibrated"]) for r in layers),

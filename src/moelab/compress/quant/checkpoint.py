@@ -97,10 +97,10 @@ def _expert_index(view: ModelView, result: QuantResult, dtype: torch.dtype) -> d
 
 def _ct_tensors(qt: QuantizedTensor, dtype: torch.dtype) -> dict[str, Tensor]:
     bits, O, I = qt.config.bits, qt.q.shape[0], qt.q.shape[1]  # noqa: E741
-    out = {"weight_packed": pack_int32(qt.q, bits), "weight_scale": qt.scale.to(dtype).contiguous(),
+    out = {"weight_packed": pack_int32(qt.q.cpu(), bits), "weight_scale": qt.scale.to("cpu", dtype).contiguous(),
            "weight_shape": torch.tensor([O, I], dtype=torch.int64)}
     if not qt.config.symmetric:
-        out["weight_zero_point"] = pack_int32(qt.zero, bits, dim=0)
+        out["weight_zero_point"] = pack_int32(qt.zero.cpu(), bits, dim=0)
     return out
 
 

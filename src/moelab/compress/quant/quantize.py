@@ -132,13 +132,9 @@ def _quantize_group(w: dict[str, Tensor], hs: BlockHessians | None, idx: Tensor,
             out[proj] = gptq_quantize(w_EOI, H.to(w_EOI.device), cfg, percdamp=spec.percdamp)
         else:
             out[proj] = rtn_quantize(w_EOI, cfg)
-        e = hessian_error(w_EOI.cpu(), _cpu(out[proj]), H)
+        e = hessian_error(w_EOI, out[proj], H.to(w_EOI.device)).cpu()
         err = e if err is None else err + e
     return out, err
-
-
-def _cpu(qt: QuantizedTensor) -> QuantizedTensor:
-    return QuantizedTensor(qt.q.cpu(), qt.scale.cpu(), qt.zero.cpu(), qt.config)
 
 
 def quantize_block(block: MoEBlockView, spec: QuantSpec, hs: BlockHessians | None,
@@ -157,7 +153,7 @@ def quantize_block(block: MoEBlockView, spec: QuantSpec, hs: BlockHessians | Non
         for j, e in enumerate(idx.tolist()):
             experts[e] = {p: QuantizedTensor(qt.q[j], qt.scale[j], qt.zero[j], qt.config) for p, qt in qts.items()}
         if error is not None and err is not None:
-            error[idx] = err
+            error[idx] = err.cpu()
     return QuantizedBlock(block.layer, experts, bits_E, None if error is None else error.tolist())  # type: ignore[arg-type]
 
 
