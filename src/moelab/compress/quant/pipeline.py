@@ -97,7 +97,7 @@ def quantize_checkpoint(model: str | os.PathLike, spec: QuantSpec, *, out: str |
                                     label=calib_label, tokenizer=model)
     if pmq is not None:
         result = mixed_precision(view, spec, collect_hessians(view, calib, spec.policy, progress=progress), pmq,
-                                 allocate)
+                                 allocate, progress=progress)
     else:
         result = quantize_experts(view, spec, calib, progress=progress)
     if format == "compressed-tensors":

@@ -148,7 +148,7 @@ def allocate(method: str, imp_E: np.ndarray, loss_EB: np.ndarray, cfg: PMQConfig
     raise MoelabError(f"allocate: {method!r}; expected one of {ALLOCATORS}")
 
 
-def mixed_precision(view, spec, hessians, cfg: PMQConfig, method: str = "pmq"):
+def mixed_precision(view, spec, hessians, cfg: PMQConfig, method: str = "pmq", progress: bool = False):
     """Quantise ``view``'s experts at bits per expert chosen by ``method`` under ``cfg``'s budget.
 
     Each layer's experts are quantised at every candidate bit-width (``spec.method``: GPTQ or RTN, the
@@ -159,28 +159,36 @@ def mixed_precision(view, spec, hessians, cfg: PMQConfig, method: str = "pmq"):
     import time
 
     from moelab.compress.quant.calibrate import calibration_report
-    from moelab.compress.quant.quantize import QuantizedBlock, QuantResult, quantize_block
+    from moelab.compress.quant.quantize import QuantResult, block_progress
 
     if method not in ALLOCATORS:
         raise MoelabError(f"allocate: {method!r}; expected one of {ALLOCATORS}")
     t0 = time.perf_counter()
     blocks, alloc = {}, {}
-    for b in view.blocks:
-        hs = hessians[b.layer]
-        cands = [quantize_block(b, spec, hs, [bits] * b.num_experts) for bits in cfg.candidates]
-        loss_EB = np.array([c.error for c in cands], float).T
-        routed = hs.routed_E.double().cpu().numpy()
-        gate_E = np.where(routed > 0, hs.gate_sum_E.cpu().numpy() / np.maximum(routed, 1), 0.0)
-        imp_E = importance(routed / max(hs.tokens, 1), gate_E, cfg)
-        bits_E = allocate(method, imp_E, loss_EB, cfg)
-        pick = [cfg.candidates.index(x) for x in bits_E]
-        blocks[b.layer] = QuantizedBlock(b.layer, [cands[k].experts[e] for e, k in enumerate(pick)], bits_E,
-                                         [float(loss_EB[e, k]) for e, k in enumerate(pick)])
-        alloc[str(b.layer)] = {"bits": bits_E, "importance": imp_E.tolist(), "loss": loss_EB.tolist(),
-                               "objective": objective(bits_E, imp_E, loss_EB, cfg)}
+    with block_progress(f"quantising at {list(cfg.candidates)} bits", len(view.blocks), progress) as advance:
+        for b in view.blocks:
+            blocks[b.layer], alloc[str(b.layer)] = _allocate_block(b, spec, hessians[b.layer], cfg, method)
+            advance()
     report = calibration_report(hessians) | {"allocation": {"method": method, "avg_bits": cfg.avg_bits,
                                                             "candidates": list(cfg.candidates), "layers": alloc}}
     return QuantResult(spec, blocks, report, time.perf_counter() - t0)
+
+
+def _allocate_block(b, spec, hs, cfg: PMQConfig, method: str):
+    """One block quantised at every candidate width, bits allocated, each expert kept at its width."""
+    from moelab.compress.quant.quantize import QuantizedBlock, quantize_block
+
+    cands = [quantize_block(b, spec, hs, [bits] * b.num_experts) for bits in cfg.candidates]
+    loss_EB = np.array([c.error for c in cands], float).T
+    routed = hs.routed_E.double().cpu().numpy()
+    gate_E = np.where(routed > 0, hs.gate_sum_E.cpu().numpy() / np.maximum(routed, 1), 0.0)
+    imp_E = importance(routed / max(hs.tokens, 1), gate_E, cfg)
+    bits_E = allocate(method, imp_E, loss_EB, cfg)
+    pick = [cfg.candidates.index(x) for x in bits_E]
+    qb = QuantizedBlock(b.layer, [cands[k].experts[e] for e, k in enumerate(pick)], bits_E,
+                        [float(loss_EB[e, k]) for e, k in enumerate(pick)])
+    return qb, {"bits": bits_E, "importance": imp_E.tolist(), "loss": loss_EB.tolist(),
+                "objective": objective(bits_E, imp_E, loss_EB, cfg)}
 
 
 __all__ = ["ALLOCATORS", "ALPHA", "BETA", "PMQConfig", "allocate", "brute_force_bits", "greedy_bits", "importance",

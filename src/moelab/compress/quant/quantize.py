@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +159,21 @@ def quantize_block(block: MoEBlockView, spec: QuantSpec, hs: BlockHessians | Non
     return QuantizedBlock(block.layer, experts, bits_E, None if error is None else error.tolist())  # type: ignore[arg-type]
 
 
+@contextmanager
+def block_progress(label: str, blocks: int, enabled: bool) -> Iterator[Callable[[], None]]:
+    """A bar over MoE blocks (stderr); yields ``advance()``, called as each block is done."""
+    if not enabled:
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("MoE blocks"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task(label, total=blocks)
+        yield lambda: bar.advance(task)
+
+
 def quantize_experts(view: ModelView, spec: QuantSpec, calib: Calibration | None = None, *,
                      hessians: dict[int, BlockHessians] | None = None,
                      bits: dict[int, list[int]] | None = None, progress: bool = False) -> QuantResult:
@@ -176,9 +193,11 @@ def quantize_experts(view: ModelView, spec: QuantSpec, calib: Calibration | None
     if hessians is None and spec.needs_calibration:
         raise MoelabError("calib: GPTQ needs calibration data (moelab.compress.calibration_batches)")
     blocks = {}
-    for b in view.blocks:
-        hs = None if hessians is None else hessians[b.layer]
-        blocks[b.layer] = quantize_block(b, spec, hs, None if bits is None else bits.get(b.layer))
+    with block_progress(f"quantising ({spec.method})", len(view.blocks), progress) as advance:
+        for b in view.blocks:
+            hs = None if hessians is None else hessians[b.layer]
+            blocks[b.layer] = quantize_block(b, spec, hs, None if bits is None else bits.get(b.layer))
+            advance()
     report = None if hessians is None else calibration_report(hessians)
     return QuantResult(spec, blocks, report, time.perf_counter() - t0)
 
