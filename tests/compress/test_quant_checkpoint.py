@@ -76,7 +76,11 @@ def test_compressed_tensors_checkpoint_loads_in_stock_transformers(tmp_path, fam
     out = save_quantized(view, res, tmp_path / "ct", format="compressed-tensors")
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
-    assert "lm_head" in qc["ignore"] and len(qc["ignore"]) > len(view.blocks)  # + every router
+    assert qc["config_groups"]["group_0"]["targets"] == ["Linear"]  # what vLLM's MoE kernels read
+    names = {id(m): n for n, m in view.model.named_modules()}
+    linear = {n for n, m in view.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {"lm_head", *linear, *(names[id(b.router_module)] for b in view.blocks)} <= set(qc["ignore"])
+    assert not [n for n in qc["ignore"] if ".experts." in n and not n.endswith("shared_experts")]
     assert checkpoint_bytes(out) < checkpoint_bytes(save_quantized(view, res, tmp_path / "deq"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -17,8 +17,9 @@ the same save, then each routed expert projection's ``<module>.weight [O, I]`` i
     weight_shape       int64 [2] = (O, I)
 
 and ``config.json`` gets a ``quantization_config`` (``quant_method: compressed-tensors``) with one config
-group per bit-width, whose ``targets`` are ``re:`` patterns naming the quantised expert modules, and an
-``ignore`` list with the LM head, the routers and the shared-expert gates. Checkpoint tensors are found
+group targeting ``Linear``, as llm-compressor writes it for MoE models (vLLM's and SGLang's MoE kernels
+read that group), and an ``ignore`` list naming every full-precision module: the LM head, routers,
+shared experts and their gates, attention and dense MLPs. Checkpoint tensors are found
 by value: transformers saves the experts in the checkpoint layout (per-expert ``experts.<e>.<proj>``
 Linear weights for the families that ship that way), and each saved tensor equal to a dequantised
 expert projection is replaced. Families whose checkpoint layout stores experts fused (one 3-D tensor per
@@ -31,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +104,13 @@ def _ct_tensors(qt: QuantizedTensor, dtype: torch.dtype) -> dict[str, Tensor]:
     return out
 
 
-def _rewrite(folder: Path, index: dict[str, list[tuple]], dtype: torch.dtype) -> dict[int, list[str]]:
-    """Replace every saved expert projection weight with its compressed-tensors tensors; the module
-    names by bit-width. Each (block, expert, proj) must be found exactly once."""
+def _rewrite(folder: Path, index: dict[str, list[tuple]], dtype: torch.dtype) -> tuple[dict[int, list[str]], set[str]]:
+    """Replace every saved expert projection weight with its compressed-tensors tensors. Returns the
+    quantised module names by bit-width and the other modules with a 2-D ``weight`` (kept in full
+    precision). Each (block, expert, proj) must be found exactly once."""
     files = sorted(folder.glob("*.safetensors"))
     found: dict[tuple, str] = {}
+    kept: set[str] = set()
     weight_map: dict[str, str] = {}
     for f in files:
         sd, out = load_file(f), {}
@@ -118,6 +120,8 @@ def _rewrite(folder: Path, index: dict[str, list[tuple]], dtype: torch.dtype) ->
             hit = next((h for h in free if key.startswith(h[0] + ".")), free[0] if free else None)
             if hit is None:
                 out[key] = t
+                if key.endswith(".weight") and t.dim() == 2:
+                    kept.add(key[: -len(".weight")])
                 continue
             module = key[: -len(".weight")]
             found[hit[:3]] = module
@@ -141,42 +145,32 @@ def _rewrite(folder: Path, index: dict[str, list[tuple]], dtype: torch.dtype) ->
     for hs in index.values():
         for h in hs:
             by_bits.setdefault(h[3].config.bits, []).append(found[h[:3]])
-    return by_bits
+    return by_bits, kept
 
 
-def _ignore(view: ModelView) -> list[str]:
-    """Modules that stay in full precision and a reader must not quantise: LM head, routers, shared gates."""
-    names = {id(m): n for n, m in view.model.named_modules()}
-    out = ["lm_head"]
-    for b in view.blocks:
-        out.append(names[id(b.router_module)])
-        if b.shared is not None and b.shared.gate_weight is not None:
-            out += [n for n, m in b.shared.module.named_modules() if getattr(m, "weight", None) is not None
-                    and m.weight.data_ptr() == b.shared.gate_weight.data_ptr()]
-    return sorted(set(out))
+def _ignore(view: ModelView, kept: set[str]) -> list[str]:
+    """Every Linear-like module that stays in full precision, by its checkpoint name (``kept``: what vLLM
+    matches) and by its module name in the loaded model (what transformers matches): attention, dense
+    and shared MLPs, routers, shared-expert gates, the LM head."""
+    out = set(kept) | {"lm_head"}
+    for name, m in view.model.named_modules():
+        if isinstance(m, torch.nn.Linear) or any(m is b.router_module for b in view.blocks):
+            out.add(name)
+    return sorted(out)
 
 
-def _targets(modules: list[str]) -> list[str]:
-    """One ``re:`` pattern per projection name, over the experts' module names."""
-    tails = sorted({re.sub(r"^.*\.experts\.\d+\.", "", m) for m in modules})
-    if all(".experts." in m for m in modules):
-        return [f"re:.*\\.experts\\.\\d+\\.{re.escape(t)}$" for t in tails]
-    return [f"re:^{re.escape(m)}$" for m in modules]
-
-
-def ct_config(result: QuantResult, by_bits: dict[int, list[str]], ignore: list[str]) -> dict[str, Any]:
-    """The ``quantization_config`` of a compressed-tensors pack-quantized checkpoint."""
+def ct_config(result: QuantResult, bits: int, ignore: list[str]) -> dict[str, Any]:
+    """The ``quantization_config`` of a compressed-tensors pack-quantized checkpoint: one config group
+    targeting ``Linear`` (the group vLLM's and SGLang's MoE kernels read, ``target_scheme_map["Linear"]``)
+    and every full-precision module in ``ignore``."""
     c = result.spec.config
-    groups = {}
-    for i, (bits, modules) in enumerate(sorted(by_bits.items())):
-        weights = {"num_bits": bits, "type": "int", "symmetric": c.symmetric,
-                   "strategy": "channel" if c.group_size is None else "group", "group_size": c.group_size,
-                   "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None}
-        targets = _targets(modules) if len(by_bits) == 1 else [f"re:^{re.escape(m)}$" for m in sorted(modules)]
-        groups[f"group_{i}"] = {"targets": targets, "weights": weights, "input_activations": None,
-                                "output_activations": None, "format": "pack-quantized"}
+    weights = {"num_bits": bits, "type": "int", "symmetric": c.symmetric,
+               "strategy": "channel" if c.group_size is None else "group", "group_size": c.group_size,
+               "dynamic": False, "actorder": None, "observer": "minmax", "block_structure": None}
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None,
+             "format": "pack-quantized"}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None, "sparsity_config": {},
+            "config_groups": {"group_0": group}, "ignore": ignore, "kv_cache_scheme": None, "sparsity_config": {},
             "transform_config": {}, "global_compression_ratio": None, "version": _CT_VERSION}
 
 
@@ -222,9 +216,9 @@ def save_quantized(view: ModelView, result: QuantResult, out_dir: str | os.PathL
         _copy_tokenizer(tokenizer_from, tmp)
         meta = result.meta() | {"format": format}
         if format == "compressed-tensors":
-            by_bits = _rewrite(tmp, _expert_index(view, result, dtype), dtype)
+            by_bits, kept = _rewrite(tmp, _expert_index(view, result, dtype), dtype)
             cfg = json.loads((tmp / "config.json").read_text())
-            cfg["quantization_config"] = ct_config(result, by_bits, _ignore(open_model(model)))
+            cfg["quantization_config"] = ct_config(result, next(iter(by_bits)), _ignore(open_model(model), kept))
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "quant.json").write_text(json.dumps(meta, indent=1) + "\n")
     return out
