@@ -19,7 +19,7 @@ keep no scales): an expert with fewer than ``min_tokens`` routed rows is *starve
 recalibrates each starved expert on all calibration tokens (all tokens forced through it, only
 routed outputs kept: the model's output is untouched, the forced rows only feed its Hessian).
 ``all_experts=True`` calibrates every expert on all tokens (calibrate-all-experts). ``cap`` keeps at
-most ``cap`` routed rows per expert, EAQuant's calibration balance (Fu et al. 2025): a few hot
+most ``cap`` routed rows per expert, EAQuant's calibration balance (Fu et al. 2025, arXiv 2506.13329): a few hot
 experts no longer dominate, the starved ones are recalibrated as above. After the passes every
 expert has rows; :func:`check_calibrated` proves it, and the report says so.
 """

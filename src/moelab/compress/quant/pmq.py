@@ -1,8 +1,9 @@
 """PMQ: bits per expert by importance and quantisation loss, as an integer program (MC-MoE / MC#).
 
-Huang et al. 2024, "Mixture Compressor for Mixture-of-Experts LLMs Gains More" (MC-MoE, arXiv
-2410.06270), pre-loading mixed-precision quantisation, extended in MC# (Huang et al. 2025). Shape
-legend: E experts of a layer, B candidate bit-widths.
+Huang et al. 2024, "MC-MoE: Mixture Compressor for Mixture-of-Experts LLMs Gains More" (arXiv
+2410.06270): Pre-Loading Mixed-Precision Quantisation, kept in MC# (Huang et al. 2025, "MC#: Mixture
+Compressor for Mixture-of-Experts Large Models", arXiv 2510.10962). Shape legend: E experts of a
+layer, B candidate bit-widths.
 
 Per MoE layer, with ``f_j`` expert j's activation frequency (share of calibration tokens routed to
 it), ``w_j`` its mean routing weight (gate) over those tokens, and ``L_{j,b}`` its quantisation loss at
