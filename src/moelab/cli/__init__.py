@@ -23,6 +23,7 @@ _COMMAND_MODULES: list[str] = [
     "moelab.cli.train",
     "moelab.cli.trace",
     "moelab.cli.compress",
+    "moelab.cli.quant",
     "moelab.cli.analysis",
 ]
 
