@@ -100,6 +100,14 @@ def check_safetensors_file(path: Path) -> None:
     ``data_offsets`` into the data that follows; a file shorter than its header says is truncated.
     Only the header is read.
     """
+    read_safetensors_header(path)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """``(header, data_start)`` of a safetensors file, checked as :func:`check_safetensors_file`
+    says: ``header`` maps each tensor name to its ``dtype``, ``shape`` and ``data_offsets`` (relative
+    to ``data_start``, the byte where the data begins); ``__metadata__`` is dropped. Only the header
+    is read."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -109,12 +117,17 @@ def check_safetensors_file(path: Path) -> None:
         raise CheckpointError(_corrupt(path, f"{size} bytes, shorter than its own header"))
     try:
         header = json.loads(raw)
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        header.pop("__metadata__", None)
+        ends = [int(v["data_offsets"][1]) for v in header.values()]
+        for v in header.values():
+            if not (isinstance(v["dtype"], str) and isinstance(v["shape"], list)):
+                raise TypeError
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         raise CheckpointError(_corrupt(path, "its header is not a safetensors tensor table")) from None
     want = 8 + n + max(ends, default=0)
     if size < want:
         raise CheckpointError(_corrupt(path, f"{size} bytes, but its header describes {want}"))
+    return header, 8 + n
 
 
 def _corrupt(path: Path, why: str) -> str:

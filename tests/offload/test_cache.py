@@ -1,0 +1,86 @@
+"""The byte-budget cache: budgets, the shared bookkeeping, and replayed == measured hit rates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moelab.analysis.cache_policy import KeyCache, make_policy, replay
+from moelab.errors import MoelabError
+from moelab.models import open_model
+from moelab.offload import offload_model, parse_budget
+
+
+def test_parse_budget():
+    assert parse_budget(1000, 10) == 1000
+    assert parse_budget("64MiB", 1) == 64 * 2**20
+    assert parse_budget("1.5GB", 1) == 1_500_000_000
+    assert parse_budget("512k", 1) == 512_000
+    assert parse_budget(0.25, 4000) == 1000 == parse_budget("25%", 4000)
+    for bad in ("lots", 1.5, 0.0, True, "0", None):
+        with pytest.raises(MoelabError, match="budget"):
+            parse_budget(bad, 4000)
+
+
+def test_key_cache_keeps_sizes_within_capacity():
+    sizes = {"a": 3, "b": 2, "c": 2, "d": 4}
+    cache = KeyCache(6, make_policy("lru"), size=sizes.__getitem__)
+    assert cache.access(["a", "b"], 0).hits == [False, False]
+    res = cache.access(["c"], 1)  # 3 + 2 + 2 > 6: the least recently used, a, goes
+    assert res.evicted == ["a"] and cache.used == 4
+    res = cache.access(["b", "d"], 2)  # d needs 4: c goes (b was just used)
+    assert res.hits == [True, False] and res.evicted == ["c"] and cache.used == 6 == cache.peak
+    assert cache.admit("b", 3).hits == [True]
+    with pytest.raises(ValueError, match="more than the whole capacity"):
+        KeyCache(3, make_policy("lru"), size=sizes.__getitem__).access(["d"], 0)
+
+
+def test_belady_is_the_bound_of_online_policies():
+    rng = torch.Generator().manual_seed(0)
+    steps = [torch.randint(0, 12, (3,), generator=rng).unique().tolist() for _ in range(300)]
+    best = replay(steps, 5, "belady").hit_rate
+    for policy in ("lru", "lfu"):
+        assert replay(steps, 5, policy).hit_rate <= best
+    with pytest.raises(ValueError, match="needs the steps"):
+        make_policy("belady")
+
+
+def _routing_steps(model_view, run):
+    """Run ``run()`` on a resident model and record the cache steps it implies: per forward and
+    block, the sorted distinct experts it routes to, as (layer, expert) keys."""
+    steps = []
+
+    def hook(event):
+        steps.append([(event.block.layer, int(e)) for e in event.ids_TK.unique().tolist()])
+
+    handles = [b.register_routing_hook(hook) for b in model_view.blocks]
+    out = run(model_view.model)
+    for h in handles:
+        h.remove()
+    return steps, out
+
+
+@pytest.mark.parametrize(("family", "policy"), [("Qwen3-MoE", "lru"), ("DeepSeek-V3", "lfu"),
+                                                 ("Mixtral", "lru")])
+def test_replayed_hit_rate_equals_the_measured_one(tiny_dirs, family, policy):
+    path = tiny_dirs[family]
+    prompt = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(3))
+
+    def run(model):
+        with torch.no_grad():
+            return model.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)
+
+    resident = open_model(path, experts_implementation="moelab")
+    steps, want = _routing_steps(resident, run)
+    model, experts = offload_model(path, budget=1.0)  # to read the sizes
+    size = experts.store.expert_bytes
+    experts.close()
+    budget = (max(b.top_k for b in resident.blocks) + 2) * max(size(b.layer) for b in resident.blocks)
+    simulated = replay(steps, budget, policy, size=lambda k: size(k[0]))
+    model, experts = offload_model(path, budget=budget, policy=policy)
+    assert torch.equal(run(model), want)
+    s = experts.stats()
+    assert 0 < s.hits and 0 < s.misses
+    assert (s.hits, s.misses) == (simulated.hits, simulated.misses)
+    assert s.peak_resident_bytes <= budget
+    experts.close()
