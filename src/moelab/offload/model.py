@@ -35,12 +35,12 @@ class OffloadProvider:
 
     def __init__(self, cache: ExpertCache, after_fetch: Any = None) -> None:
         self.cache = cache
-        self.after_fetch = after_fetch  # called as after_fetch(block) once a block's experts are in
+        self.after_fetch = after_fetch  # after_fetch(block, expert_ids_n) once a block's experts are in
 
     def __call__(self, block: MoEBlockView, expert_ids_n: Tensor) -> ExpertWeights:
         rows = self.cache.fetch(block.layer, expert_ids_n.tolist())
         if self.after_fetch is not None:
-            self.after_fetch(block)
+            self.after_fetch(block, expert_ids_n)
         spec = spec_for(block)
         device = block.router_weight.device
         tensors = {name: torch.cat([r[name] for r in rows]).to(device) for name in spec.params}
@@ -51,8 +51,9 @@ class OffloadedExperts:
     """What :func:`offload_model` returns beside the model: the store, the cache, the view.
 
     ``stats()`` -> :class:`~moelab.offload.cache.CacheStats` (hits, misses, bytes read, peak
-    resident expert bytes, ...). ``close()`` (or ``with``) stops the prefetch thread and closes the
-    files; the model cannot run its experts afterwards.
+    resident expert bytes, ...); ``prefetcher.quality``: the prefetch predictions' precision and
+    recall. ``close()`` (or ``with``) stops the prefetch thread (waiting for a read in progress) and
+    closes the files; the model still runs afterwards, reading without prefetch.
     """
 
     def __init__(self, store: ExpertStore, cache: ExpertCache, view: ModelView,
@@ -65,7 +66,6 @@ class OffloadedExperts:
     def close(self) -> None:
         if self.prefetcher is not None:
             self.prefetcher.close()
-            self.prefetcher = None
         self.store.close()
 
     def __enter__(self) -> OffloadedExperts:
