@@ -12,16 +12,16 @@ import torch
 from moelab.errors import CheckpointError
 from moelab.models import open_model
 from moelab.models.backend import spec_for
+from moelab.models.checkpoint import load_meta_model
 from moelab.models.open import view_model
 from moelab.models.tiny import TINY_CONFIGS
-from moelab.offload.model import _meta_model
 from moelab.offload.store import ExpertStore, SafetensorsIndex
 
 from .conftest import FAMILIES, save_tiny
 
 
 def open_store(path):
-    meta = _meta_model(path, None)
+    meta = load_meta_model(path)
     return ExpertStore(path, meta, view_model(meta))
 
 

@@ -70,6 +70,32 @@ def load_checkpoint(
     return model.eval()
 
 
+def load_meta_model(
+    path: Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+) -> nn.Module:
+    """The checkpoint's model built from its config on the meta device: no weight is read or
+    allocated (shapes and dtypes only). The directory and every safetensors header are checked as
+    :func:`load_checkpoint` does; ``dtype`` defaults to the config's, as ``from_pretrained``."""
+    import warnings
+
+    check_checkpoint_dir(path)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers raises ValueError/KeyError/OSError for bad configs
+        raise CheckpointError(
+            f"{path / 'config.json'}: cannot be read as a transformers config: {err}"
+        ) from err
+    _check_family(config, path)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    with _quiet_transformers(), warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
 def check_checkpoint_dir(path: Path) -> None:
     """Raise CheckpointError unless ``path`` is a directory with config.json and safetensors weights."""
     if not path.exists():

@@ -15,7 +15,6 @@ backend bit for bit (same dtype, same kernels): only where the weights come from
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from torch import Tensor, nn
 
 from moelab.errors import CheckpointError, UnsupportedModelError
 from moelab.models.backend import ExpertWeights, enable_experts_backend, spec_for
+from moelab.models.checkpoint import load_meta_model
 from moelab.models.view import ModelView, MoEBlockView
 from moelab.offload.cache import CacheStats, ExpertCache
 from moelab.offload.store import ExpertStore
@@ -99,7 +99,7 @@ def offload_model(path: str | Path, budget: int | float | str = 0.25, policy: st
     from moelab.models.open import view_model
 
     path = Path(path)
-    model = _meta_model(path, dtype)
+    model = load_meta_model(path, dtype=dtype)
     store = ExpertStore(path, model, view_model(model))
     try:
         _load_resident(model, store, device)
@@ -118,24 +118,6 @@ def offload_model(path: str | Path, budget: int | float | str = 0.25, policy: st
         raise
     _generation_config(model, path)
     return model.eval(), OffloadedExperts(store, cache, view, prefetcher)
-
-
-def _meta_model(path: Path, dtype: torch.dtype | None) -> nn.Module:
-    """The checkpoint's model class built from its config on the meta device (no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from moelab.models.checkpoint import _check_family, _quiet_transformers, check_checkpoint_dir
-
-    check_checkpoint_dir(path)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as err:  # transformers raises ValueError/KeyError/OSError for bad configs
-        raise CheckpointError(f"{path / 'config.json'}: cannot be read as a transformers config: {err}") from err
-    _check_family(config, path)
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    with _quiet_transformers(), warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
 @torch.no_grad()

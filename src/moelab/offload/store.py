@@ -223,52 +223,34 @@ class ExpertStore:
 
     def _map(self, model: nn.Module) -> None:
         """Sort every checkpoint tensor into ``resident`` or ``sources``; raise on gaps."""
-        keys = _model_keys(model, list(self.index.entries))
+        cm = map_checkpoint(self.index, model)
         state = model.state_dict(keep_vars=True)
-        pieces: dict[str, dict[int, dict[int, str]]] = {}  # expert key -> e -> piece -> name
-        unexpected = []
-        for name, (key, converter, pattern) in keys.items():
-            if key in self.params:
-                if converter is None:
-                    self._stacked(name, self.params[key])
-                else:
-                    e = _expert_index(name, pattern)
-                    pieces.setdefault(key, {}).setdefault(e, {})[converter.source_patterns.index(pattern)] = name
-                    self._converter_ok(key, converter)
-            elif key in state:
+        for name, (key, converter, _pattern) in cm.keys.items():
+            if key in self.params and converter is None:
+                self._stacked(name, self.params[key])
+            elif key in state and key not in self.params:
+                if converter is not None:
+                    raise UnsupportedModelError(f"{key}: transformers merges it from several "
+                                                f"checkpoint tensors but it is not an expert parameter")
                 self.resident[name] = key
-            elif not _ignored(model, name):
-                unexpected.append(name)
-        for key, by_e in pieces.items():
-            self._merged(self.params[key], by_e, keys[next(iter(by_e.values()))[0]][1])
+        for key, by_e in cm.pieces.items():
+            self._merged(self.params[key], by_e, cm.keys[next(iter(by_e.values()))[0]][1])
         missing = [k for k in self.params if (self.params[k].layer, self.params[k].name) not in self.sources]
         if missing:
             raise CheckpointError(f"{self.path}: the safetensors files hold no tensor for the expert "
                                   f"parameter {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
-        _check_rest(self.path, model, state, set(self.resident.values()), set(self.params), unexpected)
+        _check_rest(self.path, model, state, set(self.resident.values()), set(self.params), cm.unexpected)
 
     def _stacked(self, name: str, p: ExpertParam) -> None:
-        ent = self.index.entries[name]
-        if ent.shape != p.shape:
-            raise CheckpointError(f"{self.path}: {name} is {list(ent.shape)} but the config implies "
-                                  f"{list(p.shape)} for {p.key}")
         r = p.shape[0] // p.num_experts
         row = (r, *p.shape[1:])
         self.sources[(p.layer, p.name)] = [
             ExpertSource(((name, (e * r, (e + 1) * r)),), 0, row) for e in range(p.num_experts)
         ]
 
-    def _converter_ok(self, key: str, converter: Any) -> None:
-        ops = [type(op).__name__ for op in converter.operations]
-        merge = getattr(converter.operations[0], "dim", None) if ops else None
-        if ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]) or merge != 0:
-            raise UnsupportedModelError(f"{key}: transformers builds it from the checkpoint with "
-                                        f"{ops}; moelab's store reads only merged (and concatenated) experts")
-
     def _merged(self, p: ExpertParam, by_e: dict[int, dict[int, str]], converter: Any) -> None:
         """Per-expert pieces, merged along dim 0 and concatenated along the converter's dim."""
         n_pieces = len(converter.source_patterns)
-        cat = converter.operations[-1].dim - 1 if len(converter.operations) == 2 else 0
         row = (p.shape[0] // p.num_experts, *p.shape[1:])
         srcs = []
         for e in range(p.num_experts):
@@ -277,15 +259,77 @@ class ExpertStore:
                 want = _missing_name(by_e, converter.source_patterns, min(set(range(n_pieces)) - set(got)), e)
                 raise CheckpointError(f"{self.path}: expert {e} of layer {p.layer} is missing from the "
                                       f"safetensors files: no tensor {want!r} (for {p.key})")
-            names = tuple(got[i] for i in range(n_pieces))
-            shapes = [self.index.entries[n].shape for n in names]
-            joined = list(shapes[0])
-            joined[cat] = sum(s[cat] for s in shapes)
-            if len(joined) + 1 != len(row) or tuple(joined) != row[1:] or row[0] != 1:
-                raise CheckpointError(f"{self.path}: {names[0]} {list(shapes[0])} does not fit "
-                                      f"{p.key} {list(p.shape)} (config.json implies it)")
-            srcs.append(ExpertSource(tuple((n, None) for n in names), cat, row))
+            srcs.append(ExpertSource(tuple((got[i], None) for i in range(n_pieces)), _cat_dim(converter), row))
         self.sources[(p.layer, p.name)] = srcs
+
+
+@dataclass(frozen=True)
+class CheckpointMap:
+    """How a checkpoint's tensors become the model's (transformers' conversion mapping)."""
+
+    keys: dict[str, tuple[str, Any, str | None]]  # name -> (model key, WeightConverter | None, pattern)
+    pieces: dict[str, dict[int, dict[int, str]]]  # merged model key -> expert -> piece -> name
+    unexpected: list[str]  # names the model has no place for
+
+
+def map_checkpoint(index: SafetensorsIndex, model: nn.Module) -> CheckpointMap:
+    """Map every tensor of ``index`` to ``model`` (built on the meta device) and check its shape
+    against the model's, from the headers only: CheckpointError naming (up to 3) tensors whose
+    shapes contradict config.json, UnsupportedModelError for a conversion moelab cannot read."""
+    keys = _model_keys(model, list(index.entries))
+    state = model.state_dict()
+    pieces: dict[str, dict[int, dict[int, str]]] = {}
+    unexpected, bad = [], []
+    for name, (key, conv, pat) in keys.items():
+        if key not in state:
+            if not _ignored(model, name):
+                unexpected.append(name)
+        elif conv is None:
+            if index.entries[name].shape != tuple(state[key].shape):
+                bad.append((key, index.entries[name].shape, state[key].shape))
+        else:
+            _converter_ok(key, conv)
+            e = _expert_index(name, pat)
+            pieces.setdefault(key, {}).setdefault(e, {})[conv.source_patterns.index(pat)] = name
+    for key, by_e in pieces.items():
+        found = _merged_shape(index, by_e, keys[next(iter(by_e.values()))[0]][1])
+        if found != tuple(state[key].shape):
+            bad.append((key, found, state[key].shape))
+    if bad:
+        bad.sort(key=lambda b: b[0])
+        told = "; ".join(f"{k} is {list(f)} in the weights but config.json implies {list(w)}"
+                         for k, f, w in bad[:3]) + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else "")
+        raise CheckpointError(f"{index.directory}: config.json contradicts the weights (check "
+                              f"num_experts / num_local_experts, intermediate sizes, hidden_size): {told}")
+    return CheckpointMap(keys, pieces, unexpected)
+
+
+def _converter_ok(key: str, converter: Any) -> None:
+    ops = [type(op).__name__ for op in converter.operations]
+    merge = getattr(converter.operations[0], "dim", None) if ops else None
+    if ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]) or merge != 0:
+        raise UnsupportedModelError(f"{key}: transformers builds it from the checkpoint with "
+                                    f"{ops}; moelab's store reads only merged (and concatenated) experts")
+
+
+def _cat_dim(converter: Any) -> int:
+    """The dim of one expert's piece along which the pieces are concatenated."""
+    return converter.operations[-1].dim - 1 if len(converter.operations) == 2 else 0
+
+
+def _merged_shape(index: SafetensorsIndex, by_e: dict[int, dict[int, str]], converter: Any) -> tuple:
+    """The shape transformers would build from the pieces: ``[experts, *joined piece]``; an expert
+    whose pieces differ from the others' gives its own shapes, so that the mismatch is reported."""
+    cat = _cat_dim(converter)
+    most = max(by_e, key=lambda e: len(by_e[e]))
+    shapes = [index.entries[by_e[most][i]].shape for i in sorted(by_e[most])]
+    for got in by_e.values():
+        other = [index.entries[got[i]].shape for i in sorted(got)]
+        if len(other) == len(shapes) and other != shapes:
+            return (len(by_e), *other[0])
+    joined = list(shapes[0])
+    joined[cat] = sum(s[cat] for s in shapes)
+    return (max(by_e) + 1, *joined)
 
 
 def _row_bytes(p: ExpertParam) -> int:
