@@ -35,15 +35,9 @@ def load_checkpoint(
 
     ``dense_ok``: also load a dense model (no experts in its config), e.g. a dense twin to evaluate;
     otherwise only the MoE families moelab supports are loaded."""
-    check_checkpoint_dir(path)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    config = checked_config(path, trust_remote_code=trust_remote_code)
+    from transformers import AutoModelForCausalLM
 
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as err:  # transformers raises ValueError/KeyError/OSError for bad configs
-        raise CheckpointError(
-            f"{path / 'config.json'}: cannot be read as a transformers config: {err}"
-        ) from err
     if not (dense_ok and _is_dense(config)):
         _check_family(config, path)
     kwargs: dict[str, Any] = {
@@ -78,15 +72,9 @@ def load_meta_model(
     :func:`load_checkpoint` does; ``dtype`` defaults to the config's, as ``from_pretrained``."""
     import warnings
 
-    check_checkpoint_dir(path)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    config = checked_config(path, trust_remote_code=trust_remote_code)
+    from transformers import AutoModelForCausalLM
 
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as err:  # transformers raises ValueError/KeyError/OSError for bad configs
-        raise CheckpointError(
-            f"{path / 'config.json'}: cannot be read as a transformers config: {err}"
-        ) from err
     _check_family(config, path)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
@@ -94,6 +82,19 @@ def load_meta_model(
     with _quiet_transformers(), warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def checked_config(path: Path, *, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a checkpoint directory, after :func:`check_checkpoint_dir`."""
+    check_checkpoint_dir(path)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers raises ValueError/KeyError/OSError for bad configs
+        raise CheckpointError(
+            f"{path / 'config.json'}: cannot be read as a transformers config: {err}"
+        ) from err
 
 
 def check_checkpoint_dir(path: Path) -> None:
