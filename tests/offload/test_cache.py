@@ -60,7 +60,7 @@ def _routing_steps(model_view, run):
     return steps, out
 
 
-@pytest.mark.parametrize(("family", "policy"), [("Qwen3-MoE", "lru"), ("DeepSeek-V3", "lfu"),
+@pytest.mark.parametrize(("family", "policy"), [("Qwen3-MoE", "lru"), ("DeepSeek-V3", "lfu"), ("GPT-OSS", "lrfu"),
                                                  ("Mixtral", "lru")])
 def test_replayed_hit_rate_equals_the_measured_one(tiny_dirs, family, policy):
     path = tiny_dirs[family]
@@ -84,3 +84,14 @@ def test_replayed_hit_rate_equals_the_measured_one(tiny_dirs, family, policy):
     assert (s.hits, s.misses) == (simulated.hits, simulated.misses)
     assert s.peak_resident_bytes <= budget
     experts.close()
+
+
+def test_lrfu_spans_lru_and_lfu():
+    rng = torch.Generator().manual_seed(5)
+    steps = [torch.randint(0, 10, (3,), generator=rng).unique().tolist() for _ in range(400)]
+    lru, lfu = replay(steps, 4, "lru"), replay(steps, 4, "lfu")
+    assert replay(steps, 4, "lrfu", half_life=1e-3) == lru  # recency alone
+    far = replay(steps, 4, "lrfu", half_life=1e9).hit_rate  # counts alone (ties aside)
+    assert abs(far - lfu.hit_rate) < 0.02
+    with pytest.raises(ValueError, match="half_life"):
+        make_policy("lrfu", half_life=0)

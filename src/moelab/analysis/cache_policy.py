@@ -16,6 +16,10 @@ the lowest priority until it fits; every use is then told to the policy, in orde
 Priorities (higher = kept longer), ties broken by the last use:
 
 - ``"lru"``: last use. ``"lfu"``: uses so far (kept after eviction), then last use.
+- ``"lrfu"`` (Lee et al. 2001, "LRFU: a spectrum of policies that subsumes the least recently used
+  and least frequently used policies", IEEE Trans. Computers 50(12)): the combined recency and
+  frequency ``CRF(key) = sum over its uses i of 2 ** (-(step - step_i) / half_life)``, then last
+  use; ``half_life -> 0`` is LRU, ``half_life -> inf`` approaches LFU. ``half_life`` is in steps.
 - ``"belady"`` (Belady 1966, "A study of replacement algorithms for a virtual-storage computer";
   MIN): next use farthest in the future, from the known sequence of steps (never again = farthest).
 - ``"lrc"`` (Liang et al. 2025, "Not All Models Suit Expert Offloading", arXiv 2505.16056; the
@@ -33,9 +37,9 @@ from dataclasses import dataclass, field
 
 Key = Hashable
 
-ONLINE = ("lru", "lfu")
+ONLINE = ("lru", "lfu", "lrfu")
 ORACLES = ("belady", "lrc")
-POLICIES = ("lrc", "lru", "lfu", "belady")
+POLICIES = ("lrc", "lru", "lfu", "belady")  # the analysis curves' policies (vectorised in cache.py)
 
 
 class CachePolicy:
@@ -76,6 +80,30 @@ class LFU(CachePolicy):
 
     def priority(self, key: Key, step: int, done: set) -> tuple[int, int]:
         return (self.uses.get(key, 0), self.last.get(key, 0))
+
+
+class LRFU(CachePolicy):
+    """Lowest combined recency-frequency (exponentially decayed use count) goes first."""
+
+    name = "lrfu"
+
+    def __init__(self, half_life: float = 24.0) -> None:
+        super().__init__()
+        if not half_life > 0:
+            raise ValueError(f"half_life must be > 0, got {half_life}")
+        self.half_life = float(half_life)
+        self.crf: dict[Key, tuple[float, int]] = {}  # key -> (CRF at its last use, that step)
+
+    def used(self, key: Key, step: int) -> None:
+        super().used(key, step)
+        self.crf[key] = (self._decayed(key, step) + 1.0, step)
+
+    def _decayed(self, key: Key, step: int) -> float:
+        value, at = self.crf.get(key, (0.0, step))
+        return value * 2.0 ** (-(step - at) / self.half_life)
+
+    def priority(self, key: Key, step: int, done: set) -> tuple[float, int]:
+        return (self._decayed(key, step), self.last.get(key, 0))
 
 
 class _Oracle(CachePolicy):
@@ -119,15 +147,19 @@ class LRC(_Oracle):
         return (uses - (key in done), self.last.get(key, 0))
 
 
-def make_policy(name: str, future: Sequence[Sequence[Key]] | None = None, seg_len: int = 16) -> CachePolicy:
-    """The policy called ``name`` (:data:`POLICIES`); ``future`` (the steps) for the oracles."""
-    if name not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {name!r}")
+def make_policy(name: str, future: Sequence[Sequence[Key]] | None = None, seg_len: int = 16,
+                half_life: float = 24.0) -> CachePolicy:
+    """The policy called ``name`` (:data:`ONLINE` or :data:`ORACLES`); ``future`` (the steps) for
+    the oracles, ``seg_len`` for LRC, ``half_life`` (steps) for LRFU."""
+    if name not in ONLINE + ORACLES:
+        raise ValueError(f"policy must be one of {ONLINE + ORACLES}, got {name!r}")
     if name in ORACLES:
         if future is None:
             raise ValueError(f"policy {name!r} looks into the future: it needs the steps (future=), "
                              f"from a trace; online policies: {ONLINE}")
         return Belady(future) if name == "belady" else LRC(future, seg_len)
+    if name == "lrfu":
+        return LRFU(half_life)
     return LFU() if name == "lfu" else LRU()
 
 
@@ -219,7 +251,7 @@ class ReplayStats:
 
 
 def replay(steps: Sequence[Sequence[Key]], capacity: int, policy: str | CachePolicy = "lru", *,
-           size: Callable[[Key], int] | None = None, seg_len: int = 16,
+           size: Callable[[Key], int] | None = None, seg_len: int = 16, half_life: float = 24.0,
            warm_start: bool = False) -> ReplayStats:
     """Replay ``steps`` through an empty :class:`KeyCache` of ``capacity``.
 
@@ -227,7 +259,7 @@ def replay(steps: Sequence[Sequence[Key]], capacity: int, policy: str | CachePol
     to appear, so a first-time miss counts as a hit while fewer than ``capacity`` distinct keys
     have been seen (sizes 1). The runtime starts cold (``warm_start=False``).
     """
-    pol = make_policy(policy, steps, seg_len) if isinstance(policy, str) else policy
+    pol = make_policy(policy, steps, seg_len, half_life) if isinstance(policy, str) else policy
     cache = KeyCache(capacity, pol, size)
     seen: set = set()
     hits = misses = 0

@@ -32,6 +32,7 @@ from moelab.errors import MoelabError
 from moelab.offload.store import ExpertStore
 
 Key = tuple[int, int]  # (layer, expert)
+LRFU_HALF_LIFE_TOKENS = 8  # picked from {2, 4, 8, 16, 32} on the default model (bench/offload.py)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
@@ -98,8 +99,8 @@ class CacheStats:
 
 
 class ExpertCache:
-    """Experts of ``store`` kept within ``budget`` bytes under ``policy`` (``"lru"`` / ``"lfu"``;
-    ``"belady"`` / ``"lrc"`` with ``future``, the steps, as bounds).
+    """Experts of ``store`` kept within ``budget`` bytes under ``policy`` (``"lru"``, ``"lfu"``,
+    ``"lrfu"``; ``"belady"`` / ``"lrc"`` with ``future``, the steps, as bounds).
 
     ``fetch(layer, experts) -> [rows of each expert]`` is one step; ``min_bytes``: the smallest
     budget accepted (one layer's top-k experts), named in the error. ``device``: where rows live.
@@ -117,8 +118,8 @@ class ExpertCache:
             raise MoelabError(
                 f"budget {budget!r} ({human_bytes(self.budget_bytes)}) is smaller than one layer's "
                 f"top-k experts: the minimum is {min_bytes} bytes ({human_bytes(min_bytes)})")
-        try:
-            pol = make_policy(policy, future)
+        try:  # LRFU's half-life: 8 tokens of decoding, one step per MoE layer per token
+            pol = make_policy(policy, future, half_life=LRFU_HALF_LIFE_TOKENS * len(store.layers))
         except ValueError as err:
             raise MoelabError(f"policy: {err}") from None
         self.device = torch.device(device) if device is not None else torch.device("cpu")
