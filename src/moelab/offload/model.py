@@ -88,7 +88,8 @@ def offload_model(path: str | Path, budget: int | float | str = 0.25, policy: st
     ``model`` is a normal transformers causal LM (call it, ``generate()`` with it); its non-expert
     weights are resident, its experts are read from the safetensors files by offset into a cache of
     ``budget`` (bytes, a fraction of all expert bytes, or ``"64MiB"``-style) under ``policy``
-    (``"lru"``, ``"lfu"`` or ``"lrfu"``, see :mod:`moelab.analysis.cache_policy`). ``dtype``: default the config's (as ``from_pretrained``);
+    (``"lru"``, ``"lfu"`` or ``"lrfu"``, see :mod:`moelab.analysis.cache_policy`).
+    ``dtype``: default the config's (as ``from_pretrained``);
     ``device``: where the model runs (default CPU); ``prefetch``: read the next MoE layer's
     likely experts on a background thread (:mod:`moelab.offload.prefetch`).
 

@@ -77,7 +77,9 @@ class Prefetcher:
         if want is not None:
             used = set(expert_ids_n.tolist())
             q = self.quality
-            q.predicted, q.used, q.correct = q.predicted + len(want), q.used + len(used), q.correct + len(want & used)
+            q.predicted += len(want)
+            q.used += len(used)
+            q.correct += len(want & used)
         ids = self._pending.pop(block.layer, None)
         if ids and self._pool is not None:
             nxt = self._next[block.layer].layer

@@ -237,9 +237,11 @@ class ExpertStore:
             self._merged(self.params[key], by_e, cm.keys[next(iter(by_e.values()))[0]][1])
         missing = [k for k in self.params if (self.params[k].layer, self.params[k].name) not in self.sources]
         if missing:
+            more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
             raise CheckpointError(f"{self.path}: the safetensors files hold no tensor for the expert "
-                                  f"parameter {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
-        _check_rest(self.path, model, state, set(self.resident.values()), set(self.params), cm.unexpected)
+                                  f"parameter {missing[0]}{more}")
+        _check_rest(self.path, model, state, set(self.resident.values()), set(self.params),
+                    cm.unexpected)
 
     def _stacked(self, name: str, p: ExpertParam) -> None:
         r = p.shape[0] // p.num_experts
@@ -398,7 +400,8 @@ def _check_rest(path: Path, model: nn.Module, state: dict, loaded: set[str], exp
     missing = sorted(k for k in state if k not in loaded and k not in experts and k not in tied)
     problems = []
     if missing:
-        problems.append("missing: " + ", ".join(missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""))
+        more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+        problems.append("missing: " + ", ".join(missing[:3]) + more)
     if unexpected:
         problems.append("unexpected: " + ", ".join(sorted(unexpected)[:3]))
     if problems:
