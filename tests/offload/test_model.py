@@ -89,3 +89,16 @@ def test_truncated_checkpoint_fails_when_opened(tiny_dirs, tmp_path):
     f.write_bytes(f.read_bytes()[:-64])
     with pytest.raises(CheckpointError, match="truncated"):
         offload_model(bad)
+
+
+def test_opening_reads_the_non_expert_tensors_once_and_no_expert(tiny_dirs):
+    path = tiny_dirs["Qwen3-MoE"]
+    model, experts = offload_model(path, budget=1.0)
+    index, store = experts.store.index, experts.store
+    file_bytes = (path / "model.safetensors").stat().st_size
+    assert experts.stats().bytes_read == 0
+    non_expert = sum(index.entries[n].end - index.entries[n].start for n in store.resident)
+    assert index.bytes_read == non_expert <= file_bytes - store.total_expert_bytes()
+    logits(model, torch.randint(0, 64, (1, 3)))
+    assert 0 < experts.stats().bytes_read == index.bytes_read - non_expert
+    experts.close()

@@ -75,7 +75,7 @@ def human_bytes(n: float) -> str:
 @dataclass(frozen=True)
 class CacheStats:
     """Counts of an :class:`ExpertCache` so far. A hit is an expert a forward needed that was
-    resident (or already being prefetched); ``bytes_read`` counts the store's reads (prefetches
+    resident (or already being prefetched); ``bytes_read`` counts the store's expert reads (prefetches
     included)."""
 
     hits: int

@@ -189,10 +189,13 @@ class ExpertStore:
                        for layer in self.layers}
         self._bytes = {layer: sum(_row_bytes(p) for p in self.params.values() if p.layer == layer)
                        for layer in self.layers}
+        self._read_lock = threading.Lock()
+        self._expert_bytes_read = 0
 
     @property
     def bytes_read(self) -> int:
-        return self.index.bytes_read
+        """Bytes of expert tensors read so far by :meth:`read` (the index counts all reads)."""
+        return self._expert_bytes_read
 
     def num_experts(self, layer: int) -> int:
         return next(p.num_experts for p in self.params.values() if p.layer == layer)
@@ -213,6 +216,8 @@ class ExpertStore:
         for name in self._names[layer]:
             src = self.sources[(layer, name)][expert]
             parts = [self.index.read(n, rows) for n, rows in src.pieces]
+            with self._read_lock:
+                self._expert_bytes_read += sum(t.nbytes for t in parts)
             t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=src.cat_dim)
             dtype = self.params[_key(self.params, layer, name)].dtype
             out[name] = t.reshape(src.shape).to(dtype).contiguous()
