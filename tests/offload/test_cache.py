@@ -45,45 +45,63 @@ def test_belady_is_the_bound_of_online_policies():
         make_policy("belady")
 
 
-def _routing_steps(model_view, run):
-    """Run ``run()`` on a resident model and record the cache steps it implies: per forward and
-    block, the sorted distinct experts it routes to, as (layer, expert) keys."""
+def _recorded(view):
+    """Routing hooks recording the cache steps a run implies: per forward and block, the sorted
+    distinct experts it routes to, as (layer, expert) keys."""
     steps = []
 
     def hook(event):
         steps.append([(event.block.layer, int(e)) for e in event.ids_TK.unique().tolist()])
 
-    handles = [b.register_routing_hook(hook) for b in model_view.blocks]
-    out = run(model_view.model)
-    for h in handles:
-        h.remove()
-    return steps, out
+    return steps, [b.register_routing_hook(hook) for b in view.blocks]
 
 
-@pytest.mark.parametrize(("family", "policy"), [("Qwen3-MoE", "lru"), ("DeepSeek-V3", "lfu"), ("GPT-OSS", "lrfu"),
-                                                 ("Mixtral", "lru")])
+@pytest.mark.parametrize(("family", "policy"), [
+    ("Qwen3-MoE", "lru"), ("DeepSeek-V3", "lfu"), ("GPT-OSS", "lrfu"), ("Mixtral", "activation"),
+])
 def test_replayed_hit_rate_equals_the_measured_one(tiny_dirs, family, policy):
     path = tiny_dirs[family]
-    prompt = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 64, (1, 6), generator=gen) for _ in range(3)]
 
-    def run(model):
-        with torch.no_grad():
-            return model.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    def run(model, new_request):  # three requests
+        outs = []
+        for p in prompts:
+            new_request()
+            with torch.no_grad():
+                outs.append(model.generate(p, max_new_tokens=12, do_sample=False, min_new_tokens=12))
+        return outs
 
     resident = open_model(path, experts_implementation="moelab")
-    steps, want = _routing_steps(resident, run)
-    model, experts = offload_model(path, budget=1.0)  # to read the sizes
-    size = experts.store.expert_bytes
-    experts.close()
+    steps, hooks = _recorded(resident)
+    starts = []
+    want = run(resident.model, lambda: starts.append(len(steps)))
+    for h in hooks:
+        h.remove()
+    _, probe = offload_model(path, budget=1.0)  # to read the sizes
+    size = probe.store.expert_bytes
+    probe.close()
     budget = (max(b.top_k for b in resident.blocks) + 2) * max(size(b.layer) for b in resident.blocks)
-    simulated = replay(steps, budget, policy, size=lambda k: size(k[0]))
+    simulated = replay(steps, budget, policy, size=lambda k: size(k[0]), request_starts=starts,
+                       half_life=8 * len(resident.blocks))
     model, experts = offload_model(path, budget=budget, policy=policy)
-    assert torch.equal(run(model), want)
+    got = run(model, experts.new_request)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     s = experts.stats()
     assert 0 < s.hits and 0 < s.misses
     assert (s.hits, s.misses) == (simulated.hits, simulated.misses)
     assert s.peak_resident_bytes <= budget
     experts.close()
+
+
+def test_activation_aware_keeps_what_the_matched_request_used():
+    # two kinds of request; after seeing one of each, a request of the first kind keeps its experts
+    a, b = [[0, 1], [2, 3]] * 20, [[4, 5], [6, 7]] * 20
+    steps = a + b + a[:10]
+    pol = make_policy("activation")
+    aware = replay(steps, 4, pol, request_starts=[0, 40, 80])
+    assert aware.hit_rate > replay(steps, 4, "lfu").hit_rate
+    assert pol.past and pol.prior
 
 
 def test_lrfu_spans_lru_and_lfu():

@@ -26,6 +26,14 @@ Priorities (higher = kept longer), ties broken by the last use:
   segment oracle of SCH): fewest uses in the ``seg_len`` steps from the current one; a key's own use
   in the current step no longer counts once it is brought in.
 
+- ``"activation"`` (MoE-Infinity: Xue et al. 2024, "MoE-Infinity: Offloading-Efficient MoE Model
+  Serving", arXiv 2401.14361; activation-aware caching): per request, an expert activation matrix
+  ``A[key]`` (uses so far in this request); past requests' matrices are kept (the last ``history``)
+  and the current one is matched against them by cosine similarity (re-matched every ``rematch``
+  uses); the priority is the expected count ``A[key] + n * P[key] / |P|``, with ``P`` the matched
+  past matrix and ``n`` the current request's uses so far (the pooled past when nothing matches
+  yet), then last use. :meth:`CachePolicy.new_request` marks a request boundary.
+
 ``belady`` and ``lrc`` look into the future: they need the steps (``future=``) and serve as bounds.
 """
 
@@ -37,7 +45,7 @@ from dataclasses import dataclass, field
 
 Key = Hashable
 
-ONLINE = ("lru", "lfu", "lrfu")
+ONLINE = ("lru", "lfu", "lrfu", "activation")
 ORACLES = ("belady", "lrc")
 POLICIES = ("lrc", "lru", "lfu", "belady")  # the analysis curves' policies (vectorised in cache.py)
 
@@ -59,6 +67,9 @@ class CachePolicy:
     def priority(self, key: Key, step: int, done: set) -> tuple[int, int]:
         """Keep-priority of resident ``key`` at ``step``; ``done``: keys already used in this step."""
         return (0, self.last.get(key, 0))
+
+    def new_request(self) -> None:
+        """A new request (prompt) starts; only request-aware policies care."""
 
 
 class LRU(CachePolicy):
@@ -104,6 +115,60 @@ class LRFU(CachePolicy):
 
     def priority(self, key: Key, step: int, done: set) -> tuple[float, int]:
         return (self._decayed(key, step), self.last.get(key, 0))
+
+
+class ActivationAware(CachePolicy):
+    """Highest expected activation count in the current request is kept (MoE-Infinity)."""
+
+    name = "activation"
+
+    def __init__(self, history: int = 128, rematch: int = 64) -> None:
+        super().__init__()
+        if history < 1 or rematch < 1:
+            raise ValueError(f"history and rematch must be >= 1, got {history}, {rematch}")
+        self.history, self.rematch = history, rematch
+        self.past: list[dict[Key, int]] = []
+        self.pooled: dict[Key, int] = {}  # sum of the past matrices
+        self.current: dict[Key, int] = {}
+        self.n = 0
+        self.prior: dict[Key, float] = {}  # the matched matrix, normalised to sum 1
+
+    def used(self, key: Key, step: int) -> None:
+        super().used(key, step)
+        self.current[key] = self.current.get(key, 0) + 1
+        self.n += 1
+        if self.n % self.rematch == 0:
+            self._match()
+
+    def priority(self, key: Key, step: int, done: set) -> tuple[float, int]:
+        return (self.current.get(key, 0) + self.n * self.prior.get(key, 0.0), self.last.get(key, 0))
+
+    def new_request(self) -> None:
+        if self.current:
+            self.past.append(self.current)
+            for k, c in self.current.items():
+                self.pooled[k] = self.pooled.get(k, 0) + c
+            if len(self.past) > self.history:
+                for k, c in self.past.pop(0).items():
+                    self.pooled[k] -= c
+        self.current, self.n = {}, 0
+        self.prior = _normalised(self.pooled)
+
+    def _match(self) -> None:
+        best = max(self.past, key=lambda p: _cosine(self.current, p), default=None)
+        self.prior = _normalised(best) if best is not None else _normalised(self.pooled)
+
+
+def _normalised(counts: dict[Key, int] | None) -> dict[Key, float]:
+    total = sum(counts.values()) if counts else 0
+    return {k: c / total for k, c in counts.items()} if total else {}
+
+
+def _cosine(a: dict[Key, int], b: dict[Key, int]) -> float:
+    dot = sum(c * b.get(k, 0) for k, c in a.items())
+    na = sum(c * c for c in a.values()) ** 0.5
+    nb = sum(c * c for c in b.values()) ** 0.5
+    return dot / (na * nb) if na and nb else 0.0
 
 
 class _Oracle(CachePolicy):
@@ -160,6 +225,8 @@ def make_policy(name: str, future: Sequence[Sequence[Key]] | None = None, seg_le
         return Belady(future) if name == "belady" else LRC(future, seg_len)
     if name == "lrfu":
         return LRFU(half_life)
+    if name == "activation":
+        return ActivationAware()
     return LFU() if name == "lfu" else LRU()
 
 
@@ -252,8 +319,10 @@ class ReplayStats:
 
 def replay(steps: Sequence[Sequence[Key]], capacity: int, policy: str | CachePolicy = "lru", *,
            size: Callable[[Key], int] | None = None, seg_len: int = 16, half_life: float = 24.0,
-           warm_start: bool = False) -> ReplayStats:
+           warm_start: bool = False, request_starts: Sequence[int] = ()) -> ReplayStats:
     """Replay ``steps`` through an empty :class:`KeyCache` of ``capacity``.
+
+    ``request_starts``: the steps where a new request begins (:meth:`CachePolicy.new_request`).
 
     ``warm_start`` (moe-lrc's convention): the cache is taken to start filled with the first keys
     to appear, so a first-time miss counts as a hit while fewer than ``capacity`` distinct keys
@@ -263,7 +332,10 @@ def replay(steps: Sequence[Sequence[Key]], capacity: int, policy: str | CachePol
     cache = KeyCache(capacity, pol, size)
     seen: set = set()
     hits = misses = 0
+    starts = set(request_starts)
     for t, keys in enumerate(steps):
+        if t in starts:
+            pol.new_request()
         res = cache.access(keys, t)
         for k, hit in zip(keys, res.hits, strict=True):
             warm = warm_start and k not in seen and len(seen) < capacity

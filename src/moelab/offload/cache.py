@@ -100,7 +100,7 @@ class CacheStats:
 
 class ExpertCache:
     """Experts of ``store`` kept within ``budget`` bytes under ``policy`` (``"lru"``, ``"lfu"``,
-    ``"lrfu"``; ``"belady"`` / ``"lrc"`` with ``future``, the steps, as bounds).
+    ``"lrfu"``, ``"activation"``; ``"belady"`` / ``"lrc"`` with ``future``, the steps, as bounds).
 
     ``fetch(layer, experts) -> [rows of each expert]`` is one step; ``min_bytes``: the smallest
     budget accepted (one layer's top-k experts), named in the error. ``device``: where rows live.
@@ -176,6 +176,12 @@ class ExpertCache:
                     self._peak = max(self._peak, self._resident)
                     self._prefetched.add(k)
                     self._n["prefetched"] += 1
+
+    def new_request(self) -> None:
+        """A new request (prompt) starts: request-aware policies (``"activation"``) start its
+        activation matrix; the others ignore it."""
+        with self._lock:
+            self.keys.policy.new_request()
 
     def stats(self) -> CacheStats:
         with self._lock:

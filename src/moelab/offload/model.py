@@ -63,6 +63,11 @@ class OffloadedExperts:
     def stats(self) -> CacheStats:
         return self.cache.stats()
 
+    def new_request(self) -> None:
+        """Call before each new prompt: the ``"activation"`` policy keeps one activation matrix
+        per request (see :mod:`moelab.analysis.cache_policy`); other policies ignore it."""
+        self.cache.new_request()
+
     def close(self) -> None:
         if self.prefetcher is not None:
             self.prefetcher.close()
@@ -88,7 +93,7 @@ def offload_model(path: str | Path, budget: int | float | str = 0.25, policy: st
     ``model`` is a normal transformers causal LM (call it, ``generate()`` with it); its non-expert
     weights are resident, its experts are read from the safetensors files by offset into a cache of
     ``budget`` (bytes, a fraction of all expert bytes, or ``"64MiB"``-style) under ``policy``
-    (``"lru"``, ``"lfu"`` or ``"lrfu"``, see :mod:`moelab.analysis.cache_policy`).
+    (``"lru"``, ``"lfu"``, ``"lrfu"`` or ``"activation"``, see :mod:`moelab.analysis.cache_policy`).
     ``dtype``: default the config's (as ``from_pretrained``);
     ``device``: where the model runs (default CPU); ``prefetch``: read the next MoE layer's
     likely experts on a background thread (:mod:`moelab.offload.prefetch`).
