@@ -113,3 +113,15 @@ def test_lrfu_spans_lru_and_lfu():
     assert abs(far - lfu.hit_rate) < 0.02
     with pytest.raises(ValueError, match="half_life"):
         make_policy("lrfu", half_life=0)
+
+
+def test_a_hit_is_not_evicted_within_its_step():
+    loads = []
+    for protect in (False, True):
+        loads.clear()
+        cache = KeyCache(2, make_policy("lru"), on_load=loads.append, protect_step=protect)
+        cache.access(["a"], 0)
+        cache.access(["c"], 1)
+        res = cache.access(["b", "a"], 2)  # a is the least recent: b would evict it
+        assert res.hits == [False, True]
+        assert loads == (["a", "c", "b"] if protect else ["a", "c", "b", "a"])

@@ -260,5 +260,6 @@ def cache_hit_curve_reference(ids_NK: np.ndarray, num_experts: int, policy: str 
     total = sum(len(r) for s in seqs for r in s)
     for c in range(1, num_experts + 1):
         for rows in seqs:
-            hits[c - 1] += replay(rows, c, policy, seg_len=seg_len, warm_start=True).hits
+            hits[c - 1] += replay(rows, c, policy, seg_len=seg_len, warm_start=True,
+                                  protect_step=False).hits
     return hits / total

@@ -11,7 +11,10 @@ the analysis replay; the experts one MoE block needs for one forward at runtime)
 hashable (an expert id, or ``(layer, expert)``), each with a size (1, or its bytes); the capacity is
 in the same unit. :meth:`KeyCache.access` looks every key of the step up against the content before
 the step, then brings the missing ones in, one after another, each first evicting resident keys of
-the lowest priority until it fits; every use is then told to the policy, in order.
+the lowest priority until it fits; every use is then told to the policy, in order. With
+``protect_step`` (the runtime's rule, and :func:`replay`'s default) a key of the current step is
+evicted only when nothing else is left, so a hit is never read again within its step; moe-lrc's
+convention, which the vectorised curves of :mod:`moelab.analysis.cache` follow, does not protect.
 
 Priorities (higher = kept longer), ties broken by the last use:
 
@@ -250,12 +253,14 @@ class KeyCache:
 
     def __init__(self, capacity: int, policy: CachePolicy, size: Callable[[Key], int] | None = None,
                  on_load: Callable[[Key], None] | None = None,
-                 on_evict: Callable[[Key], None] | None = None) -> None:
+                 on_evict: Callable[[Key], None] | None = None, protect_step: bool = False) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity, self.policy = capacity, policy
         self.size = size if size is not None else (lambda _k: 1)
         self.on_load, self.on_evict = on_load, on_evict
+        self.protect_step = protect_step
+        self._step_keys: set = set()
         self.resident: dict[Key, int] = {}
         self.used = self.peak = 0
 
@@ -266,6 +271,7 @@ class KeyCache:
         """Look ``keys`` up (all needed at once), bring in the missing ones, record the uses."""
         res = StepResult([k in self.resident for k in keys])
         done: set = set()
+        self._step_keys = set(keys) if self.protect_step else set()
         for k in keys:
             if k not in self.resident:
                 self._bring_in(k, step, done, res)
@@ -277,6 +283,7 @@ class KeyCache:
         """Bring ``key`` in ahead of its use (prefetch), evicting as :meth:`access` does; counts as
         a use for the policy. Nothing happens when it is resident already."""
         res = StepResult([key in self.resident])
+        self._step_keys = set()
         if key not in self.resident:
             self._bring_in(key, step, set(), res)
             self.policy.used(key, step)
@@ -291,7 +298,8 @@ class KeyCache:
         if s > self.capacity:
             raise ValueError(f"{key!r} takes {s}, more than the whole capacity {self.capacity}")
         while self.used + s > self.capacity:
-            victim = min(self.resident, key=lambda y: self.policy.priority(y, step, done))
+            pool = [y for y in self.resident if y not in self._step_keys] or self.resident
+            victim = min(pool, key=lambda y: self.policy.priority(y, step, done))
             self.used -= self.resident.pop(victim)
             res.evicted.append(victim)
             if self.on_evict is not None:
@@ -319,17 +327,19 @@ class ReplayStats:
 
 def replay(steps: Sequence[Sequence[Key]], capacity: int, policy: str | CachePolicy = "lru", *,
            size: Callable[[Key], int] | None = None, seg_len: int = 16, half_life: float = 24.0,
-           warm_start: bool = False, request_starts: Sequence[int] = ()) -> ReplayStats:
+           warm_start: bool = False, request_starts: Sequence[int] = (),
+           protect_step: bool = True) -> ReplayStats:
     """Replay ``steps`` through an empty :class:`KeyCache` of ``capacity``.
 
-    ``request_starts``: the steps where a new request begins (:meth:`CachePolicy.new_request`).
+    ``request_starts``: the steps where a new request begins (:meth:`CachePolicy.new_request`);
+    ``protect_step``: see :class:`KeyCache` (True: the runtime's rule).
 
     ``warm_start`` (moe-lrc's convention): the cache is taken to start filled with the first keys
     to appear, so a first-time miss counts as a hit while fewer than ``capacity`` distinct keys
     have been seen (sizes 1). The runtime starts cold (``warm_start=False``).
     """
     pol = make_policy(policy, steps, seg_len, half_life) if isinstance(policy, str) else policy
-    cache = KeyCache(capacity, pol, size)
+    cache = KeyCache(capacity, pol, size, protect_step=protect_step)
     seen: set = set()
     hits = misses = 0
     starts = set(request_starts)

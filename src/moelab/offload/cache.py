@@ -124,7 +124,7 @@ class ExpertCache:
             raise MoelabError(f"policy: {err}") from None
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.keys = KeyCache(self.budget_bytes, pol, size=lambda k: store.expert_bytes(k[0]),
-                             on_evict=self._drop)
+                             on_evict=self._drop, protect_step=True)
         self._rows: dict[Key, dict[str, Tensor] | Future] = {}
         self._prefetched: set[Key] = set()
         self._lock = threading.Lock()
