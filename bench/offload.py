@@ -223,7 +223,8 @@ def write_markdown(result: dict, out: Path) -> None:
     lines += ["", "Replayed = the same policy replayed on the routing that run made; the measured "
               "hit rate equals it (checked by the script). Reads come from the page cache (a 9 MB "
               "checkpoint), so tokens/s show the runtime's overhead, not disk speed; they are medians of "
-              f"{meta['reps']} runs on a machine shared with other jobs, so expect noise. Not measured "
+              f"{meta['reps']} runs on a machine shared with other jobs, so expect noise (rows faster than "
+              "the resident model show it: only the hit rates and bytes are stable). Not measured "
               "here: the issue's multi-GB generated checkpoints.", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
