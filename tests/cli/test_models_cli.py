@@ -105,3 +105,21 @@ def test_inspect_config_contradicting_weights(deepseek_dir, tmp_path):
         "contradicts the weights",
         "is [8, 16, 8] in the weights but config.json implies [4, 16, 8]",
     )
+
+
+def test_inspect_reads_only_config_and_headers(deepseek_dir, monkeypatch):
+    import transformers
+
+    from moelab.offload.store import SafetensorsIndex
+
+    want = run("inspect", deepseek_dir).output
+
+    def refuse(*_a, **_k):
+        raise AssertionError("inspect read tensor data")
+
+    monkeypatch.setattr(SafetensorsIndex, "read", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr("os.preadv", refuse)
+    result = run("inspect", deepseek_dir)
+    assert result.exit_code == 0, result.output
+    assert result.output == want

@@ -40,8 +40,8 @@ from moelab.analysis._inputs import (
     check_ids,
     check_seq_ids,
 )
+from moelab.analysis.cache_policy import POLICIES, replay
 
-POLICIES = ("lrc", "lru", "lfu", "belady")
 _BIG = np.int64(1) << np.int64(32)  # primary key * 2**32 + last-use time: time breaks ties
 _KEEP = np.iinfo(np.int64).max
 
@@ -251,52 +251,15 @@ def _stack_histogram(ids_STK: np.ndarray, group_S: np.ndarray, num_groups: int, 
 
 def cache_hit_curve_reference(ids_NK: np.ndarray, num_experts: int, policy: str = "lrc", seg_len: int = 16,
                               seq_ids_N: np.ndarray | None = None) -> np.ndarray:
-    """Slow obvious hit-rate curve ``[E]``: one explicit cache per size C, replayed token by token."""
+    """Slow obvious hit-rate curve ``[E]``: one explicit cache per size C, replayed token by token
+    with the policies the offload runtime uses (:mod:`moelab.analysis.cache_policy`)."""
     ids = np.asarray(ids_NK).reshape(len(ids_NK), -1)
     seq = np.zeros(len(ids), dtype=np.int64) if seq_ids_N is None else np.asarray(seq_ids_N)
-    seqs = [ids[seq == s] for s in dict.fromkeys(seq.tolist())]
+    seqs = [[[int(e) for e in r if e >= 0] for r in ids[seq == s]] for s in dict.fromkeys(seq.tolist())]
     hits = np.zeros(num_experts)
-    total = sum(int((s >= 0).sum()) for s in seqs)
+    total = sum(len(r) for s in seqs for r in s)
     for c in range(1, num_experts + 1):
-        for s in seqs:
-            hits[c - 1] += _replay_one(s, num_experts, policy, seg_len, c)
+        for rows in seqs:
+            hits[c - 1] += replay(rows, c, policy, seg_len=seg_len, warm_start=True,
+                                  protect_step=False).hits
     return hits / total
-
-
-def _replay_one(seq: np.ndarray, num_experts: int, policy: str, seg_len: int, size: int) -> int:
-    rows = [[int(e) for e in r if e >= 0] for r in seq]
-    cache: set[int] = set()
-    seen: set[int] = set()
-    last = [0] * num_experts
-    uses = [0] * num_experts
-    clock = hits = 0
-
-    def key(e: int, t: int, done: set[int]) -> tuple[int, int]:
-        if policy == "lru":
-            return (0, last[e])
-        if policy == "lfu":
-            return (uses[e], last[e])
-        if policy == "lrc":  # uses in [t, t + m), not counting a use in t already served
-            fut = sum(r.count(e) for r in rows[t:t + seg_len]) - (e in done)
-            return (fut, last[e])
-        nxt = [u for u in range(t + (e in done), len(rows)) if e in rows[u]]  # belady
-        return (-(nxt[0] if nxt else len(rows)), last[e])
-
-    for t, row in enumerate(rows):
-        for e in row:
-            if e in cache:
-                hits += 1
-            elif e not in seen:
-                hits += len(seen) < size  # the cache starts filled with the first `size` experts
-                seen.add(e)
-        done: set[int] = set()
-        for e in row:
-            if e not in cache:
-                if len(cache) == size:
-                    cache.remove(min(cache, key=lambda y: key(y, t, done)))
-                cache.add(e)
-            clock += 1
-            last[e] = clock
-            uses[e] += 1
-            done.add(e)
-    return hits

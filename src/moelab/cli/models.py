@@ -80,15 +80,22 @@ def _shared(b) -> str:
 def inspect(path: Path | None, trust_remote_code: bool) -> None:
     """Show the MoE blocks of the model at PATH (a local safetensors checkpoint directory).
 
-    Without PATH, the default model shipped with moelab is shown.
+    Without PATH, the default model shipped with moelab is shown. Only config.json and the
+    safetensors headers are read (the model is built on the meta device), so a checkpoint of any
+    size is inspected in little memory; the headers are checked against the config.
     """
     from rich.console import Console
     from rich.table import Table
 
-    from moelab.models import open_model
+    from moelab.models.checkpoint import load_meta_model
+    from moelab.models.open import view_model
+    from moelab.offload.store import ExpertStore, SafetensorsIndex, map_checkpoint
 
     path = path if path is not None else _default_model_path()
-    view = open_model(path, trust_remote_code=trust_remote_code)
+    model = load_meta_model(path, trust_remote_code=trust_remote_code)
+    map_checkpoint(SafetensorsIndex(path), model)  # every tensor's shape against the config
+    view = view_model(model)
+    ExpertStore(path, model, view).close()  # and every expert's tensors present
     first = view.blocks[0]
     pattern = first.path.replace(f".{first.layer}.", ".{layer}.", 1)
     table = Table(

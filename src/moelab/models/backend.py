@@ -96,11 +96,19 @@ class ExpertsSpec:
     forward: with ``swap``, the replacement, called as ``forward(backend, *args, **kwargs)`` (bound
         to the backend, so a deep copy of the model runs its own copy); it must return what the
         original forward returns.
+    params: the block's expert parameters, dotted names under ``block.module``; each holds the
+        experts along dim 0, expert e in rows ``[e r, (e + 1) r)`` with ``r = rows // E`` (r = 1
+        for ``[E, ...]`` stacks, I for DBRX's flat ``[E*I, H]``). Offloading pages these rows.
+    from_params: ``from_params(block, tensors) -> ExpertWeights`` of the n experts whose rows
+        ``tensors`` holds (``{name: param restricted to those experts' rows, in order}``);
+        ``weights(block)`` is ``from_params`` of the block's own parameters (:func:`own_params`).
     """
 
     weights: Callable[[MoEBlockView], ExpertWeights]
     swap: str | None = None
     forward: Callable[..., Any] | None = None
+    params: tuple[str, ...] = ()
+    from_params: Callable[[MoEBlockView, dict[str, Tensor]], ExpertWeights] | None = None
 
     def __post_init__(self) -> None:
         if self.swap not in (None, "block", "experts") or (self.swap is None) != (
@@ -133,6 +141,11 @@ Observer = Callable[[ExpertStats], None]
 def own_parameters(block: MoEBlockView, expert_ids_n: Tensor) -> ExpertWeights:
     """The default provider: the model's own parameters (views, all E experts; no copy)."""
     return spec_for(block).weights(block)
+
+
+def own_params(block: MoEBlockView, names: tuple[str, ...]) -> dict[str, Tensor]:
+    """The block's own expert parameters ``names`` (see ``ExpertsSpec.params``), by name."""
+    return {n: block.module.get_parameter(n) for n in names}
 
 
 def spec_for(block: MoEBlockView) -> ExpertsSpec:
@@ -399,6 +412,7 @@ __all__ = [
     "experts_backend",
     "moelab_experts_forward",
     "own_parameters",
+    "own_params",
     "register",
     "valid_implementations",
 ]

@@ -35,15 +35,9 @@ def load_checkpoint(
 
     ``dense_ok``: also load a dense model (no experts in its config), e.g. a dense twin to evaluate;
     otherwise only the MoE families moelab supports are loaded."""
-    check_checkpoint_dir(path)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    config = checked_config(path, trust_remote_code=trust_remote_code)
+    from transformers import AutoModelForCausalLM
 
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as err:  # transformers raises ValueError/KeyError/OSError for bad configs
-        raise CheckpointError(
-            f"{path / 'config.json'}: cannot be read as a transformers config: {err}"
-        ) from err
     if not (dense_ok and _is_dense(config)):
         _check_family(config, path)
     kwargs: dict[str, Any] = {
@@ -68,6 +62,39 @@ def load_checkpoint(
         ) from err
     _check_loading_info(path, info)
     return model.eval()
+
+
+def load_meta_model(
+    path: Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False
+) -> nn.Module:
+    """The checkpoint's model built from its config on the meta device: no weight is read or
+    allocated (shapes and dtypes only). The directory and every safetensors header are checked as
+    :func:`load_checkpoint` does; ``dtype`` defaults to the config's, as ``from_pretrained``."""
+    import warnings
+
+    config = checked_config(path, trust_remote_code=trust_remote_code)
+    from transformers import AutoModelForCausalLM
+
+    _check_family(config, path)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    with _quiet_transformers(), warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def checked_config(path: Path, *, trust_remote_code: bool = False) -> Any:
+    """The transformers config of a checkpoint directory, after :func:`check_checkpoint_dir`."""
+    check_checkpoint_dir(path)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers raises ValueError/KeyError/OSError for bad configs
+        raise CheckpointError(
+            f"{path / 'config.json'}: cannot be read as a transformers config: {err}"
+        ) from err
 
 
 def check_checkpoint_dir(path: Path) -> None:
@@ -100,6 +127,14 @@ def check_safetensors_file(path: Path) -> None:
     ``data_offsets`` into the data that follows; a file shorter than its header says is truncated.
     Only the header is read.
     """
+    read_safetensors_header(path)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """``(header, data_start)`` of a safetensors file, checked as :func:`check_safetensors_file`
+    says: ``header`` maps each tensor name to its ``dtype``, ``shape`` and ``data_offsets`` (relative
+    to ``data_start``, the byte where the data begins); ``__metadata__`` is dropped. Only the header
+    is read."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -109,12 +144,17 @@ def check_safetensors_file(path: Path) -> None:
         raise CheckpointError(_corrupt(path, f"{size} bytes, shorter than its own header"))
     try:
         header = json.loads(raw)
-        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        header.pop("__metadata__", None)
+        ends = [int(v["data_offsets"][1]) for v in header.values()]
+        for v in header.values():
+            if not (isinstance(v["dtype"], str) and isinstance(v["shape"], list)):
+                raise TypeError
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         raise CheckpointError(_corrupt(path, "its header is not a safetensors tensor table")) from None
     want = 8 + n + max(ends, default=0)
     if size < want:
         raise CheckpointError(_corrupt(path, f"{size} bytes, but its header describes {want}"))
+    return header, 8 + n
 
 
 def _corrupt(path: Path, why: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moelab.models.backend import ExpertsSpec, ExpertWeights
+from moelab.models.backend import ExpertsSpec, ExpertWeights, own_params
 from moelab.models.view import MoEBlockView
 from moelab.nn._dispatch import halves_of_one
 
@@ -76,9 +76,18 @@ def transposed_weights(
     return ExpertWeights(gate, up, down_EIH.transpose(1, 2), gb, ub, down_bias_EH)
 
 
+_STANDARD_PARAMS = ("experts.gate_up_proj", "experts.down_proj")
+
+
+def standard_from_params(block: MoEBlockView, t: dict[str, Tensor]) -> ExpertWeights:
+    return fused_weights(t["experts.gate_up_proj"], t["experts.down_proj"])
+
+
 def _standard(block: MoEBlockView) -> ExpertWeights:
-    return fused_weights(block.experts_module.gate_up_proj, block.experts_module.down_proj)
+    return standard_from_params(block, own_params(block, _STANDARD_PARAMS))
 
 
 # decorated experts with gate_up_proj [E, 2I, H] and down_proj [E, H, I]: through ExpertsInterface
-STANDARD = ExpertsSpec(weights=_standard)
+STANDARD = ExpertsSpec(
+    weights=_standard, params=_STANDARD_PARAMS, from_params=standard_from_params
+)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from moelab.errors import CheckpointError
-from moelab.models.backend import ExpertsSpec, ExpertWeights
+from moelab.models.backend import ExpertsSpec, ExpertWeights, own_params
 from moelab.models.families._common import act_name, check_experts, d, experts_prehook_installer
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
@@ -65,13 +65,20 @@ def write_config(config: Any, num_experts: int, top_k: int, n_group: int | None 
     return new
 
 
+_PARAMS = ("experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2")
+
+
+def experts_from_params(block: MoEBlockView, t: dict[str, Tensor]) -> ExpertWeights:
+    """Views ``[n, I, H]`` of w1/v1 and ``[n, H, I]`` of w2 (stored ``[n*I, H]``)."""
+    w1, v1, w2 = (t[name] for name in _PARAMS)
+    I, H = block.intermediate_size, block.hidden_size  # noqa: E741
+    n = w1.shape[0] // I
+    return ExpertWeights(w1.view(n, I, H), v1.view(n, I, H), w2.view(n, I, H).transpose(1, 2))
+
+
 def experts_weights(block: MoEBlockView) -> ExpertWeights:
     """Live views ``[E, I, H]`` of w1/v1 and ``[E, H, I]`` of w2 (stored ``[E*I, H]``)."""
-    mlp = block.experts_module.mlp
-    E, I, H = block.num_experts, block.intermediate_size, block.hidden_size  # noqa: E741
-    return ExpertWeights(
-        mlp.w1.view(E, I, H), mlp.v1.view(E, I, H), mlp.w2.view(E, I, H).transpose(1, 2)
-    )
+    return experts_from_params(block, own_params(block, _PARAMS))
 
 
 def experts_forward(backend, hidden_states, top_k_index, top_k_weights):
@@ -90,6 +97,9 @@ ADAPTERS = (
         read,
         "DbrxConfig",
         write_config=write_config,
-        experts_backend=ExpertsSpec(experts_weights, swap="experts", forward=experts_forward),
+        experts_backend=ExpertsSpec(
+            experts_weights, swap="experts", forward=experts_forward, params=_PARAMS,
+            from_params=experts_from_params,
+        ),
     ),
 )

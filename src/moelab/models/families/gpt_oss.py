@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from moelab.models.backend import ExpertsSpec, ExpertWeights
+from moelab.models.backend import ExpertsSpec, ExpertWeights, own_params
 from moelab.models.families._common import (
     check_experts,
     config_num_experts,
@@ -70,12 +70,22 @@ def block_output(y: Tensor, routing: Any) -> tuple[Tensor, Tensor]:
     return y, routing.weights_TK.to(y.dtype)
 
 
+_PARAMS = (
+    "experts.gate_up_proj", "experts.gate_up_proj_bias", "experts.down_proj", "experts.down_proj_bias"
+)
+
+
+def experts_from_params(block: MoEBlockView, t: dict[str, Tensor]) -> ExpertWeights:
+    """Views of the interleaved experts and their biases (``ExpertsSpec.from_params``)."""
+    return transposed_weights(
+        t["experts.gate_up_proj"], t["experts.down_proj"], True,
+        t["experts.gate_up_proj_bias"], t["experts.down_proj_bias"],
+    )
+
+
 def experts_weights(block: MoEBlockView) -> ExpertWeights:
     """Live (differentiable) views of the interleaved experts and their biases."""
-    ex = block.experts_module
-    return transposed_weights(
-        ex.gate_up_proj, ex.down_proj, True, ex.gate_up_proj_bias, ex.down_proj_bias
-    )
+    return experts_from_params(block, own_params(block, _PARAMS))
 
 
 ADAPTERS = (
@@ -87,6 +97,8 @@ ADAPTERS = (
         "GptOssConfig",
         write_config=write_counts,
         block_output=block_output,
-        experts_backend=ExpertsSpec(weights=experts_weights),
+        experts_backend=ExpertsSpec(
+            weights=experts_weights, params=_PARAMS, from_params=experts_from_params
+        ),
     ),
 )

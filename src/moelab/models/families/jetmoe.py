@@ -11,9 +11,9 @@ Not covered: JetMoE's attention is a mixture too (``JetMoeMoA``); only the MLP b
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from moelab.models.backend import ExpertsSpec, ExpertWeights
+from moelab.models.backend import ExpertsSpec, ExpertWeights, own_params
 from moelab.models.edits import for_experts
 from moelab.models.families._common import (
     act_name,
@@ -90,9 +90,15 @@ def read(model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlock
     return check_experts(view, config_num_experts(config), config.intermediate_size)
 
 
+_PARAMS = ("input_linear.weight", "output_linear.weight")
+
+
+def experts_from_params(block: MoEBlockView, t: dict[str, Tensor]) -> ExpertWeights:
+    return fused_weights(t["input_linear.weight"], t["output_linear.weight"])
+
+
 def experts_weights(block: MoEBlockView) -> ExpertWeights:
-    m = block.module
-    return fused_weights(m.input_linear.weight, m.output_linear.weight)
+    return experts_from_params(block, own_params(block, _PARAMS))
 
 
 def _unsorted(out, top_k: int):
@@ -129,6 +135,9 @@ ADAPTERS = (
         write_config=write_counts,
         fixed_routing="JetMoE's config shares num_local_experts and num_experts_per_tok with its "
                       "attention experts (MoA)",
-        experts_backend=ExpertsSpec(experts_weights, swap="block", forward=block_forward),
+        experts_backend=ExpertsSpec(
+            experts_weights, swap="block", forward=block_forward, params=_PARAMS,
+            from_params=experts_from_params,
+        ),
     ),
 )

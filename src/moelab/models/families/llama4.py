@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moelab.models.backend import ExpertsSpec, ExpertWeights
+from moelab.models.backend import ExpertsSpec, ExpertWeights, own_params
 from moelab.models.edits import for_experts
 from moelab.models.families._common import (
     act_name,
@@ -85,9 +85,15 @@ def block_output(y: Tensor, routing: Any) -> tuple[Tensor, Tensor]:
     return y, routing.logits_TE.to(y.dtype)
 
 
+_PARAMS = ("experts.gate_up_proj", "experts.down_proj")
+
+
+def experts_from_params(block: MoEBlockView, t: dict[str, Tensor]) -> ExpertWeights:
+    return transposed_weights(t["experts.gate_up_proj"], t["experts.down_proj"], interleaved=False)
+
+
 def experts_weights(block: MoEBlockView) -> ExpertWeights:
-    ex = block.experts_module
-    return transposed_weights(ex.gate_up_proj, ex.down_proj, interleaved=False)
+    return experts_from_params(block, own_params(block, _PARAMS))
 
 
 def block_forward(backend, hidden_states):
@@ -113,6 +119,9 @@ ADAPTERS = (
         "Llama4TextConfig",
         write_config=write_counts,
         block_output=block_output,
-        experts_backend=ExpertsSpec(experts_weights, swap="block", forward=block_forward),
+        experts_backend=ExpertsSpec(
+            experts_weights, swap="block", forward=block_forward, params=_PARAMS,
+            from_params=experts_from_params,
+        ),
     ),
 )
