@@ -13,5 +13,7 @@ from moelab.steer.edits import (
     scale_weights,
     skip_below,
 )
+from moelab.steer.switch import switch_experts
 
-__all__ = ["EditHandle", "experts_off", "experts_on", "logit_offsets", "scale_weights", "skip_below"]
+__all__ = ["EditHandle", "experts_off", "experts_on", "logit_offsets", "scale_weights", "skip_below",
+           "switch_experts"]
