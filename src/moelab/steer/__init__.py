@@ -3,6 +3,13 @@
 The stock routing edits (the contract later stages build on) are in :mod:`moelab.steer.edits`:
 ``experts_off``, ``experts_on``, ``logit_offsets``, ``scale_weights`` and ``skip_below``. Each
 returns an :class:`EditHandle` with ``remove()``, ``with`` support and per-layer counts.
+
+Steering on top of them:
+    :mod:`moelab.steer.switch`   SteerMoE soft switching (``switch_experts``)
+    :mod:`moelab.steer.detect`   SteerMoE detection by risk difference (``detect_experts``)
+    :mod:`moelab.steer.rice`     RICE: experts by nPMI with marker tokens, reinforced (``detect_rice``)
+    :mod:`moelab.steer.files`    steering files (``write_steering``, ``load_steering``, ``apply_steering``)
+    :mod:`moelab.steer.classify` a naive Bayes token classifier to judge steered text
 """
 
 from moelab.steer.edits import (
@@ -14,6 +21,17 @@ from moelab.steer.edits import (
     skip_below,
 )
 from moelab.steer.switch import switch_experts
+from moelab.steer.detect import Detection, detect_experts  # noqa: E402 - after the edits it builds on
+from moelab.steer.files import (  # noqa: E402
+    SteeringEdit,
+    SteeringFileError,
+    SteeringSpec,
+    apply_steering,
+    load_steering,
+    make_steering,
+    write_steering,
+)
 
-__all__ = ["EditHandle", "experts_off", "experts_on", "logit_offsets", "scale_weights", "skip_below",
-           "switch_experts"]
+__all__ = ["Detection", "EditHandle", "SteeringEdit", "SteeringFileError", "SteeringSpec", "apply_steering",
+           "detect_experts", "experts_off", "experts_on", "load_steering", "logit_offsets", "make_steering",
+           "scale_weights", "skip_below", "switch_experts", "write_steering"]
