@@ -12,6 +12,7 @@ Steering on top of them:
     :mod:`moelab.steer.classify` a naive Bayes token classifier to judge steered text
 """
 
+from moelab.steer.detect import Detection, detect_experts
 from moelab.steer.edits import (
     EditHandle,
     experts_off,
@@ -20,9 +21,7 @@ from moelab.steer.edits import (
     scale_weights,
     skip_below,
 )
-from moelab.steer.switch import switch_experts
-from moelab.steer.detect import Detection, detect_experts  # noqa: E402 - after the edits it builds on
-from moelab.steer.files import (  # noqa: E402
+from moelab.steer.files import (
     SteeringEdit,
     SteeringFileError,
     SteeringSpec,
@@ -31,6 +30,7 @@ from moelab.steer.files import (  # noqa: E402
     make_steering,
     write_steering,
 )
+from moelab.steer.switch import switch_experts
 
 __all__ = ["Detection", "EditHandle", "SteeringEdit", "SteeringFileError", "SteeringSpec", "apply_steering",
            "detect_experts", "experts_off", "experts_on", "load_steering", "logit_offsets", "make_steering",
