@@ -80,9 +80,9 @@ def _overhead(view, edits: dict, batch: int, repeat: int, vocab: int) -> list[di
     plain = runs["no edit"]
     # the median of per-round ratios: each edit's run against the plain run of the same round, so a
     # slow stretch of a shared machine hits both sides of a ratio
-    return [{"edit": k, "median_s": statistics.median(v), "runs_s": v,
-             "overhead": statistics.median(a / b for a, b in zip(v, plain, strict=True)) - 1}
-            for k, v in runs.items()]
+    return [{"edit": k, "median_s": statistics.median(v), "min_s": min(v), "runs_s": v,
+             "overhead": statistics.median(a / b for a, b in zip(v, plain, strict=True)) - 1,
+             "overhead_min": min(v) / min(plain) - 1} for k, v in runs.items()]
 
 
 def _rows_table(rows: list[dict], title: str, tokens: int) -> Table:
@@ -127,9 +127,13 @@ def _markdown(result: dict) -> str:
     lines += ["", f"Overhead of a steering edit on one forward ({a['batch']} x 256 tokens, median of "
               f"{a['repeat']} interleaved runs after a warm-up; overhead: the median of each round's ratio to the "
               "run without an edit):", "",
-              "| edit | median s | overhead |", "|---|---:|---:|"]
+              "| edit | median s | overhead | min s | overhead (min) |", "|---|---:|---:|---:|---:|"]
     for r in result["overhead"]:
-        lines.append(f"| {r['edit']} | {r['median_s']:.4f} | {r['overhead']:+.1%} |")
+        lines.append(f"| {r['edit']} | {r['median_s']:.4f} | {r['overhead']:+.1%} | {r['min_s']:.4f} | "
+                     f"{r['overhead_min']:+.1%} |")
+    load = result["machine"]["load_average"]
+    lines += ["", f"Load average during the run: {load[0]:.1f} (1 min) on {result['machine']['cpus']} CPUs; on a "
+              "shared machine the timings are noisy, the minimum is the steadier figure."]
     lines += ["", "Top of the risk-difference ranking:", "",
               "| layer | expert | rate drama | rate code | risk diff | z |", "|---:|---:|---:|---:|---:|---:|"]
     for r in result["ranking"][:10]:
@@ -195,10 +199,11 @@ def main() -> None:
     console.print(_rows_table(rows, f"{Path(view.config._name_or_path).name}: drama-linked experts off",
                               args.eval_tokens))
     ot = Table(title=f"one forward, {args.batch} x 256 tokens (median of {args.repeat})")
-    for col in ("edit", "median s", "overhead"):
+    for col in ("edit", "median s", "overhead", "min s", "overhead (min)"):
         ot.add_column(col, justify="left" if col == "edit" else "right")
     for r in overhead:
-        ot.add_row(r["edit"], f"{r['median_s']:.4f}", f"{r['overhead']:+.1%}")
+        ot.add_row(r["edit"], f"{r['median_s']:.4f}", f"{r['overhead']:+.1%}", f"{r['min_s']:.4f}",
+                   f"{r['overhead_min']:+.1%}")
     console.print(ot)
     console.print(f"naive Bayes held-out accuracy {classifier['test_accuracy']:.1%}")
     wall, cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
@@ -208,7 +213,8 @@ def main() -> None:
         "command": f"python bench/steering.py {argv}",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "load_average": list(os.getloadavg())},
         "args": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                  "model": Path(view.config._name_or_path).name},
         "classifier": classifier, "markers": markers,
