@@ -113,6 +113,10 @@ def test_detect_on_texts_and_bad_input(view, tmp_path):
     trace = record(other, _docs(2), tmp_path / "other", seq_len=20, progress=False)
     with pytest.raises(MoelabError, match="positive: .*does not match the model"):
         detect_experts(view, trace, _docs(0))
+    context = view.model.config.max_position_embeddings
+    with pytest.raises(MoelabError, match=rf"negative: prompts: a sequence of {context + 1} tokens, but the "
+                                          rf"model's context is {context} tokens"):
+        detect_experts(view, _docs(0), _docs(1, n=1, length=context + 1), seq_len=9999)
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     with pytest.raises(MoelabError, match="positive: "):

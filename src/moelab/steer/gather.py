@@ -112,6 +112,15 @@ def _corpus_batches(view: ModelView, path: Path, tokens: int, seq_len: int, batc
     return calib.batches
 
 
+def _check_context(view: ModelView, batches: list[torch.Tensor], what: str) -> None:
+    """Refuse sequences longer than the model's context (``max_position_embeddings``)."""
+    context = getattr(view.config, "max_position_embeddings", None)
+    longest = max(int(b.shape[-1]) for b in batches)
+    if isinstance(context, int) and longest > context:
+        raise MoelabError(f"{what}: a sequence of {longest} tokens, but the model's context is {context} "
+                          "tokens (max_position_embeddings); lower seq_len (--seq-len)")
+
+
 def _run(view: ModelView, batches: list[torch.Tensor], progress: bool) -> tuple[np.ndarray, dict[int, np.ndarray]]:
     """Token ids and per-layer routing (after edits) of the batches, through the one runner."""
     from moelab.trace.progress import token_progress
@@ -166,6 +175,7 @@ def gather_routing(model: Any, source: Any, *, tokens: int = 16384, seq_len: int
         desc = {"kind": "prompts", "count": len(source)}
     else:
         raise CorpusError(f"expected a corpus path, a trace, or a list of prompts, got {type(source).__name__}")
+    _check_context(view, batches, "prompts" if desc["kind"] == "prompts" else "seq_len")
     token_ids, ids = _run(view, batches, progress)
     desc["tokens"] = int(token_ids.shape[0])
     return Routed(token_ids, ids, {b.layer: b.num_experts for b in view.blocks},
