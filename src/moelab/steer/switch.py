@@ -51,14 +51,15 @@ from moelab.steer.edits import EditHandle, _Body, _experts, _flags, _install, _v
 STEERMOE_DELTA = 0.01  # the delta of SteerMoE's released vLLM patches
 
 
-def switched_logits(logits_TE: Tensor, on_E: Tensor, off_E: Tensor, strength: float) -> Tensor:
+def switched_logits(logits_TE: Tensor, on_E: Tensor | None, off_E: Tensor | None, strength: float) -> Tensor:
     """SteerMoE's edited logits: ``on`` columns at the row max + strength, ``off`` at the row min -
-    strength (max and min over the unedited row); other columns unchanged. ``on_E``/``off_E``: bool [E]."""
+    strength (max and min over the unedited row); other columns unchanged. ``on_E``/``off_E``: bool
+    ``[E]`` or None for none."""
     out = logits_TE
-    if bool(on_E.any()):
+    if on_E is not None:
         top_T1 = logits_TE.max(dim=-1, keepdim=True).values
         out = torch.where(on_E, top_T1 + strength, out)
-    if bool(off_E.any()):
+    if off_E is not None:
         low_T1 = logits_TE.min(dim=-1, keepdim=True).values
         out = torch.where(off_E, low_T1 - strength, out)
     return out
@@ -100,15 +101,18 @@ def switch_experts(model: ModelView | MoEBlockView | nn.Module,
             raise MoelabError(f"switch_experts: layer {block.layer}: switching off {len(offs)} of "
                               f"{block.num_experts} experts leaves fewer than top_k={block.top_k}")
 
+        flags: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}  # per device, made once
+
         def body(block: MoEBlockView, hidden_TH: Tensor, routing: Routing):
             logits = routing.logits_TE
             if logits is None:
                 raise MoelabError(f"{block.path}: switch_experts needs router logits")
-            on_E, off_E = _flags(block, ons, logits), _flags(block, offs, logits)
+            if logits.device not in flags:
+                flags[logits.device] = (_flags(block, ons, logits) if ons else None,
+                                        _flags(block, offs, logits) if offs else None)
+            on_E, off_E = flags[logits.device]
             edited = switched_logits(logits, on_E, off_E, strength)
-            forced = on_E if ons else None
-            barred = off_E if offs else None
-            return reselect(block, routing.replace(logits_TE=edited), forced_E=forced, barred_E=barred), {}
+            return reselect(block, routing.replace(logits_TE=edited), forced_E=on_E, barred_E=off_E), {}
 
         return body
 
