@@ -25,6 +25,7 @@ _COMMAND_MODULES: list[str] = [
     "moelab.cli.compress",
     "moelab.cli.quant",
     "moelab.cli.analysis",
+    "moelab.cli.steer",
 ]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from moelab.cli._options import CORPUS_FORMATS, LazyHelp, no_progress_option, planner_list
+from moelab.cli.steer import steer_option
 from moelab.errors import MoelabError
 
 
@@ -104,9 +105,10 @@ def merge_command(**kwargs) -> None:
 @click.option("--tokens", type=click.IntRange(min=2), default=32768, show_default=True,
               help="Tokens per domain (the first ones of its val split).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Window length.")
+@steer_option
 @no_progress_option
 def eval_command(model: Path | None, corpus: Path | None, reference: Path | None, tokens: int,
-                 seq_len: int, no_progress: bool) -> None:
+                 seq_len: int, steer: Path | None, no_progress: bool) -> None:
     """Perplexity per domain of MODEL (default: the embedded model) and, with --reference, the mean
     KL of next-token distributions and top-1 agreement with the reference."""
     from rich.console import Console
@@ -117,8 +119,8 @@ def eval_command(model: Path | None, corpus: Path | None, reference: Path | None
     model = model or _default("default_model", "MODEL")
     corpus = corpus or _default("default_corpus", "--corpus")
     res = evaluate_path(model, corpus, reference_dir=reference, tokens=tokens, seq_len=seq_len,
-                        progress=not no_progress)
-    table = Table(title=f"{model} ({res.params:,} parameters)")
+                        progress=not no_progress, steer=steer)
+    table = Table(title=f"{model} ({res.params:,} parameters)" + (f", steered by {steer}" if steer else ""))
     for col in ("domain", "tokens", "perplexity") + (("KL (nats)", "top-1 agree") if res.kl else ()):
         table.add_column(col, justify="left" if col == "domain" else "right")
     for d in res.loss:

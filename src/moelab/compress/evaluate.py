@@ -173,13 +173,24 @@ def corpus_streams(corpus: str | Path, model_dir: str | Path, tokens: int) -> di
 
 
 def evaluate_path(model_dir: str | Path, corpus: str | Path, *, reference_dir: str | Path | None = None,
-                  tokens: int = EVAL_TOKENS, seq_len: int = EVAL_SEQ_LEN, progress: bool = False) -> CompressionEval:
+                  tokens: int = EVAL_TOKENS, seq_len: int = EVAL_SEQ_LEN, progress: bool = False,
+                  steer: str | Path | None = None) -> CompressionEval:
     """Load ``model_dir`` (and ``reference_dir``) and evaluate on ``corpus``'s validation text
-    (:func:`corpus_streams`: a moelab corpus' val split, or any other corpus read whole)."""
+    (:func:`corpus_streams`: a moelab corpus' val split, or any other corpus read whole).
+    ``steer``: a steering file applied to the model (not to the reference) for the evaluation."""
     model_dir = Path(model_dir)
     streams = corpus_streams(corpus, model_dir, tokens)
     model = load_model(model_dir)
     reference = load_model(reference_dir, "reference") if reference_dir is not None else None
     shortest = min(s.numel() for s in streams.values())
-    return evaluate_compressed(model, streams, reference=reference, seq_len=min(seq_len, shortest),
-                               progress=progress)
+    handle = None
+    if steer is not None:
+        from moelab.steer import apply_steering, load_steering
+
+        handle = apply_steering(model, load_steering(steer, model))
+    try:
+        return evaluate_compressed(model, streams, reference=reference, seq_len=min(seq_len, shortest),
+                                   progress=progress)
+    finally:
+        if handle is not None:
+            handle.remove()

@@ -123,15 +123,17 @@ def seam_of(block: MoEBlockView) -> _Seam:
     return seam
 
 
-def reselect(block: MoEBlockView, routing: Routing, forced_E: Tensor | None = None) -> Routing:
+def reselect(block: MoEBlockView, routing: Routing, forced_E: Tensor | None = None,
+             barred_E: Tensor | None = None) -> Routing:
     """Choose the experts again from ``routing.logits_TE`` with the block's own rule
-    (:func:`moelab.models.rule.select`); ``forced_E`` (bool ``[E]``) puts those experts first.
+    (:func:`moelab.models.rule.select`); ``forced_E`` (bool ``[E]``) puts those experts first,
+    ``barred_E`` keeps those out (their logits still count in the scores).
 
     Weights come back in the dtype of ``routing.weights_TK`` and stay differentiable in the logits.
     """
     if routing.logits_TE is None:
         raise MoelabError(f"{block.path}: re-selecting experts needs router logits")
-    ids_TK, w_TK, mask_TK = select(block, routing.logits_TE, forced_E)
+    ids_TK, w_TK, mask_TK = select(block, routing.logits_TE, forced_E, barred_E)
     mask = None if bool(mask_TK.all()) else mask_TK
     return Routing(routing.logits_TE, ids_TK, w_TK.to(routing.weights_TK.dtype), mask, routing.aux)
 

@@ -12,11 +12,14 @@ The rule, in the view's convention: ``scores = softmax|sigmoid(logits)``; select
 ``w / max(||w||_p, norm_min)`` when ``norm_topk_prob``, times ``routed_scaling_factor``. PhiMoE's
 SparseMixer has its own rounds (:func:`sparsemixer_select`).
 
-Two extensions routing edits need, both no-ops on plain logits:
+Three extensions routing edits need, all no-ops on plain logits:
     * an expert whose logit is ``-inf`` is never chosen (not even through a correction bias); a slot
       left with no finite choice is masked (weight 0, ``mask`` False);
     * ``forced_E`` (bool ``[E]``) puts those experts first in every token's selection; their weight is
-      still their own score.
+      still their own score;
+    * ``barred_E`` (bool ``[E]``) keeps those experts out of every token's selection while their
+      (finite) logits still count in the scores, e.g. in a softmax's denominator (SteerMoE's soft
+      "off", :mod:`moelab.steer.switch`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def sparsemixer_select(
     Training"): for each of k rounds pick the expert m with the largest choice key (the logit) among
     those not yet taken; its weight is a softmax over the experts whose logit lies within
     ``2 * jitter_eps`` of m's relative to ``max(|logit|, m)``, the already-taken ones excluded.
-    ``choice_TE`` (default: the logits) lets forced experts come first.
+    ``choice_TE`` (default: the logits) lets forced experts come first and barred ones never.
     """
     key = (logits_TE if choice_TE is None else choice_TE).clone()
     masked = logits_TE.clone()
@@ -74,17 +77,21 @@ def group_mask(sel_TE: Tensor, n_group: int, topk_group: int, group_score: str) 
 
 
 def route_logits(
-    block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None
+    block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None,
+    barred_E: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(ids_TK int64, weights_TK, mask_TK bool)`` by the block's rule, in ``logits_TE``'s dtype."""
     k = block.top_k
+    off_TE = torch.isneginf(logits_TE)
+    if barred_E is not None:
+        off_TE = off_TE | barred_E
     if block.scoring == "sparsemixer":
-        off_TE = torch.isneginf(logits_TE)
-        choice = None if forced_E is None else logits_TE.masked_fill(forced_E, float("inf"))
+        choice = logits_TE if forced_E is None else logits_TE.masked_fill(forced_E, float("inf"))
+        choice = choice.masked_fill(off_TE, _NEG)
         ids_TK, w_TK = sparsemixer_select(logits_TE, k, block.scoring_params["jitter_eps"], choice)
         mask_TK = ~off_TE.gather(-1, ids_TK)
         return ids_TK, w_TK * block.routed_scaling_factor * mask_TK, mask_TK
-    scores_TE, sel_TE = _keys(block, logits_TE, forced_E)
+    scores_TE, sel_TE = _keys(block, logits_TE, forced_E, off_TE)
     key_TK, ids_TK = sel_TE.topk(k, dim=-1)
     mask_TK = ~torch.isneginf(key_TK)
     w_TK = scores_TE.gather(-1, ids_TK) * mask_TK
@@ -94,10 +101,11 @@ def route_logits(
     return ids_TK, w_TK * block.routed_scaling_factor, mask_TK
 
 
-def _keys(block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _keys(block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None,
+          off_TE: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(scores_TE, sel_TE)``: the scores weights come from, and the key experts are chosen by
-    (scores + correction bias, forced experts +inf, -inf logits and experts outside the best groups
-    -inf). Not for SparseMixer, whose rounds have no single key."""
+    (scores + correction bias, forced experts +inf, the experts ``off_TE`` (default: -inf logits)
+    and those outside the best groups -inf). Not for SparseMixer, whose rounds have no single key."""
     if block.scoring == "softmax":
         scores_TE = torch.softmax(logits_TE, dim=-1)
     elif block.scoring == "sigmoid":
@@ -109,7 +117,7 @@ def _keys(block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None
         sel_TE = scores_TE + block.correction_bias.detach().to(scores_TE.dtype)
     if forced_E is not None:
         sel_TE = sel_TE.masked_fill(forced_E, float("inf"))
-    sel_TE = sel_TE.masked_fill(torch.isneginf(logits_TE), _NEG)
+    sel_TE = sel_TE.masked_fill(torch.isneginf(logits_TE) if off_TE is None else off_TE, _NEG)
     if block.n_group is not None and block.n_group > 1:
         sel_TE = group_mask(sel_TE, block.n_group, block.topk_group, block.group_score)
     return scores_TE, sel_TE
@@ -141,12 +149,13 @@ def single_expert(block: MoEBlockView, logits_TE: Tensor, ids_T: Tensor) -> Tens
 
 
 def select(
-    block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None
+    block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None,
+    barred_E: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`route_logits` at no less than float32 (every family's softmax runs in float32 at least),
     differentiable in the logits; weights come back in that compute dtype."""
     compute = torch.promote_types(logits_TE.dtype, torch.float32)
-    return route_logits(block, logits_TE.to(compute), forced_E)
+    return route_logits(block, logits_TE.to(compute), forced_E, barred_E)
 
 
 __all__ = ["group_mask", "route_logits", "select", "selection_order", "single_expert", "sparsemixer_select"]

@@ -80,6 +80,7 @@ class RecordConfig:
     hidden_norm: bool = False
     weights_dtype: str = "float32"
     shard_tokens: int = 1 << 16
+    steering: dict[str, Any] | None = None  # the steering file's edits and fingerprint, when steered
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "shard_tokens"):
@@ -98,7 +99,7 @@ class RecordConfig:
     def identity(self) -> dict[str, Any]:
         return {"seq_len": self.seq_len, "batch_size": self.batch_size, "max_tokens": self.max_tokens,
                 "fields": list(self.fields), "weights_dtype": self.weights_dtype,
-                "shard_tokens": self.shard_tokens}
+                "shard_tokens": self.shard_tokens, **({"steering": self.steering} if self.steering else {})}
 
 
 def plan_shards(starts_S1: np.ndarray, shard_tokens: int) -> list[tuple[int, int]]:
@@ -118,7 +119,8 @@ def record(model: Any, texts_or_token_ids: Any, out_dir: str | os.PathLike, *,
            hidden_norm: bool = False, weights_dtype: str = "float32", shard_tokens: int = 1 << 16,
            labels: list[str | None] | None = None, tokenizer: str | os.PathLike | None = None,
            overwrite: bool = False, resume: bool = True, progress: bool = True,
-           on_resume: Callable[[int, int], None] | None = None) -> Trace:
+           on_resume: Callable[[int, int], None] | None = None,
+           steering: str | os.PathLike | None = None) -> Trace:
     """Record the routing of every MoE layer of ``model`` over a corpus into ``out_dir``.
 
     Args:
@@ -135,14 +137,22 @@ def record(model: Any, texts_or_token_ids: Any, out_dir: str | os.PathLike, *,
             interrupted run with the same identity (False: start over, which needs ``overwrite``).
         on_resume: called as ``on_resume(tokens_already_recorded, total_tokens)`` before an
             interrupted run is continued (not for a fresh or an already complete trace).
+        steering: a steering file (:func:`moelab.steer.load_steering`) applied while recording, so
+            the trace holds the steered routing; its edits go into the trace's identity.
 
     Returns the :class:`Trace`. Raises :class:`TraceError` / :class:`CorpusError` on bad input, and
     :class:`TraceInterrupted` on a KeyboardInterrupt while recording.
     """
+    view = as_view(model)
+    spec = None
+    if steering is not None:
+        from moelab.steer import load_steering
+
+        spec = load_steering(steering, view)
     cfg = RecordConfig(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, logits=logits,
                        expert_norms=expert_norms, act_max=act_max, hidden_norm=hidden_norm,
-                       weights_dtype=weights_dtype, shard_tokens=shard_tokens)
-    view = as_view(model)
+                       weights_dtype=weights_dtype, shard_tokens=shard_tokens,
+                       steering=None if spec is None else {"edits": [e.to_dict() for e in spec.edits]})
     data = prepare_input(texts_or_token_ids, view, cfg.seq_len, cfg.max_tokens, labels, tokenizer)
     layers = [LayerInfo(b.layer, b.path, b.num_experts, b.top_k) for b in view.blocks]
     identity = json.loads(json.dumps({
@@ -160,7 +170,7 @@ def record(model: Any, texts_or_token_ids: Any, out_dir: str | os.PathLike, *,
     try:
         write_manifest(out, manifest)
         if todo:
-            _record_shards(view, data, cfg, manifest, shards, todo, out, progress)
+            _record_steered(view, spec, data, cfg, manifest, shards, todo, out, progress)
     except KeyboardInterrupt:
         raise TraceInterrupted(out, _stored_tokens(manifest), manifest.num_tokens) from None
     manifest.complete = True
@@ -223,6 +233,17 @@ def _prepare_out_dir(out: Path, manifest: Manifest, *, overwrite: bool, resume: 
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _record_steered(view: Any, spec: Any, *args: Any) -> None:
+    """:func:`_record_shards` with the steering spec's edits on the model (removed after)."""
+    if spec is None:
+        _record_shards(view, *args)
+        return
+    from moelab.steer import apply_steering
+
+    with apply_steering(view, spec):
+        _record_shards(view, *args)
 
 
 def _record_shards(view: Any, data: CorpusInput, cfg: RecordConfig, manifest: Manifest,

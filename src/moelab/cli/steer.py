@@ -1,0 +1,123 @@
+"""``moelab steer detect``: find the experts behind a behaviour and write a steering file
+(see :mod:`moelab.steer`); ``eval``, ``trace`` (and ``generate``) apply one with ``--steer``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from moelab.cli._options import CORPUS_FORMATS, no_progress_option
+from moelab.errors import MoelabError
+
+SOURCE_HELP = (f"A corpus ({CORPUS_FORMATS} A `moelab data build` corpus gives its train split), "
+               "CORPUS:LABEL for one label of it, a domain of the embedded corpus (code, drama, prose), "
+               "or a `moelab trace` directory.")
+
+
+def steer_option(f):
+    """``--steer FILE``: one spelling and help text on every command that applies a steering file."""
+    return click.option("--steer", "steer", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="Steering file (from `moelab steer detect`) to apply to the model.")(f)
+
+
+def parse_source(value: str, option: str) -> tuple[Path, str | None]:
+    """``(path, label)`` of a ``--positive``/``--negative`` value (see ``SOURCE_HELP``)."""
+    path = Path(value)
+    if path.exists():
+        return path, None
+    head, sep, label = value.rpartition(":")
+    if sep and head and Path(head).exists():
+        return Path(head), label
+    from moelab.data import default_corpus
+    from moelab.data.sources import DOMAINS
+
+    if value in DOMAINS:
+        return default_corpus(), value
+    raise MoelabError(f"{option} {value!r}: not an existing corpus or trace, CORPUS:LABEL, or a domain of the "
+                      f"embedded corpus ({', '.join(DOMAINS)})")
+
+
+def _print_ranking(det, selected: dict[int, list[int]], show: int, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    score = "nPMI" if det.method == "rice" else "risk diff"
+    table = Table(title=title)
+    for col in ("rank", "layer", "expert", "rate +", "rate -", score, "z", "95% CI", "chosen"):
+        table.add_column(col, justify="right")
+    for i, r in enumerate(det.rows[:show], 1):
+        chosen = "yes" if r.expert in selected.get(r.layer, []) else ""
+        table.add_row(str(i), str(r.layer), str(r.expert), f"{r.rate_pos:.3f}", f"{r.rate_neg:.3f}",
+                      f"{r.score:+.3f}", f"{r.z:+.1f}", f"{r.ci_low:+.2f}..{r.ci_high:+.2f}", chosen)
+    Console().print(table)
+
+
+@click.group("steer")
+def steer() -> None:
+    """Steer a model by switching experts: detect them, write a steering file."""
+
+
+@steer.command("detect")
+@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--positive", required=True, help=f"Text showing the behaviour. {SOURCE_HELP}")
+@click.option("--negative", required=True, help=f"Contrasting text. {SOURCE_HELP}")
+@click.option("--method", type=click.Choice(["risk-diff", "rice"]), default="risk-diff", show_default=True,
+              help="risk-diff: SteerMoE's risk difference of activation rates between the two sides; "
+                   "rice: RICE's nPMI between --markers and each expert over both sides.")
+@click.option("--markers", multiple=True,
+              help="rice: a marker token (string, tokenized with the model's tokenizer, or an integer id); "
+                   "repeat for several.")
+@click.option("--top", type=click.IntRange(min=1), default=None,
+              help="Experts to choose: in all (risk-diff, default 10) or per layer (rice, default 2).")
+@click.option("--mode", type=click.Choice(["off", "on", "soft-off", "soft-on", "scale"]), default=None,
+              help="What the steering file does to them: hard mask off/on, SteerMoE's soft-off/soft-on, or "
+                   "scale their weights (RICE). Default: off (risk-diff), scale (rice).")
+@click.option("--strength", type=float, default=None,
+              help="soft modes: delta added/subtracted at the row max/min (default 0.01); scale: the factor "
+                   "(default 2).")
+@click.option("--tokens", type=click.IntRange(min=1), default=16384, show_default=True,
+              help="Tokens per side.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the corpus draw.")
+@click.option("--show", type=click.IntRange(min=0), default=20, show_default=True, help="Ranking rows to print.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Steering file to write (JSON, written atomically).")
+@no_progress_option
+def detect_command(model: Path | None, positive: str, negative: str, method: str, markers: tuple[str, ...],
+                   top: int | None, mode: str | None, strength: float | None, tokens: int, seq_len: int,
+                   seed: int, show: int, out: Path, no_progress: bool) -> None:
+    """Rank the experts of MODEL (default: the embedded model) by how much more they fire on
+    --positive than on --negative, print the ranking and write the chosen ones to --out."""
+    from moelab.data import default_model
+    from moelab.models import open_model
+    from moelab.steer import SteeringEdit, write_steering
+    from moelab.steer.detect import detect_experts
+    from moelab.steer.rice import detect_rice
+
+    (pos, pos_label), (neg, neg_label) = parse_source(positive, "--positive"), parse_source(negative, "--negative")
+    if method == "rice" and not markers:
+        raise MoelabError("--markers: the rice method needs at least one marker token")
+    if method != "rice" and markers:
+        raise MoelabError("--markers: only the rice method uses marker tokens")
+    model = model or default_model()
+    view = open_model(str(model))
+    common = dict(tokens=tokens, seq_len=seq_len, seed=seed, progress=not no_progress)
+    if method == "rice":
+        marks = [int(m) if m.isdigit() else m for m in markers]
+        det = detect_rice(view, pos, marks, negative=neg, label=pos_label, negative_label=neg_label, **common)
+    else:
+        det = detect_experts(view, pos, neg, positive_label=pos_label, negative_label=neg_label, **common)
+    mode = mode or ("scale" if method == "rice" else "off")
+    if mode == "scale" and strength is None:
+        strength = 2.0
+    chosen = det.select(top or (2 if method == "rice" else 10), mode, per_layer=method == "rice")
+    _print_ranking(det, chosen, show, f"{model.name}: {positive} vs {negative} ({method})")
+    made = {"method": method, "positive": positive, "negative": negative, "sources": det.sources,
+            "tokens": det.tokens, "top": top, "command": "moelab steer detect"}
+    spec = write_steering(out, view, SteeringEdit(mode=mode, experts=chosen, strength=strength), made=made,
+                          ranking=[r.to_dict() for r in det.rows[:200]])
+    click.echo(f"wrote {out}: {spec.describe()}")
+
+
+COMMANDS = [steer]
