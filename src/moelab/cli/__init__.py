@@ -24,6 +24,7 @@ _COMMAND_MODULES: list[str] = [
     "moelab.cli.trace",
     "moelab.cli.compress",
     "moelab.cli.analysis",
+    "moelab.cli.generate",
 ]
 
 
