@@ -16,8 +16,11 @@ Shape legend: T tokens, E experts, K slots per token.
                                              the token's original total
 
 Each returns an :class:`EditHandle`: ``remove()`` (once) or a ``with`` block, and ``counts``: per
-layer the tokens seen and the tokens ``affected``: whose set of experts the edit changed
-(``scale_weights``: routed to a scaled expert).
+layer the tokens seen, the tokens ``affected``: whose set of experts the edit changed
+(``scale_weights``: routed to a scaled expert), and the ``active`` real slots after the edit
+(``active_experts()``: their average per token). ``weak_slots`` / ``drop_slots`` are the pieces of
+``skip_below`` that the dynamic expert-count edits (``moelab.steer.mcmoe``, ``topp``, ``topany``)
+build on.
 """
 
 from __future__ import annotations
@@ -39,12 +42,14 @@ _Body = Callable[[MoEBlockView, Tensor, Routing], tuple[Routing, dict[str, int]]
 
 
 class EditHandle:
-    """The stock edit installed on some layers; ``counts[layer]`` holds ``tokens`` and ``affected``
-    (plus edit-specific counts, e.g. skip_below's ``candidates`` and ``skipped`` slots)."""
+    """The stock edit installed on some layers; ``counts[layer]`` holds ``tokens``, ``affected`` and
+    ``active`` (real slots after the edit) plus edit-specific counts, e.g. skip_below's
+    ``candidates`` and ``skipped`` slots."""
 
     def __init__(self, what: str, layers: list[int]) -> None:
         self.what = what
-        self.counts: dict[int, dict[str, int]] = {layer: {"tokens": 0, "affected": 0} for layer in layers}
+        self.counts: dict[int, dict[str, int]] = {layer: {"tokens": 0, "affected": 0, "active": 0}
+                                                  for layer in layers}
         self._handles: list[Handle] = []
         self._removed = False
 
@@ -53,6 +58,11 @@ class EditHandle:
         for c in self.counts.values():
             for key in c:
                 c[key] = 0
+
+    def active_experts(self) -> dict[int, float]:
+        """Average active routed experts per token in each edited layer (``active / tokens``)."""
+        return {layer: c["active"] / c["tokens"] if c["tokens"] else float("nan")
+                for layer, c in self.counts.items()}
 
     def remove(self) -> None:
         if self._removed:
@@ -91,6 +101,7 @@ def _install(view: ModelView, what: str, per_layer: Mapping[int, Any],
                 E = block.num_experts
                 extra["affected"] = int((_chosen(out, E) != _chosen(routing, E)).any(-1).sum())
             counts["tokens"] += int(routing.ids_TK.shape[0])
+            counts["active"] += int(out.real_mask().sum())
             for key, n in extra.items():
                 counts[key] = counts.get(key, 0) + n
             return out
@@ -243,20 +254,41 @@ def skip_below(model: ModelView | nn.Module, beta: Mapping[int, float],
 
 
 def _skip(r: Routing, beta: float, renormalize: bool) -> tuple[Routing, dict[str, int]]:
+    weak_TK, candidates_TK = weak_slots(r, beta)
+    extra = {"candidates": int(candidates_TK.sum()), "skipped": int(weak_TK.sum())}
+    return drop_slots(r, r.real_mask() & ~weak_TK, renormalize), extra
+
+
+def weak_slots(r: Routing, beta: float | Tensor) -> tuple[Tensor, Tensor]:
+    """``(weak_TK, candidates_TK)``: the non-first real slots (``candidates``; the first is the
+    token's largest weight) and those among them with ``w_k < beta * w_1`` (``beta`` a number or
+    a ``[T, 1]`` tensor)."""
     real_TK = r.real_mask()
-    w_TK = r.weights_TK
-    masked_TK = w_TK.detach().float().masked_fill(~real_TK, -math.inf)
+    masked_TK = r.weights_TK.detach().float().masked_fill(~real_TK, -math.inf)
     first_TK = torch.zeros_like(real_TK).scatter(1, masked_TK.argmax(-1, keepdim=True), True)
-    skip_TK = real_TK & ~first_TK & (masked_TK < beta * masked_TK.max(-1, keepdim=True).values)
-    extra = {"candidates": int((real_TK & ~first_TK).sum()), "skipped": int(skip_TK.sum())}
-    if extra["skipped"] == 0:
-        return r, extra
-    keep_TK = real_TK & ~skip_TK
+    candidates_TK = real_TK & ~first_TK
+    return candidates_TK & (masked_TK < beta * masked_TK.max(-1, keepdim=True).values), candidates_TK
+
+
+def drop_slots(r: Routing, keep_TK: Tensor, renormalize: bool, total_T1: Tensor | None = None) -> Routing:
+    """Switch off the real slots where ``keep_TK`` is False; ``r`` itself when none is dropped.
+
+    With ``renormalize`` the kept weights are rescaled to the token's original total
+    (``w_k * sum_j w_j / sum_kept w_j``; ``total_T1`` overrides ``sum_j w_j``): for a family that
+    renormalises its top-k weights (L1) this is its own renormalisation over the kept experts.
+    """
+    real_TK = r.real_mask()
+    keep_TK = keep_TK & real_TK
+    if total_T1 is None and bool((keep_TK == real_TK).all()):
+        return r
+    w_TK = r.weights_TK
     new_TK = w_TK.masked_fill(~keep_TK, 0)
     if renormalize:
-        total_T1 = w_TK.masked_fill(~real_TK, 0).sum(-1, keepdim=True)
+        if total_T1 is None:
+            total_T1 = w_TK.masked_fill(~real_TK, 0).sum(-1, keepdim=True)
         new_TK = new_TK * (total_T1 / new_TK.sum(-1, keepdim=True))
-    return r.replace(weights_TK=new_TK, mask_TK=keep_TK), extra
+    return r.replace(weights_TK=new_TK, mask_TK=keep_TK)
 
 
-__all__ = ["EditHandle", "experts_off", "experts_on", "logit_offsets", "scale_weights", "skip_below"]
+__all__ = ["EditHandle", "drop_slots", "experts_off", "experts_on", "logit_offsets", "scale_weights",
+           "skip_below", "weak_slots"]
