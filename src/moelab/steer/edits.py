@@ -87,6 +87,17 @@ def _chosen(routing: Routing, num_experts: int) -> Tensor:
     return out.scatter(-1, ids.masked_fill(~real, num_experts), True)[:, :num_experts]
 
 
+def _affected(out: Routing, routing: Routing, num_experts: int) -> int:
+    """Tokens whose set of real experts differs between two routings."""
+    if out is routing:
+        return 0
+    if out.mask_TK is None and routing.mask_TK is None and out.ids_TK.shape == routing.ids_TK.shape:
+        # the cheap path (a decode step calls this once per layer): compare the sorted ids
+        a, b = out.ids_TK.sort(-1).values, routing.ids_TK.sort(-1).values
+        return int((a != b).any(-1).sum())
+    return int((_chosen(out, num_experts) != _chosen(routing, num_experts)).any(-1).sum())
+
+
 def _install(view: ModelView, what: str, per_layer: Mapping[int, Any],
              make: Callable[[MoEBlockView, Any], _Body]) -> EditHandle:
     """Validate every layer's argument (``make`` raises), then register one counting edit per layer."""
@@ -98,10 +109,9 @@ def _install(view: ModelView, what: str, per_layer: Mapping[int, Any],
         def edit(block, hidden_TH, routing, body=body, counts=counts):
             out, extra = body(block, hidden_TH, routing)
             if "affected" not in extra:  # tokens whose set of experts changed
-                E = block.num_experts
-                extra["affected"] = int((_chosen(out, E) != _chosen(routing, E)).any(-1).sum())
+                extra["affected"] = _affected(out, routing, block.num_experts)
             counts["tokens"] += int(routing.ids_TK.shape[0])
-            counts["active"] += int(out.real_mask().sum())
+            counts["active"] += out.ids_TK.numel() if out.mask_TK is None else int(out.mask_TK.sum())
             for key, n in extra.items():
                 counts[key] = counts.get(key, 0) + n
             return out
