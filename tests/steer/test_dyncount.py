@@ -223,3 +223,15 @@ def test_bad_settings_are_clear_errors(call, match):
     view = open_model(tiny_model("Mixtral", num_local_experts=8, num_experts_per_tok=4))
     with pytest.raises(MoelabError, match=match):
         call(view)
+
+
+def test_gates_started_from_thresholds_are_the_odp_rule(view):
+    """start_from_thresholds(beta) keeps exactly the slots ODP (no protected tokens) keeps."""
+    block = view.blocks[-1]
+    r = _random_routing(block, seed=4)
+    hidden = torch.randn(64, block.hidden_size, dtype=torch.float64)
+    gates = TopAnyGates(view).to(torch.float64).start_from_thresholds({block.layer: 0.6}).eval()
+    got = top_any_routing(gates, block, hidden, r)
+    want, _ = odp_routing(r, hidden, 0.6, float("inf"))
+    assert torch.equal(got.real_mask(), want.real_mask()) and not bool(want.real_mask().all())
+    assert torch.allclose(got.weights_TK, want.weights_TK)

@@ -153,6 +153,17 @@ def _flags(block: MoEBlockView, experts: list[int], like: Tensor) -> Tensor:
     return flags
 
 
+def _weights_ignore_unchosen(block: MoEBlockView) -> bool:
+    """True when removing experts no token chose leaves every token's ids and weights as they are:
+    per-expert sigmoid scores, or a softmax renormalised over the chosen experts (its denominator
+    cancels; not under a norm clamp), without group-limited selection (a group's score can change)."""
+    if block.n_group is not None and block.n_group > 1:
+        return False
+    if block.scoring == "sigmoid":
+        return True
+    return block.scoring == "softmax" and block.norm_topk_prob and block.norm_min == 0
+
+
 def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int]]) -> EditHandle:
     """Switch experts off: ``{layer: [expert, ...]}``; routing proceeds as if their logits were -inf."""
     view = _view(model)
@@ -165,9 +176,19 @@ def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int
                 f"experts leaves fewer than top_k={block.top_k}"
             )
 
+        unchanged_if_unchosen = _weights_ignore_unchosen(block)
+        flags = {}
+
         def body(block, hidden_TH, routing):
-            logits = routing.logits_TE.masked_fill(_flags(block, off, routing.logits_TE), -math.inf)
-            return reselect(block, routing.replace(logits_TE=logits)), {}
+            logits = routing.logits_TE
+            off_E = flags.get(logits.device)
+            if off_E is None:
+                off_E = flags[logits.device] = _flags(block, off, logits)
+            # NOTE: the fast path of a decode step: when no token chose an expert switched off and the
+            # family's weights do not depend on unchosen logits, the routing is already the answer
+            if unchanged_if_unchosen and not bool(off_E[routing.ids_TK].any()):
+                return routing, {}
+            return reselect(block, routing.replace(logits_TE=logits.masked_fill(off_E, -math.inf))), {}
 
         return body
 

@@ -9,16 +9,19 @@ combine weight w_j, the token's largest weight w_(1)),
     g_tj = (h_t W_l^T + b_l)[e_j] + a_l * log(w_j / w_(1))          W_l [E, H], b_l [E], a_l scalar
     keep_tj = g_tj > 0,   the largest-weight slot always kept
 
-(``h_t`` the block's input). Initialised as W = 0, b = 3, a = 0: every slot kept, the identity.
+(``h_t`` the block's input). Initialised as W = 0, b = 3, a = 0: every slot kept, the identity;
+or (:meth:`TopAnyGates.start_from_thresholds`) as the ratio rule ``w_j / w_(1) > beta_l`` of MC-MoE's
+online dynamic pruning, which training then refines per token and expert.
 Training (:func:`train_top_any`) uses a straight-through Gumbel-sigmoid mask,
 
-    m_tj = 1[s_tj > 1/2] + s_tj - sg(s_tj),   s_tj = sigmoid((g_tj + log u - log(1 - u)) / temperature)
+    m_tj = 1[s_tj > 1/2] + s_tj - sg(s_tj),   s_tj = sigmoid((g_tj + noise * (log u - log(1 - u))) / temperature)
 
 on the combine weights (renormalised to the token's total), and minimises
 
-    next-token NLL + penalty * ((A - target) / k)^2,   A = mean over layers and tokens of 1 + sum_{j>=2} sigmoid(g_tj)
+    next-token NLL + penalty * ((A - target) / k)^2,   A = mean over layers and tokens of 1 + sum_{j>=2} c_tj
 
-(``A`` the expected active experts per token). Only the gates' parameters train. At inference the
+with ``c_tj = 1[g_tj > 0] + sigmoid(g_tj) - sg(sigmoid(g_tj))``: ``A`` is the hard active count the
+gates give at inference (with the sigmoid's gradient), so training settles at the target as measured. Only the gates' parameters train. At inference the
 hard mask drops slots through the routing seam (:func:`top_any`), kept weights rescaled to the
 token's original total (``renormalize``).
 
@@ -53,8 +56,20 @@ class TopAnyGates(nn.Module):
         self.bias = nn.ParameterDict({str(b.layer): nn.Parameter(torch.full((b.num_experts,), init_bias))
                                       for b in view.blocks})
         self.alpha = nn.ParameterDict({str(b.layer): nn.Parameter(torch.zeros(())) for b in view.blocks})
-        self.temperature = 0.5
+        self.temperature, self.noise = 0.5, 1.0
         self.expected: list[Tensor] = []  # expected active per token, one [T] per layer call (training)
+
+    @torch.no_grad()
+    def start_from_thresholds(self, beta: dict[int, float], sharpness: float = 4.0) -> TopAnyGates:
+        """Start from a ratio threshold (e.g. MC-MoE ODP's calibrated ``beta``): ``a = sharpness``,
+        ``b = -sharpness * log(beta_l)``, ``W = 0``, so slot j is kept iff ``w_j / w_(1) > beta_l``."""
+        for layer in self.layers:
+            key = str(layer)
+            b = beta.get(layer, 0.0)
+            self.weight[key].zero_()
+            self.alpha[key].fill_(sharpness)
+            self.bias[key].fill_(-sharpness * math.log(b) if b > 0 else 30.0)
+        return self
 
     def scores(self, layer: int, hidden_TH: Tensor, routing: Routing) -> Tensor:
         """``[T, K]`` gate logits ``g`` of the routing's slots (in the gates' dtype)."""
@@ -77,10 +92,11 @@ def top_any_routing(gates: TopAnyGates, block: MoEBlockView, hidden_TH: Tensor, 
     if not gates.training:
         return drop_slots(routing, routing.real_mask() & ~(candidates_TK & (g_TK <= 0)), renormalize)
     u_TK = torch.rand_like(g_TK).clamp(1e-6, 1 - 1e-6)
-    soft_TK = torch.sigmoid((g_TK + u_TK.log() - (-u_TK).log1p()) / gates.temperature)
+    soft_TK = torch.sigmoid((g_TK + gates.noise * (u_TK.log() - (-u_TK).log1p())) / gates.temperature)
     m_TK = (soft_TK > 0.5).float() + soft_TK - soft_TK.detach()
     m_TK = torch.where(candidates_TK, m_TK, routing.real_mask().float())
-    gates.expected.append(1 + (torch.sigmoid(g_TK) * candidates_TK).sum(-1))
+    hard_TK = (g_TK > 0).float() + torch.sigmoid(g_TK) - torch.sigmoid(g_TK).detach()  # straight-through count
+    gates.expected.append(1 + (hard_TK * candidates_TK).sum(-1))
     w_TK = routing.weights_TK
     new_TK = w_TK * m_TK.to(w_TK.dtype)
     if renormalize:
@@ -111,10 +127,11 @@ class TopAnyConfig:
     lr: float = 0.05
     penalty: float = 20.0
     temperature: float = 0.5
+    noise: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("target_active", "lr", "penalty", "temperature"):
+        for name in ("target_active", "lr", "penalty", "temperature", "noise"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise MoelabError(f"TopAnyConfig.{name}: expected a positive number, got {v!r}")
@@ -135,7 +152,7 @@ def train_top_any(view: ModelView, batches: Sequence[Tensor], config: TopAnyConf
     model = view.model
     device = next(model.parameters()).device
     gates = (gates or TopAnyGates(view)).to(device)
-    gates.temperature = config.temperature
+    gates.temperature, gates.noise = config.temperature, config.noise
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     opt = torch.optim.Adam(gates.parameters(), lr=config.lr)
