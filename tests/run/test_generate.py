@@ -163,3 +163,13 @@ def test_cli_streams_and_reports_bad_input(tiny_model_dir):
     assert out.exit_code == 2 and "--prompt" in out.output and "context is 64 tokens" in out.output
     out = runner.invoke(main, ["generate", str(tiny_model_dir), "--prompt", "a", "--on", "5:0"])
     assert out.exit_code == 2 and "--on: " in out.output and "not an MoE layer" in out.output
+
+
+def test_empty_prompt_starts_from_bos_and_foreign_tokenizer_is_refused():
+    model = _model("Qwen3-MoE")
+    model.config.bos_token_id = 7
+    r = generate(model, ByteTokenizer(), "", GenerationConfig(max_new_tokens=2, stop_at_eos=False))
+    assert r.prompt_ids == [7] and len(r.token_ids) == 2
+    small = tiny_model("Qwen3-MoE")  # vocabulary of 64: byte ids above 63 do not exist
+    with pytest.raises(MoelabError, match="vocabulary of 64"):
+        generate(small, ByteTokenizer(), "hello")

@@ -115,6 +115,10 @@ def encode_prompt(model: nn.Module, tokenizer, prompt: str) -> list[int]:
             raise MoelabError("prompt (--prompt) is empty and the model's config names no bos_token_id "
                               "to start from; give some text")
         ids = [bos]
+    vocab = getattr(model.config, "vocab_size", None)
+    if isinstance(vocab, int) and max(ids) >= vocab:
+        raise MoelabError(f"prompt (--prompt): the tokenizer gave token id {max(ids)} but the model has a "
+                          f"vocabulary of {vocab}; use the tokenizer the model was trained with")
     limit = context_length(model)
     if limit is not None and len(ids) >= limit:
         raise MoelabError(f"prompt (--prompt) is {len(ids)} tokens; the model's context is {limit} tokens, "
