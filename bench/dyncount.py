@@ -14,7 +14,8 @@ Calibration and gate training use ``--calib-tokens`` tokens of the training spli
 Overhead: CPU time (``time.process_time``, so the other jobs on a shared machine do not count) of a
 greedy generation (``--new-tokens`` tokens from a fixed prompt, KV cache) and of a plain forward
 (8 x 256 tokens) with an ``experts_off`` edit (expert 0 off in every MoE layer), with an identity
-edit (the routing seam alone) and with none: median of ``--runs`` interleaved runs after a warm-up.
+edit (the routing seam alone) and with none, in ``--runs`` rounds after a warm-up round (each round
+runs the three back to back in rotating order); the slowdown is the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -124,27 +125,30 @@ def overhead(view, tokenizer, args) -> dict:
         run_batches(view.model, [batch], handles=handles, use_cache=False)
 
     out = {}
+    names = list(edits)
     for name, fn in (("generate", gen), ("forward", fwd)):
         times = {e: [] for e in edits}
         for rep in range(args.runs + 1):  # the first round is the warm-up
-            for e, make in edits.items():
+            order = names[rep % 3:] + names[:rep % 3]  # rotate, so no setting always runs first
+            for e in order:
                 t = time.process_time()
-                fn(make())
+                fn(edits[e]())
                 if rep:
                     times[e].append(time.process_time() - t)
         med = {e: statistics.median(v) for e, v in times.items()}
-        low = {e: min(v) for e, v in times.items()}  # the least disturbed run of each
-        out[name] = {"cpu_s": med, "min_cpu_s": low,
-                     "slowdown": {e: med[e] / med["none"] - 1 for e in edits if e != "none"},
-                     "slowdown_of_min": {e: low[e] / low["none"] - 1 for e in edits if e != "none"}}
+        # each round's ratio to the no-edit run of the same round: drifts in machine load cancel
+        paired = {e: statistics.median(a / b for a, b in zip(times[e], times["none"], strict=True)) - 1
+                  for e in edits if e != "none"}
+        out[name] = {"cpu_s": med, "slowdown": {e: med[e] / med["none"] - 1 for e in edits if e != "none"},
+                     "slowdown_paired": paired}
     out["generate"]["tokens_per_cpu_s"] = {e: args.new_tokens / t for e, t in out["generate"]["cpu_s"].items()}
     return out
 
 
 def _slow(m: dict) -> str:
-    med, low = m["slowdown"], m["slowdown_of_min"]
-    return (f"{100 * med['identity']:+.1f} % / {100 * med['experts_off']:+.1f} % "
-            f"({100 * low['identity']:+.1f} % / {100 * low['experts_off']:+.1f} %)")
+    med, pair = m["slowdown"], m["slowdown_paired"]
+    return (f"{100 * pair['identity']:+.1f} % / {100 * pair['experts_off']:+.1f} % "
+            f"({100 * med['identity']:+.1f} % / {100 * med['experts_off']:+.1f} %)")
 
 
 def markdown(meta: dict, rows: list[dict], over: dict, domains: list[str]) -> str:
@@ -164,11 +168,11 @@ def markdown(meta: dict, rows: list[dict], over: dict, domains: list[str]) -> st
                      + " | ".join(f"{r['ppl'][d]:.2f}" for d in domains) + " |")
     g, f = over["generate"], over["forward"]
     lines += [
-        "", f"Overhead of a steering edit: CPU seconds (`time.process_time`, median of {meta['runs']} interleaved "
-        "runs after a warm-up) with no edit, an identity edit on every MoE layer (the routing seam alone) and "
+        "", f"Overhead of a steering edit: CPU seconds (`time.process_time`, median of {meta['runs']} rounds after "
+        "a warm-up round; each round runs the three settings back to back in rotating order) with no edit, an identity edit on every MoE layer (the routing seam alone) and "
         "`experts_off` (expert 0 of every MoE layer); generation is greedy with the KV cache.", "",
-        "| | no edit | identity edit | experts_off | slowdown, identity / experts_off: of the medians "
-        "(of the fastest runs) |", "|---|---|---|---|---|",
+        "| | no edit | identity edit | experts_off | slowdown, identity / experts_off: median of the "
+        "per-round ratios (ratio of the medians) |", "|---|---|---|---|---|",
         f"| generation, {meta['new_tokens']} new tokens (tokens per CPU s) | {g['tokens_per_cpu_s']['none']:.1f} | "
         f"{g['tokens_per_cpu_s']['identity']:.1f} | {g['tokens_per_cpu_s']['experts_off']:.1f} | {_slow(g)} |",
         f"| forward, 8 x 256 tokens (CPU s) | {f['cpu_s']['none']:.3f} | {f['cpu_s']['identity']:.3f} | "
@@ -203,8 +207,8 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, nargs="+", default=[0.6, 0.5, 0.4])
     ap.add_argument("--top-any-targets", type=float, nargs="+", default=[5.0, 4.0])
     ap.add_argument("--train-steps", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--runs", type=int, default=11)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=21)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/dyncount.json")
     ap.add_argument("--md", type=Path, default=ROOT / "docs/results/dyncount.md")
@@ -232,8 +236,8 @@ def main() -> None:
     for r in rows:
         table.add_row(r["method"], r["setting"], f"{r['active']:.2f}", *[f"{r['ppl'][d]:.2f}" for d in domains])
     Console().print(table)
-    print(f"slowdown with experts_off: generation {100 * over['generate']['slowdown']['experts_off']:+.1f} %, "
-          f"forward {100 * over['forward']['slowdown']['experts_off']:+.1f} %")
+    print(f"slowdown with experts_off: generation {100 * over['generate']['slowdown_paired']['experts_off']:+.1f} %, "
+          f"forward {100 * over['forward']['slowdown_paired']['experts_off']:+.1f} % (median of per-round ratios)")
     for path, text in ((args.out, json.dumps({"meta": meta, "rows": rows, "overhead": over}, indent=2) + "\n"),
                        (args.md, markdown(meta, rows, over, domains))):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -184,11 +184,18 @@ def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int
             off_E = flags.get(logits.device)
             if off_E is None:
                 off_E = flags[logits.device] = _flags(block, off, logits)
-            # NOTE: the fast path of a decode step: when no token chose an expert switched off and the
-            # family's weights do not depend on unchosen logits, the routing is already the answer
-            if unchanged_if_unchosen and not bool(off_E[routing.ids_TK].any()):
-                return routing, {}
-            return reselect(block, routing.replace(logits_TE=logits.masked_fill(off_E, -math.inf))), {}
+            extra = {}
+            if unchanged_if_unchosen:
+                # NOTE: the fast path of a decode step: where the family's weights ignore unchosen
+                # logits, exactly the tokens that chose a switched-off expert change, so a step where
+                # none did keeps its routing (and the count needs no comparison)
+                chose_TK = off_E[routing.ids_TK]
+                if routing.mask_TK is not None:
+                    chose_TK = chose_TK & routing.mask_TK
+                extra["affected"] = int(chose_TK.any(-1).sum())
+                if extra["affected"] == 0:
+                    return routing, extra
+            return reselect(block, routing.replace(logits_TE=logits.masked_fill(off_E, -math.inf))), extra
 
         return body
 
