@@ -188,10 +188,11 @@ def markdown(meta: dict, rows: list[dict], over: dict, domains: list[str]) -> st
         "normalised over all experts) reach p; kept weights rescaled to the token's original total.",
         "- top-any (`moelab.steer.topany`): a per-layer gate on the block input and log(w_j / w_1), trained with a "
         "straight-through Gumbel mask, the model frozen; from the all-keep gate, or started from ODP's thresholds.",
-        "- The overhead is a fixed cost per MoE layer call (a second selection from the logits and the edit's "
-        "counts, a few dozen small tensor operations): a visible share of a decode step of this 128-wide model, "
-        "a smaller one of a larger model's. Timings on a machine shared with other jobs vary by several per cent "
-        "between runs.",
+        "- The overhead is a fixed cost per MoE layer call, so it is a visible share of a decode step of this "
+        "128-wide model and a smaller one of a larger model's. The identity column is the routing seam alone (its "
+        "torch hooks on the router and the experts, which build a `Routing` on every call); `experts_off` adds "
+        "to it a second selection from the logits on the steps where a token chose a switched-off expert. "
+        "Timings on a machine shared with other jobs vary by several per cent between runs.",
         "",
     ]
     return "\n".join(lines)
