@@ -253,3 +253,22 @@ def test_edits_under_the_moelab_experts_backend(family):
     with torch.no_grad(), experts_on(view, {b.layer: [1]}), b.register_routing_hook(seen.append):
         view.model(_tokens(view))
     assert (seen[0].ids_TK == 1).any(-1).all()
+
+
+def test_experts_off_one_token_at_a_time_equals_reference(view):
+    """Token by token (as in a decode step), so tokens that chose no switched-off expert take
+    experts_off's shortcut and the others the full re-selection; both equal the reference."""
+    torch.manual_seed(5)
+    b = view.blocks[-1]
+    x = torch.randn(12, 1, b.hidden_size, dtype=torch.float64)
+    ids = reference_route(b, x.reshape(-1, b.hidden_size))[1]
+    chosen_by = torch.stack([(ids == e).any(-1).sum() for e in range(b.num_experts)])
+    off = [int(((chosen_by - 6).abs()).argmin())]  # an expert some tokens chose and others did not
+    assert 0 < int(chosen_by[off[0]]) < 12, "both paths must run"
+    bias = torch.zeros(b.num_experts, dtype=torch.float64)
+    bias[off] = float("-inf")
+    with torch.no_grad(), experts_off(view, {b.layer: off}):
+        for t in range(12):
+            got = native_block_output(b, x[t:t + 1])
+            want = reference_forward(with_logit_bias(b, bias), x[t:t + 1])
+            assert rel_err(got, want) <= TOL, (b.family, t)

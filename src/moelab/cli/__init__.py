@@ -26,6 +26,7 @@ _COMMAND_MODULES: list[str] = [
     "moelab.cli.quant",
     "moelab.cli.analysis",
     "moelab.cli.steer",
+    "moelab.cli.generate",
 ]
 
 

@@ -19,8 +19,11 @@ Shape legend: T tokens, E experts, K slots per token.
                                              the token's original total
 
 Each returns an :class:`EditHandle`: ``remove()`` (once) or a ``with`` block, and ``counts``: per
-layer the tokens seen and the tokens ``affected``: whose set of experts the edit changed
-(``scale_weights``: routed to a scaled expert).
+layer the tokens seen, the tokens ``affected``: whose set of experts the edit changed
+(``scale_weights``: routed to a scaled expert), and the ``active`` real slots after the edit
+(``active_experts()``: their average per token). ``weak_slots`` / ``drop_slots`` are the pieces of
+``skip_below`` that the dynamic expert-count edits (``moelab.steer.mcmoe``, ``topp``, ``topany``)
+build on.
 """
 
 from __future__ import annotations
@@ -43,12 +46,14 @@ _Body = Callable[[MoEBlockView, Tensor, Routing], tuple[Routing, dict[str, int]]
 
 
 class EditHandle:
-    """The stock edit installed on some layers; ``counts[layer]`` holds ``tokens`` and ``affected``
-    (plus edit-specific counts, e.g. skip_below's ``candidates`` and ``skipped`` slots)."""
+    """The stock edit installed on some layers; ``counts[layer]`` holds ``tokens``, ``affected`` and
+    ``active`` (real slots after the edit) plus edit-specific counts, e.g. skip_below's
+    ``candidates`` and ``skipped`` slots."""
 
     def __init__(self, what: str, layers: list[int]) -> None:
         self.what = what
-        self.counts: dict[int, dict[str, int]] = {layer: {"tokens": 0, "affected": 0} for layer in layers}
+        self.counts: dict[int, dict[str, int]] = {layer: {"tokens": 0, "affected": 0, "active": 0}
+                                                  for layer in layers}
         self._handles: list[Handle] = []
         self._removed = False
 
@@ -57,6 +62,11 @@ class EditHandle:
         for c in self.counts.values():
             for key in c:
                 c[key] = 0
+
+    def active_experts(self) -> dict[int, float]:
+        """Average active routed experts per token in each edited layer (``active / tokens``)."""
+        return {layer: c["active"] / c["tokens"] if c["tokens"] else float("nan")
+                for layer, c in self.counts.items()}
 
     def remove(self) -> None:
         if self._removed:
@@ -81,6 +91,17 @@ def _chosen(routing: Routing, num_experts: int) -> Tensor:
     return out.scatter(-1, ids.masked_fill(~real, num_experts), True)[:, :num_experts]
 
 
+def _affected(out: Routing, routing: Routing, num_experts: int) -> int:
+    """Tokens whose set of real experts differs between two routings."""
+    if out is routing:
+        return 0
+    if out.mask_TK is None and routing.mask_TK is None and out.ids_TK.shape == routing.ids_TK.shape:
+        # the cheap path (a decode step calls this once per layer): compare the sorted ids
+        a, b = out.ids_TK.sort(-1).values, routing.ids_TK.sort(-1).values
+        return int((a != b).any(-1).sum())
+    return int((_chosen(out, num_experts) != _chosen(routing, num_experts)).any(-1).sum())
+
+
 def _install(view: ModelView, what: str, per_layer: Mapping[int, Any],
              make: Callable[[MoEBlockView, Any], _Body]) -> EditHandle:
     """Validate every layer's argument (``make`` raises), then register one counting edit per layer."""
@@ -92,9 +113,9 @@ def _install(view: ModelView, what: str, per_layer: Mapping[int, Any],
         def edit(block, hidden_TH, routing, body=body, counts=counts):
             out, extra = body(block, hidden_TH, routing)
             if "affected" not in extra:  # tokens whose set of experts changed
-                E = block.num_experts
-                extra["affected"] = int((_chosen(out, E) != _chosen(routing, E)).any(-1).sum())
+                extra["affected"] = _affected(out, routing, block.num_experts)
             counts["tokens"] += int(routing.ids_TK.shape[0])
+            counts["active"] += out.ids_TK.numel() if out.mask_TK is None else int(out.mask_TK.sum())
             for key, n in extra.items():
                 counts[key] = counts.get(key, 0) + n
             return out
@@ -136,6 +157,17 @@ def _flags(block: MoEBlockView, experts: list[int], like: Tensor) -> Tensor:
     return flags
 
 
+def _weights_ignore_unchosen(block: MoEBlockView) -> bool:
+    """True when removing experts no token chose leaves every token's ids and weights as they are:
+    per-expert sigmoid scores, or a softmax renormalised over the chosen experts (its denominator
+    cancels; not under a norm clamp), without group-limited selection (a group's score can change)."""
+    if block.n_group is not None and block.n_group > 1:
+        return False
+    if block.scoring == "sigmoid":
+        return True
+    return block.scoring == "softmax" and block.norm_topk_prob and block.norm_min == 0
+
+
 def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int]]) -> EditHandle:
     """Switch experts off: ``{layer: [expert, ...]}``; routing proceeds as if their logits were -inf."""
     view = _view(model)
@@ -148,9 +180,26 @@ def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int
                 f"experts leaves fewer than top_k={block.top_k}"
             )
 
+        unchanged_if_unchosen = _weights_ignore_unchosen(block)
+        flags = {}
+
         def body(block, hidden_TH, routing):
-            logits = routing.logits_TE.masked_fill(_flags(block, off, routing.logits_TE), -math.inf)
-            return reselect(block, routing.replace(logits_TE=logits)), {}
+            logits = routing.logits_TE
+            off_E = flags.get(logits.device)
+            if off_E is None:
+                off_E = flags[logits.device] = _flags(block, off, logits)
+            extra = {}
+            if unchanged_if_unchosen:
+                # NOTE: the fast path of a decode step: where the family's weights ignore unchosen
+                # logits, exactly the tokens that chose a switched-off expert change, so a step where
+                # none did keeps its routing (and the count needs no comparison)
+                chose_TK = off_E[routing.ids_TK]
+                if routing.mask_TK is not None:
+                    chose_TK = chose_TK & routing.mask_TK
+                extra["affected"] = int(chose_TK.any(-1).sum())
+                if extra["affected"] == 0:
+                    return routing, extra
+            return reselect(block, routing.replace(logits_TE=logits.masked_fill(off_E, -math.inf))), extra
 
         return body
 
@@ -247,20 +296,40 @@ def skip_below(model: ModelView | nn.Module, beta: Mapping[int, float],
 
 
 def _skip(r: Routing, beta: float, renormalize: bool) -> tuple[Routing, dict[str, int]]:
+    weak_TK, candidates_TK = weak_slots(r, beta)
+    extra = {"candidates": int(candidates_TK.sum()), "skipped": int(weak_TK.sum())}
+    return drop_slots(r, r.real_mask() & ~weak_TK, renormalize), extra
+
+
+def weak_slots(r: Routing, beta: float | Tensor) -> tuple[Tensor, Tensor]:
+    """``(weak_TK, candidates_TK)``: the non-first real slots (``candidates``; the first is the
+    token's largest weight) and those among them with ``w_k < beta * w_1`` (``beta`` a number or
+    a ``[T, 1]`` tensor)."""
     real_TK = r.real_mask()
-    w_TK = r.weights_TK
-    masked_TK = w_TK.detach().float().masked_fill(~real_TK, -math.inf)
+    masked_TK = r.weights_TK.detach().float().masked_fill(~real_TK, -math.inf)
     first_TK = torch.zeros_like(real_TK).scatter(1, masked_TK.argmax(-1, keepdim=True), True)
-    skip_TK = real_TK & ~first_TK & (masked_TK < beta * masked_TK.max(-1, keepdim=True).values)
-    extra = {"candidates": int((real_TK & ~first_TK).sum()), "skipped": int(skip_TK.sum())}
-    if extra["skipped"] == 0:
-        return r, extra
-    keep_TK = real_TK & ~skip_TK
+    candidates_TK = real_TK & ~first_TK
+    return candidates_TK & (masked_TK < beta * masked_TK.max(-1, keepdim=True).values), candidates_TK
+
+
+def drop_slots(r: Routing, keep_TK: Tensor, renormalize: bool, total_T1: Tensor | None = None) -> Routing:
+    """Switch off the real slots where ``keep_TK`` is False; ``r`` itself when none is dropped.
+
+    With ``renormalize`` the kept weights are rescaled to the token's original total
+    (``w_k * sum_j w_j / sum_kept w_j``; ``total_T1`` overrides ``sum_j w_j``): for a family that
+    renormalises its top-k weights (L1) this is its own renormalisation over the kept experts.
+    """
+    real_TK = r.real_mask()
+    keep_TK = keep_TK & real_TK
+    if total_T1 is None and bool((keep_TK == real_TK).all()):
+        return r
+    w_TK = r.weights_TK
     new_TK = w_TK.masked_fill(~keep_TK, 0)
     if renormalize:
-        total_T1 = w_TK.masked_fill(~real_TK, 0).sum(-1, keepdim=True)
+        if total_T1 is None:
+            total_T1 = w_TK.masked_fill(~real_TK, 0).sum(-1, keepdim=True)
         new_TK = new_TK * (total_T1 / new_TK.sum(-1, keepdim=True))
-    return r.replace(weights_TK=new_TK, mask_TK=keep_TK), extra
+    return r.replace(weights_TK=new_TK, mask_TK=keep_TK)
 
 
 def route_to_rank(model: ModelView | nn.Module, ranks: Mapping[int, int]) -> EditHandle:
@@ -299,5 +368,5 @@ def route_to_rank(model: ModelView | nn.Module, ranks: Mapping[int, int]) -> Edi
     return _install(view, "route_to_rank", ranks, make)
 
 
-__all__ = ["EditHandle", "experts_off", "experts_on", "logit_offsets", "route_to_rank", "scale_weights",
-           "skip_below"]
+__all__ = ["EditHandle", "drop_slots", "experts_off", "experts_on", "logit_offsets", "route_to_rank",
+           "scale_weights", "skip_below", "weak_slots"]
