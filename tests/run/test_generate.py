@@ -173,3 +173,37 @@ def test_empty_prompt_starts_from_bos_and_foreign_tokenizer_is_refused():
     small = tiny_model("Qwen3-MoE")  # vocabulary of 64: byte ids above 63 do not exist
     with pytest.raises(MoelabError, match="vocabulary of 64"):
         generate(small, ByteTokenizer(), "hello")
+
+
+def test_cli_decoding_methods_steering_and_an_expert_budget(tiny_model_dir, tmp_path):
+    """--decode scmoe equals scmoe_greedy; --decode rewire, --steer and --expert-budget run and
+    report; their bad settings name the option."""
+    from moelab.data.tokenizer import load_tokenizer
+    from moelab.models import open_model
+    from moelab.steer import write_steering
+    from moelab.steer.files import SteeringEdit
+    from moelab.steer.scmoe import scmoe_greedy
+
+    runner = CliRunner()
+    args = ["generate", str(tiny_model_dir), "--prompt", "def f(x):", "--max-new-tokens", "6"]
+    out = runner.invoke(main, [*args, "--decode", "scmoe"])
+    assert out.exit_code == 0, out.output
+    view = open_model(tiny_model_dir)
+    tok = load_tokenizer(tiny_model_dir)
+    prompt = tok.encode("def f(x):", add_special_tokens=False).ids
+    want = scmoe_greedy(view, torch.tensor([prompt]), 6)[0, len(prompt):].tolist()
+    assert out.output.strip() == tok.decode(want).strip()
+    out = runner.invoke(main, [*args, "--decode", "rewire", "--rewire-every", "3", "--stats"])
+    assert out.exit_code == 0 and "6 new tokens" in out.output, out.output
+    path = tmp_path / "steer.json"
+    write_steering(path, view, [SteeringEdit(mode="off", experts={view.blocks[0].layer: (0, 1)})])
+    out = runner.invoke(main, [*args, "--steer", str(path)])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(main, [*args, "--expert-budget", "50%", "--stats"])
+    assert out.exit_code == 0 and "experts: hit rate" in out.output, out.output
+    out = runner.invoke(main, [*args, "--decode", "scmoe", "--alpha", "0"])
+    assert out.exit_code == 2 and "--decode scmoe: SCMoE: alpha must be in (0, 1]" in out.output
+    out = runner.invoke(main, [*args, "--decode", "scmoe", "--rank", "8"])
+    assert out.exit_code == 2 and "rank 8 needs more experts" in out.output
+    out = runner.invoke(main, [*args, "--expert-budget", "1", "--stats"])
+    assert out.exit_code == 2 and "budget" in out.output

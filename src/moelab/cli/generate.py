@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from moelab.cli.steer import steer_option
 from moelab.errors import MoelabError
 
 
@@ -65,9 +66,23 @@ def install_switches(view, off: dict[int, list[int]] | None, on: dict[int, list[
               help="Switch experts off: LAYER:EXPERT,... (routing as if their logits were -inf).")
 @click.option("--on", type=LayerExperts(), default=None,
               help="Force experts into every token's top-k: LAYER:EXPERT,...")
+@steer_option
+@click.option("--decode", type=click.Choice(["plain", "scmoe", "rewire"]), default="plain", show_default=True,
+              help="scmoe: self-contrast of the top-k and a rank-r top-1 pass (SCMoE); rewire: router-logit "
+                   "offsets fitted on the context (Rewiring experts on the fly).")
+@click.option("--alpha", type=float, default=0.1, show_default=True, help="SCMoE plausibility cut-off, in (0, 1].")
+@click.option("--beta", type=float, default=0.5, show_default=True, help="SCMoE contrast strength, >= 0.")
+@click.option("--rank", type=int, default=None, help="SCMoE weak pass's expert rank from 0 (default: top_k).")
+@click.option("--rewire-every", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Rewiring: refit the offsets every this many new tokens.")
+@click.option("--expert-budget", default=None,
+              help="Offload the experts: keep at most this many expert bytes resident (e.g. 64MiB, 25%%).")
+@click.option("--policy", default="lru", show_default=True, help="Expert cache policy with --expert-budget.")
 @click.option("--stats", is_flag=True, help="Print tokens, tokens/s and the stop reason to stderr at the end.")
 def generate_command(model: Path | None, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                     seed: int | None, off: dict | None, on: dict | None, stats: bool) -> None:
+                     seed: int | None, off: dict | None, on: dict | None, steer: Path | None, decode: str,
+                     alpha: float, beta: float, rank: int | None, rewire_every: int, expert_budget: str | None,
+                     policy: str, stats: bool) -> None:
     """Continue PROMPT with MODEL (a checkpoint directory; default: the embedded model), printing
     tokens as they are generated."""
     from moelab.cli.trace import _default
@@ -78,20 +93,64 @@ def generate_command(model: Path | None, prompt: str, max_new_tokens: int, tempe
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     model = model or _default("default_model", "MODEL")
     tokenizer = load_tokenizer(model, "the model directory must hold the tokenizer it was trained with")
-    view = open_model(model)
+    offloaded = None
+    if expert_budget is not None:
+        from moelab.offload import offload_model
+
+        _, offloaded = offload_model(model, budget=_budget(expert_budget), policy=policy)
+        view = offloaded.view
+    else:
+        view = open_model(model)
     handles = install_switches(view, off, on)
+    if steer is not None:
+        from moelab.steer import apply_steering, load_steering
+
+        handles.append(apply_steering(view, load_steering(steer, view)))
+    scorer = _scorer(view, decode, alpha, beta, rank, rewire_every)
+    if hasattr(scorer, "remove"):
+        handles.append(scorer)
 
     def emit(text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    result = generate(view.model, tokenizer, prompt, config, handles=handles, on_text=emit)
+    try:
+        result = generate(view.model, tokenizer, prompt, config, handles=handles, on_text=emit, scorer=scorer)
+    finally:
+        if offloaded is not None:
+            offloaded.close()
     emit("\n")
     if result.stop_reason == "context":
         click.echo(f"(stopped at the model's context length after {len(result.token_ids)} new tokens)", err=True)
     if stats:
         click.echo(f"{len(result.prompt_ids)} prompt tokens, {len(result.token_ids)} new tokens, "
                    f"{result.tokens_per_s:.1f} tokens/s, stop: {result.stop_reason}", err=True)
+        if offloaded is not None:
+            st = offloaded.stats()
+            click.echo(f"experts: hit rate {st.hit_rate:.3f} ({st.hits} hits, {st.misses} misses), "
+                       f"{st.bytes_read / 2**20:.1f} MiB read, peak resident {st.peak_resident_bytes / 2**20:.1f} MiB "
+                       f"of {st.budget_bytes / 2**20:.1f} MiB", err=True)
+
+
+def _budget(text: str):
+    """``--expert-budget``: bytes as an int when it is one, else the text (``64MiB``, ``25%``)."""
+    return int(text) if text.isdigit() else text
+
+
+def _scorer(view, decode: str, alpha: float, beta: float, rank: int | None, every: int):
+    """The next-token scorer of ``--decode`` (None: the model's own logits); bad settings name the option."""
+    if decode == "plain":
+        return None
+    try:
+        if decode == "scmoe":
+            from moelab.steer.scmoe import SCMoEConfig, SCMoEDecoder
+
+            return SCMoEDecoder(view, SCMoEConfig(alpha=alpha, beta=beta, rank=rank))
+        from moelab.steer.rewire import RewireConfig, RewireScorer
+
+        return RewireScorer(view, RewireConfig(every=every))
+    except MoelabError as err:
+        raise MoelabError(f"--decode {decode}: {err}") from None
 
 
 COMMANDS = [generate_command]

@@ -12,6 +12,9 @@ the one top-p selection).
 
 Routing edits (``moelab.steer``) act through the model's routing seam, so a steered generation is
 a generation with edits installed: pass their handles to have them removed when generation ends.
+A decoding method that scores the next token otherwise (SCMoE's self-contrast, Rewiring's refits)
+is a ``scorer``: ``scorer(new_ids_1S) -> scores_V``, fed the prompt first and then each new token,
+keeping its own caches; the loop's sampling and stopping rules stay the same.
 Text is decoded incrementally (:class:`TextStream`) so that a character split over several byte-level
 tokens prints once, whole.
 """
@@ -138,8 +141,11 @@ def next_token(logits_V: Tensor, config: GenerationConfig, generator: torch.Gene
     return int(torch.multinomial(probs_V, 1, generator=generator))
 
 
+Scorer = Callable[[Tensor], Tensor]  # new_ids_1S -> next-token scores_V (see the module docstring)
+
+
 def iter_token_ids(model: nn.Module, prompt_ids: Sequence[int], config: GenerationConfig,
-                   handles: Sequence[Removable] = ()) -> Iterator[int]:
+                   handles: Sequence[Removable] = (), scorer: Scorer | None = None) -> Iterator[int]:
     """Yield new token ids one at a time (see the module docstring).
 
     The model is in eval mode and gradients are off while it runs (its train/eval mode is restored
@@ -152,14 +158,15 @@ def iter_token_ids(model: nn.Module, prompt_ids: Sequence[int], config: Generati
     was_training = model.training
     try:
         model.eval()
-        yield from _decode(model, prompt_ids, config)
+        yield from _decode(model, prompt_ids, config, scorer)
     finally:
         model.train(was_training)
         for h in handles:
             h.remove()
 
 
-def _decode(model: nn.Module, prompt_ids: Sequence[int], config: GenerationConfig) -> Iterator[int]:
+def _decode(model: nn.Module, prompt_ids: Sequence[int], config: GenerationConfig,
+            scorer: Scorer | None = None) -> Iterator[int]:
     device = next(model.parameters()).device
     ids_1S = torch.tensor([list(prompt_ids)], dtype=torch.int64, device=device)
     generator = None
@@ -171,13 +178,16 @@ def _decode(model: nn.Module, prompt_ids: Sequence[int], config: GenerationConfi
     for _ in range(config.max_new_tokens):
         if limit is not None and ids_1S.shape[1] >= limit:
             return
-        with torch.no_grad():
-            if config.use_cache:
-                out = model(input_ids=step_1S, cache=cache, use_cache=True, logits_to_keep=1)
-                cache = out.cache
-            else:
-                out = model(input_ids=ids_1S, use_cache=False, logits_to_keep=1)
-            token = next_token(out.logits[0, -1], config, generator)
+        if scorer is not None:
+            token = next_token(scorer(step_1S), config, generator)
+        else:
+            with torch.no_grad():
+                if config.use_cache:
+                    out = model(input_ids=step_1S, cache=cache, use_cache=True, logits_to_keep=1)
+                    cache = out.cache
+                else:
+                    out = model(input_ids=ids_1S, use_cache=False, logits_to_keep=1)
+                token = next_token(out.logits[0, -1], config, generator)
         step_1S = torch.tensor([[token]], dtype=torch.int64, device=device)
         ids_1S = torch.cat([ids_1S, step_1S], dim=1)
         yield token
@@ -228,11 +238,11 @@ class Piece:
 
 
 def iter_generate(model: nn.Module, tokenizer, prompt: str, config: GenerationConfig,
-                  handles: Sequence[Removable] = ()) -> Iterator[Piece]:
+                  handles: Sequence[Removable] = (), scorer: Scorer | None = None) -> Iterator[Piece]:
     """Stream a generation: one :class:`Piece` per new token; text still pending at the end comes as
     a last piece with ``token_id`` -1. A bad prompt raises here, before any token; ``handles`` are
     removed when the stream ends (or on that error)."""
-    return _pieces(model, tokenizer, _encode_or_release(model, tokenizer, prompt, handles), config, handles)
+    return _pieces(model, tokenizer, _encode_or_release(model, tokenizer, prompt, handles), config, handles, scorer)
 
 
 def _encode_or_release(model: nn.Module, tokenizer, prompt: str, handles: Sequence[Removable]) -> list[int]:
@@ -245,9 +255,9 @@ def _encode_or_release(model: nn.Module, tokenizer, prompt: str, handles: Sequen
 
 
 def _pieces(model: nn.Module, tokenizer, ids: list[int], config: GenerationConfig,
-            handles: Sequence[Removable]) -> Iterator[Piece]:
+            handles: Sequence[Removable], scorer: Scorer | None = None) -> Iterator[Piece]:
     stream = TextStream(tokenizer)
-    for token in iter_token_ids(model, ids, config, handles):
+    for token in iter_token_ids(model, ids, config, handles, scorer):
         yield Piece(token, stream.push(token))
     rest = stream.flush()
     if rest:
@@ -255,20 +265,21 @@ def _pieces(model: nn.Module, tokenizer, ids: list[int], config: GenerationConfi
 
 
 def generate(model: nn.Module, tokenizer, prompt: str, config: GenerationConfig | None = None, *,
-             handles: Sequence[Removable] = (), on_text: Callable[[str], None] | None = None
-             ) -> GenerationResult:
+             handles: Sequence[Removable] = (), on_text: Callable[[str], None] | None = None,
+             scorer: Scorer | None = None) -> GenerationResult:
     """Generate from ``prompt`` (text; ``tokenizer`` a ``tokenizers.Tokenizer``).
 
     Args:
         handles: edits installed for this generation (e.g. :func:`moelab.steer.experts_off`'s
             handle, or a steering file's); removed when it ends, also on error.
         on_text: called with each piece of text as it is decoded (streaming).
+        scorer: next-token scores other than the model's own logits (see the module docstring).
     """
     config = config or GenerationConfig()
     start = time.perf_counter()
     ids = _encode_or_release(model, tokenizer, prompt, handles)
     tokens, pieces, first = [], [], None
-    for piece in _pieces(model, tokenizer, ids, config, handles):
+    for piece in _pieces(model, tokenizer, ids, config, handles, scorer):
         if piece.token_id >= 0:
             tokens.append(piece.token_id)
             first = time.perf_counter() - start if first is None else first

@@ -82,6 +82,45 @@ def rewired(model: ModelView | nn.Module, offsets: dict[int, Tensor]) -> EditHan
     return logit_offsets(model, offsets)
 
 
+class RewireScorer:
+    """A generation scorer (:mod:`moelab.run.generate`): offsets fitted on the prompt, refitted on all
+    the context every ``cfg.every`` new tokens (the KV cache rebuilt after each refit, since a refit
+    changes past tokens' routing); removed again by :meth:`close`."""
+
+    def __init__(self, model: ModelView | nn.Module, cfg: RewireConfig = RewireConfig()) -> None:
+        self.view = model if isinstance(model, ModelView) else open_model(model)
+        self.cfg = cfg
+        rewire_layers(self.view, cfg)  # check the layers before the first token
+        self.ids: Tensor | None = None
+        self.reports: list[FitReport] = []
+        self._handle: EditHandle | None = None
+        self._cache = None
+        self._since = 0
+
+    def __call__(self, new_1S: Tensor) -> Tensor:
+        self.ids = new_1S if self.ids is None else torch.cat([self.ids, new_1S], dim=1)
+        feed = new_1S
+        if self._handle is None or self._since >= self.cfg.every:
+            self.close()
+            offsets, report = fit_offsets(self.view, self.ids, self.cfg)
+            self.reports.append(report)
+            self._handle, self._cache, self._since, feed = rewired(self.view, offsets), None, 0, self.ids
+        with torch.no_grad():
+            out = self.view.model(input_ids=feed, cache=self._cache, use_cache=True, logits_to_keep=1)
+        self._cache = out.cache
+        self._since += 1
+        return out.logits[0, -1]
+
+    def close(self) -> None:
+        """Remove the installed offsets (the model is as it was)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def remove(self) -> None:  # a generation handle: removed when generation ends
+        self.close()
+
+
 def rewire_greedy(model: ModelView | nn.Module, prompt_BS: Tensor, max_new_tokens: int,
                   cfg: RewireConfig = RewireConfig()) -> tuple[Tensor, list[FitReport]]:
     """Greedy generation with offsets fitted at prefill and refitted every ``cfg.every`` tokens on
@@ -109,4 +148,4 @@ def rewire_greedy(model: ModelView | nn.Module, prompt_BS: Tensor, max_new_token
     return ids, reports
 
 
-__all__ = ["RewireConfig", "fit_offsets", "rewire_greedy", "rewire_layers", "rewired"]
+__all__ = ["RewireConfig", "RewireScorer", "fit_offsets", "rewire_greedy", "rewire_layers", "rewired"]

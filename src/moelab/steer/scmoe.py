@@ -103,6 +103,10 @@ class SCMoEDecoder:
         weak_pass(self.view, cfg.rank).remove()  # check the rank now, not mid-generation
         self._cache_s = self._cache_w = None
 
+    def __call__(self, ids_1S: Tensor) -> Tensor:
+        """A generation scorer (:mod:`moelab.run.generate`): ``score_V`` for one sequence."""
+        return self.step(ids_1S)[0]
+
     def step(self, ids_BS: Tensor) -> Tensor:
         model = self.view.model
         with torch.no_grad():
