@@ -13,7 +13,10 @@ Steps:
    windows of 256, :func:`moelab.run.evaluate.evaluate_streams`) without steering and with the top
    ``--top`` experts of each ranking switched off (hard mask and SteerMoE's soft-off), and with RICE's
    reinforcement (combine weights x2);
-4. the time of one forward (``--batch`` x 256 tokens) with and without each edit: the median of
+4. greedy continuations (``--new-tokens``) of ``--prompts`` code prompts (the first 32 tokens of
+   code test windows) with no edit and with the top ``--on`` drama-linked experts forced on (each
+   ranking, hard ``experts_on``), judged by the naive Bayes classifier: the share judged drama;
+5. the time of one forward (``--batch`` x 256 tokens) with and without each edit: the median of
    ``--repeat`` runs after a warm-up, the runs interleaved; the overhead is the median of each round's
    ratio to the run without an edit.
 
@@ -122,6 +125,23 @@ def _edit_share(view, edits: dict, batch: int, repeat: int, vocab: int) -> dict[
     return out
 
 
+def _generation_rates(view, nb, prompts: list[list[int]], conditions: dict, new_tokens: int) -> list[dict]:
+    """Per condition: the share of greedy continuations the classifier judges each domain."""
+    from moelab.run.generate import GenerationConfig, iter_token_ids
+
+    cfg = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False)
+    out = []
+    for name, (selection, edit) in conditions.items():
+        texts = []
+        for ids in prompts:
+            handles = [edit()] if edit is not None else []
+            texts.append(list(iter_token_ids(view.model, ids, cfg, handles)))
+        labels = nb.predict_many([torch.tensor(t).numpy() for t in texts])
+        out.append({"condition": name, "selected": selection, "prompts": len(prompts),
+                    "rates": {c: labels.count(c) / len(labels) for c in nb.classes}})
+    return out
+
+
 def _rows_table(rows: list[dict], title: str, tokens: int) -> Table:
     table = Table(title=title)
     for col in ("selection", "experts", "edit", "code ppl", "drama ppl", "prose ppl", "drama x", "code x"):
@@ -167,6 +187,16 @@ def _markdown(result: dict) -> str:
         lines += ["", "Soft-off equals the hard mask here: this model's router scores with a sigmoid and "
                   "renormalises the top-k, so an off expert's logit moves no other weight (see "
                   "`moelab.steer.switch`)."]
+    g = result.get("generation")
+    if g:
+        lines += ["", f"Greedy continuations ({a['new_tokens']} new tokens) of {g[0]['prompts']} code prompts (the first "
+                  "32 tokens of code test windows), judged by the naive Bayes classifier:", "",
+                  "| condition | experts forced on | judged drama | judged code | judged prose |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in g:
+            n = sum(len(v) for v in r["selected"].values()) if r["selected"] else 0
+            lines.append(f"| {r['condition']} | {n} | {r['rates']['drama']:.0%} | {r['rates']['code']:.0%} | "
+                         f"{r['rates']['prose']:.0%} |")
     lines += ["", f"Overhead of a steering edit on one forward ({a['batch']} x 256 tokens, median of "
               f"{a['repeat']} interleaved runs after a warm-up; overhead: the median of each round's ratio to the "
               "run without an edit):", "",
@@ -195,6 +225,9 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=4096, help="test tokens per domain for perplexity")
     ap.add_argument("--top", type=int, nargs="+", default=[10, 20], help="experts switched off (each value a run)")
     ap.add_argument("--markers", type=int, default=20, help="RICE marker tokens (naive Bayes' most drama-like)")
+    ap.add_argument("--on", type=int, default=12, help="drama-linked experts forced on in the generation test")
+    ap.add_argument("--prompts", type=int, default=50, help="code prompts continued in the generation test")
+    ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per continuation")
     ap.add_argument("--batch", type=int, default=1, help="sequences of 256 tokens in the timed forward")
     ap.add_argument("--repeat", type=int, default=31, help="timed forwards per edit (median reported)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/steering.json"), help="JSON output")
@@ -236,6 +269,22 @@ def main() -> None:
     for r in rows:
         r["ratio"] = {d: r["perplexity"][d] / base[d] for d in base}
 
+    code_test = encode_split(corpus, "test", max_tokens=args.prompts * 64)["code"]
+    prompts = [code_test[i * 64:i * 64 + 32].tolist() for i in range(args.prompts)]
+    on_rd = det.select(args.on, "on")
+    on_rice = rice.select(math.ceil(args.on / layers), "on", per_layer=True)
+    from moelab.steer import experts_on
+
+    generation = _generation_rates(view, nb, prompts, {
+        "no edit": (None, None),
+        "risk diff, on": (on_rd, lambda: experts_on(view, on_rd)),
+        "RICE nPMI, on": (on_rice, lambda: experts_on(view, on_rice)),
+    }, args.new_tokens)
+    for r in generation:
+        console.print(f"{r['condition']}: judged drama {r['rates']['drama']:.0%}")
+        if r["selected"]:
+            r["selected"] = {str(k): v for k, v in r["selected"].items()}
+
     sel = det.select(args.top[0], "off")
     timed = {f"off ({args.top[0]} experts)": lambda: experts_off(view, sel),
              f"soft-off ({args.top[0]} experts)": lambda: switch_experts(view, off=sel),
@@ -271,7 +320,7 @@ def main() -> None:
         "classifier": classifier, "markers": markers,
         "tokens": {"detect_per_side": {"drama": pos.num_tokens, "code": neg.num_tokens},
                    "eval_per_domain": {d: int(s.numel()) for d, s in streams.items()}},
-        "perplexity": rows, "overhead": overhead, "experts_per_layer": [b.num_experts for b in view.blocks],
+        "perplexity": rows, "generation": generation, "overhead": overhead, "experts_per_layer": [b.num_experts for b in view.blocks],
         "ranking": [r.to_dict() for r in det.rows[:40]], "rice_ranking": [r.to_dict() for r in rice.rows[:40]],
         "wall_s": wall, "cpu_s": cpu,
     }
