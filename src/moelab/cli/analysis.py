@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from moelab.cli._options import no_progress_option, stage_bar
+from moelab.cli.steer import steer_option
 from moelab.errors import MoelabError
 
 _TRACE = click.argument("trace_dir", metavar="TRACE",
@@ -98,20 +99,43 @@ def analyze(trace_dir: Path, layers: str | None, labels: tuple[str, ...], seg_le
               help="Per-layer figures show at most this many layers, evenly spaced.")
 @click.option("--loss-tokens", type=click.IntRange(min=2), default=4096, show_default=True,
               help="Traced tokens used to measure the loss effect of zeroing a super expert.")
+@steer_option
+@click.option("--corpus", type=click.Path(exists=True, path_type=Path), default=None,
+              help="With --steer: the corpus whose validation text measures perplexity with and without "
+                   "steering (default: the embedded corpus).")
 @no_progress_option
 def report(trace_dir: Path, out: Path, model: Path | None, layers: str | None, labels: tuple[str, ...],
-           max_layers: int, loss_tokens: int, no_progress: bool) -> None:
+           max_layers: int, loss_tokens: int, steer: Path | None, corpus: Path | None, no_progress: bool) -> None:
     """Write the HTML report of the routing trace TRACE: summary table, load and co-activation
     heatmaps, SRP/SCH curves, specialisation, super and dead experts."""
     from moelab.report import build_report, write_report
     from moelab.report.build import REPORT_STAGES
 
     trace = _open(trace_dir, layers, labels)
+    extra = [] if steer is None else [_steering(steer, model, corpus, no_progress)]
     with stage_bar("report", len(REPORT_STAGES), enabled=not no_progress) as stage:
         page = build_report(trace, model=None if model is None else str(model), max_layers=max_layers,
-                            loss_tokens=loss_tokens, progress=stage)
+                            loss_tokens=loss_tokens, progress=stage, extra_sections=extra)
     path = write_report(page, out)
     click.echo(f"wrote {path} ({len(page.encode()) / 1e6:.2f} MB)")
+
+
+def _steering(steer: Path, model: Path | None, corpus: Path | None, no_progress: bool):
+    """The report's steering section: the file's ranking, and perplexity with and without it."""
+    from moelab.compress.evaluate import evaluate_path
+    from moelab.data import default_corpus
+    from moelab.models import open_model
+    from moelab.report.steering import steering_section
+    from moelab.steer import load_steering
+
+    if model is None:
+        raise MoelabError("--steer: needs --model (the steering file is checked against the model it was made for)")
+    view = open_model(model)
+    spec = load_steering(steer, view)
+    corpus = corpus or default_corpus()
+    ppl = {key: evaluate_path(model, corpus, steer=file, progress=not no_progress).perplexity
+           for key, file in (("without", None), ("with", steer))}
+    return steering_section(spec, [b.layer for b in view.blocks], max(b.num_experts for b in view.blocks), ppl)
 
 
 COMMANDS = [analyze, report]
