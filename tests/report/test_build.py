@@ -118,3 +118,12 @@ def test_similarity_section_has_weight_and_output_figures(full_page, full_trace,
     section = full_page.split("<h2>Expert similarity</h2>")[1]
     assert section.count("<img ") == 2
     assert f"same {min(full_trace.num_tokens, 1024):,} traced hidden states" in section
+
+
+def test_cache_size_table_names_the_smallest_cache_for_each_hit_rate(full_page):
+    from moelab.report.build import cache_size_table
+
+    html = cache_size_table([np.array([0.5, 0.85, 0.92, 0.99]), np.array([0.1, 0.2, 0.5, 0.85])], [1, 2], top_k=2)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", html)
+    assert cells == ["1", "2 (1.0× top-k)", "3 (1.5× top-k)", "4 (2.0× top-k)", "2", "4 (2.0× top-k)", "-", "-"]
+    assert "LRU 90% hits" in full_page  # the report's routing-consistency section carries it

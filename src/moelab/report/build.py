@@ -164,7 +164,26 @@ def _consistency(ctx: _Ctx, seg_lens: Sequence[int]) -> Section:
                                  {x: c.hit_rate_C for x, c in zip(ctx.shown, lru, strict=True)}, k),
             f"Expert-cache hit rate against cache size: solid = SCH (evict the expert least used in the next "
             f"{m} tokens), dashed = LRU; the gap between them is what a good prefetcher could gain.")
+        body += cache_size_table([c.hit_rate_C for c in lru], ctx.shown, k)
     return Section("Local routing consistency", body)
+
+
+CACHE_TARGETS = (0.8, 0.9, 0.95)
+
+
+def cache_size_table(hit_rate_by_layer: Sequence[np.ndarray], layers: Sequence[int], top_k: int) -> str:
+    """Per layer, the smallest LRU cache (experts, and as a multiple of top-k) reaching each target
+    hit rate; '-' where even all experts in cache do not."""
+    rows = []
+    for layer, hit_C in zip(layers, hit_rate_by_layer, strict=True):
+        cells = []
+        for target in CACHE_TARGETS:
+            reach = np.flatnonzero(np.asarray(hit_C) >= target)
+            cells.append("-" if reach.size == 0 else f"{reach[0] + 1} ({(reach[0] + 1) / top_k:.1f}× top-k)")
+        rows.append([layer, *cells])
+    return table_html(["layer", *[f"LRU {t:.0%} hits" for t in CACHE_TARGETS]], rows,
+                      caption="Cache size an offloading runtime needs per MoE layer for a given hit rate "
+                              "(LRU on this trace; `moelab.offload` runs the same policy).")
 
 
 def _specialisation(ctx: _Ctx, decode: Any) -> Section:
