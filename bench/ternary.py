@@ -50,7 +50,7 @@ def _run(name: str, args, ternary: bool) -> tuple[Path, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-4, help="peak lr (the shipped run ended at 3e-4)")
     ap.add_argument("--eval-tokens", type=int, default=16384, help="validation tokens per domain")
     ap.add_argument("--runs", type=Path, default=Path("runs/ternary"), help="folder of the two fine-tuning runs")
     ap.add_argument("--threads", type=int, default=1)
@@ -94,6 +94,9 @@ def write(args, rows: dict, minutes: dict) -> None:
             + ", ".join(f"{k} {v:.1f}" for k, v in minutes.items()) + ". Ternary rows hold every routed expert "
             "matrix as {-1, 0, +1} × its absmean; the shared expert, routers and attention are full precision.")
     doc = "# Ternary experts (MoTE) on the fine-grained model\n\n" + info + "\n\n" + "\n".join(lines) + "\n"
+    old = args.doc.read_text(encoding="utf-8") if args.doc.is_file() else ""
+    if "\n## Notes" in old:  # hand-written notes below the table are kept
+        doc += old[old.index("\n## Notes"):]
     out = {"when": when, "steps": args.steps, "lr": args.lr, "eval_tokens": args.eval_tokens, "rows": rows,
            "step_minutes": minutes}
     for path, text in ((args.out, json.dumps(out, indent=1) + "\n"), (args.doc, doc)):
