@@ -25,7 +25,6 @@ from moelab.data import MODEL_NAMES
 from moelab.errors import MoelabError
 from moelab.train.compare import compare_models, markdown_table, plot_curves, rows_to_json
 
-
 MARK_BEGIN, MARK_END = "<!-- bench/deepseekmoe.py: begin -->", "<!-- bench/deepseekmoe.py: end -->"
 TITLE = "# The DeepSeekMoE comparison: fine-grained vs coarse MoE vs dense, one token budget\n\n"
 

@@ -28,7 +28,12 @@ import torch
 import moelab
 from moelab.models import load_checkpoint, open_model
 from moelab.nn.ternary import ternarize_experts
-from moelab.run.evaluate import EVAL_SEQ_LEN, evaluate_model_dir, evaluate_streams, validation_streams
+from moelab.run.evaluate import (
+    EVAL_SEQ_LEN,
+    evaluate_model_dir,
+    evaluate_streams,
+    validation_streams,
+)
 from moelab.train.config import make_config
 from moelab.train.export import export_model
 from moelab.train.loop import train

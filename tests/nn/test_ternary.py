@@ -13,7 +13,14 @@ import torch
 from moelab.models import open_model
 from moelab.models.backend import enable_experts_backend
 from moelab.models.tiny import tiny_model
-from moelab.nn.ternary import EPS, ste_ternary, ternarize_experts, ternary, ternary_provider, ternary_weights
+from moelab.nn.ternary import (
+    EPS,
+    ste_ternary,
+    ternarize_experts,
+    ternary,
+    ternary_provider,
+    ternary_weights,
+)
 
 F64 = torch.float64
 

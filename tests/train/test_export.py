@@ -12,9 +12,9 @@ from moelab.cli import main
 from moelab.errors import CheckpointError, MoelabError
 from moelab.run.evaluate import evaluate_model_dir
 from moelab.train.card import load_shift
+from moelab.train.compare import plot_curves
 from moelab.train.config import make_config
 from moelab.train.export import export_model
-from moelab.train.compare import plot_curves
 from moelab.train.log import read_log
 from moelab.train.loop import train
 

@@ -38,11 +38,11 @@ import torch
 from torch import Tensor, nn
 
 from moelab.errors import MoelabError
-from moelab.models import ModelView, MoEBlockView, open_model
+from moelab.models import ModelView, MoEBlockView
 from moelab.routing import Routing
 from moelab.run.loss import next_token_nll
 from moelab.steer._fit import FitConfig, FitReport, minimise
-from moelab.steer.edits import EditHandle, _install, _view
+from moelab.steer.edits import EditHandle, edit_view, install_edit
 
 SURROGATES = ("kernel", "mode", "ngd", "oracle")
 
@@ -115,7 +115,7 @@ def profile(view: ModelView, ids_NS: Tensor, layers: list[int]) -> tuple[Tensor,
 
 def build_reference(model: ModelView | nn.Module, pool_NS: Tensor, keep: int, cfg: C3POConfig = C3POConfig()) -> ReferenceSet:
     """The ``keep`` samples of ``pool_NS`` with the lowest next-token loss, profiled."""
-    view = _view(model)
+    view = edit_view(model)
     if not 1 <= keep <= pool_NS.shape[0]:
         raise MoelabError(f"C3PO: keep must be in [1, {pool_NS.shape[0]}] (the pool's size), got {keep}")
     embed, weights, loss = profile(view, pool_NS, critical_layers(view, cfg))
@@ -147,7 +147,7 @@ def neighbours(ref: ReferenceSet, embed_D: Tensor, cfg: C3POConfig) -> tuple[Ten
 def remixed(model: ModelView | nn.Module, targets: dict[int, tuple[Tensor, Tensor]], mix: float = 1.0) -> EditHandle:
     """Routing edit: ``{layer: (omega_E, core_E bool)}`` re-mixes every token's weights by ``mix``
     (see above); ``omega_E`` may require grad."""
-    view = _view(model)
+    view = edit_view(model)
 
     def make(block: MoEBlockView, value):
         omega, core = value
@@ -164,7 +164,7 @@ def remixed(model: ModelView | nn.Module, targets: dict[int, tuple[Tensor, Tenso
 
         return body
 
-    return _install(view, "c3po.remixed", targets, make)
+    return install_edit(view, "c3po.remixed", targets, make)
 
 
 def _core(w_E: Tensor, block: MoEBlockView, cfg: C3POConfig) -> Tensor:
@@ -183,7 +183,7 @@ def _mode(own_E: Tensor, w_mE: Tensor, K_m: Tensor, cfg: C3POConfig) -> Tensor:
 def surrogate(model: ModelView | nn.Module, ref: ReferenceSet, ids_1S: Tensor, method: str,
               cfg: C3POConfig = C3POConfig()) -> tuple[dict[int, tuple[Tensor, Tensor]], FitReport | None]:
     """The re-mixing targets ``{layer: (omega_E, core_E)}`` for one sample, by ``method`` (SURROGATES)."""
-    view = _view(model)
+    view = edit_view(model)
     if method not in SURROGATES:
         raise MoelabError(f"C3PO: method must be one of {', '.join(SURROGATES)}, got {method!r}")
     check_reference(view, ref, cfg)

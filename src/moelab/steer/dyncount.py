@@ -30,7 +30,7 @@ from moelab.models import ModelView, MoEBlockView
 from moelab.models.rule import select
 from moelab.routing import Routing
 from moelab.run import run_batches
-from moelab.steer.edits import EditHandle, _install, _view
+from moelab.steer.edits import EditHandle, edit_view, install_edit
 
 
 def per_layer_value(view: ModelView, value) -> dict:
@@ -43,7 +43,7 @@ def per_layer_value(view: ModelView, value) -> dict:
 def fixed_top_k(model: ModelView | nn.Module, k: int | Mapping[int, int]) -> EditHandle:
     """Route every token of the given layers to ``k`` experts by the family's own rule (``k <= top_k``);
     ``k == top_k`` leaves the routing as it is."""
-    view = _view(model)
+    view = edit_view(model)
 
     def make(block: MoEBlockView, k_):
         if isinstance(k_, bool) or not isinstance(k_, int) or not 1 <= k_ <= block.top_k:
@@ -58,7 +58,7 @@ def fixed_top_k(model: ModelView | nn.Module, k: int | Mapping[int, int]) -> Edi
 
         return body
 
-    return _install(view, "fixed_top_k", per_layer_value(view, k), make)
+    return install_edit(view, "fixed_top_k", per_layer_value(view, k), make)
 
 
 def reselect_padded(block: MoEBlockView, routing: Routing, slots: int) -> Routing:

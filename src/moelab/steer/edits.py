@@ -18,6 +18,10 @@ Shape legend: T tokens, E experts, K slots per token.
                                              with ``renormalize`` the kept weights are rescaled to
                                              the token's original total
 
+The building blocks other steering modules use to write their own edits: :func:`install_edit`
+(validate every layer's argument, then register one counting edit per layer), :func:`edit_view`,
+:func:`check_expert_ids`, :func:`expert_flags`, :func:`chosen_experts`.
+
 Each returns an :class:`EditHandle`: ``remove()`` (once) or a ``with`` block, and ``counts``: per
 layer the tokens seen, the tokens ``affected``: whose set of experts the edit changed
 (``scale_weights``: routed to a scaled expert), and the ``active`` real slots after the edit
@@ -42,7 +46,7 @@ from moelab.models.rule import selection_order, single_expert
 from moelab.routing import Routing
 
 # an edit body: (block, hidden_TH, routing) -> (routing, extra counts of this call)
-_Body = Callable[[MoEBlockView, Tensor, Routing], tuple[Routing, dict[str, int]]]
+EditBody = Callable[[MoEBlockView, Tensor, Routing], tuple[Routing, dict[str, int]]]
 
 
 class EditHandle:
@@ -83,7 +87,7 @@ class EditHandle:
             self.remove()
 
 
-def _chosen(routing: Routing, num_experts: int) -> Tensor:
+def chosen_experts(routing: Routing, num_experts: int) -> Tensor:
     """``[T, E]`` bool: the experts each token's real slots go to."""
     ids = routing.ids_TK
     real = routing.real_mask()
@@ -99,11 +103,11 @@ def _affected(out: Routing, routing: Routing, num_experts: int) -> int:
         # the cheap path (a decode step calls this once per layer): compare the sorted ids
         a, b = out.ids_TK.sort(-1).values, routing.ids_TK.sort(-1).values
         return int((a != b).any(-1).sum())
-    return int((_chosen(out, num_experts) != _chosen(routing, num_experts)).any(-1).sum())
+    return int((chosen_experts(out, num_experts) != chosen_experts(routing, num_experts)).any(-1).sum())
 
 
-def _install(view: ModelView, what: str, per_layer: Mapping[int, Any],
-             make: Callable[[MoEBlockView, Any], _Body]) -> EditHandle:
+def install_edit(view: ModelView, what: str, per_layer: Mapping[int, Any],
+             make: Callable[[MoEBlockView, Any], EditBody]) -> EditHandle:
     """Validate every layer's argument (``make`` raises), then register one counting edit per layer."""
     bodies = {layer: make(_block(view, layer, what), value) for layer, value in per_layer.items()}
     handle = EditHandle(what, list(bodies))
@@ -124,7 +128,7 @@ def _install(view: ModelView, what: str, per_layer: Mapping[int, Any],
     return handle
 
 
-def _view(model: ModelView | MoEBlockView | nn.Module) -> ModelView:
+def edit_view(model: ModelView | MoEBlockView | nn.Module) -> ModelView:
     """The view to edit; a single block view stands for a model of that one block."""
     if isinstance(model, MoEBlockView):
         return ModelView(model=model.module, config=None, family=model.family, blocks=[model],
@@ -139,7 +143,7 @@ def _block(view: ModelView, layer: Any, what: str) -> MoEBlockView:
     return view.block(layer)
 
 
-def _experts(block: MoEBlockView, experts: Iterable[Any], what: str) -> list[int]:
+def check_expert_ids(block: MoEBlockView, experts: Iterable[Any], what: str) -> list[int]:
     out = list(experts) if not isinstance(experts, (int, str)) else [experts]
     for e in out:
         if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < block.num_experts:
@@ -151,7 +155,7 @@ def _experts(block: MoEBlockView, experts: Iterable[Any], what: str) -> list[int
     return out
 
 
-def _flags(block: MoEBlockView, experts: list[int], like: Tensor) -> Tensor:
+def expert_flags(block: MoEBlockView, experts: list[int], like: Tensor) -> Tensor:
     flags = torch.zeros(block.num_experts, dtype=torch.bool, device=like.device)
     flags[experts] = True
     return flags
@@ -170,10 +174,10 @@ def _weights_ignore_unchosen(block: MoEBlockView) -> bool:
 
 def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int]]) -> EditHandle:
     """Switch experts off: ``{layer: [expert, ...]}``; routing proceeds as if their logits were -inf."""
-    view = _view(model)
+    view = edit_view(model)
 
-    def make(block: MoEBlockView, value) -> _Body:
-        off = _experts(block, value, "experts_off")
+    def make(block: MoEBlockView, value) -> EditBody:
+        off = check_expert_ids(block, value, "experts_off")
         if block.num_experts - len(off) < block.top_k:
             raise MoelabError(
                 f"experts_off: layer {block.layer}: switching off {len(off)} of {block.num_experts} "
@@ -187,7 +191,7 @@ def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int
             logits = routing.logits_TE
             off_E = flags.get(logits.device)
             if off_E is None:
-                off_E = flags[logits.device] = _flags(block, off, logits)
+                off_E = flags[logits.device] = expert_flags(block, off, logits)
             extra = {}
             if unchanged_if_unchosen:
                 # NOTE: the fast path of a decode step: where the family's weights ignore unchosen
@@ -203,15 +207,15 @@ def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int
 
         return body
 
-    return _install(view, "experts_off", experts, make)
+    return install_edit(view, "experts_off", experts, make)
 
 
 def experts_on(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int]]) -> EditHandle:
     """Force experts into every token's top-k: ``{layer: [expert, ...]}``, at most top-k per layer."""
-    view = _view(model)
+    view = edit_view(model)
 
-    def make(block: MoEBlockView, value) -> _Body:
-        on = _experts(block, value, "experts_on")
+    def make(block: MoEBlockView, value) -> EditBody:
+        on = check_expert_ids(block, value, "experts_on")
         if len(on) > block.top_k:
             raise MoelabError(
                 f"experts_on: layer {block.layer}: {len(on)} experts forced but a token has only "
@@ -219,19 +223,19 @@ def experts_on(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int]
             )
 
         def body(block, hidden_TH, routing):
-            return reselect(block, routing, forced_E=_flags(block, on, routing.ids_TK)), {}
+            return reselect(block, routing, forced_E=expert_flags(block, on, routing.ids_TK)), {}
 
         return body
 
-    return _install(view, "experts_on", experts, make)
+    return install_edit(view, "experts_on", experts, make)
 
 
 def logit_offsets(model: ModelView | nn.Module, offsets: Mapping[int, Tensor]) -> EditHandle:
     """Add ``offset_E`` to the router logits of each layer; the experts are re-chosen by the family's
     rule. Offsets may require grad (test-time routing optimises them)."""
-    view = _view(model)
+    view = edit_view(model)
 
-    def make(block: MoEBlockView, offset) -> _Body:
+    def make(block: MoEBlockView, offset) -> EditBody:
         if not isinstance(offset, Tensor) or offset.shape != (block.num_experts,):
             got = tuple(offset.shape) if isinstance(offset, Tensor) else type(offset).__name__
             raise MoelabError(
@@ -248,20 +252,20 @@ def logit_offsets(model: ModelView | nn.Module, offsets: Mapping[int, Tensor]) -
 
         return body
 
-    return _install(view, "logit_offsets", offsets, make)
+    return install_edit(view, "logit_offsets", offsets, make)
 
 
 def scale_weights(model: ModelView | MoEBlockView | nn.Module,
                   factors: Mapping[int, Mapping[int, float]]) -> EditHandle:
     """Multiply experts' combine weights: ``{layer: {expert: factor}}`` (RICE reinforcement)."""
-    view = _view(model)
+    view = edit_view(model)
 
-    def make(block: MoEBlockView, value) -> _Body:
+    def make(block: MoEBlockView, value) -> EditBody:
         if not isinstance(value, Mapping):
             raise MoelabError(
                 f"scale_weights: layer {block.layer}: expected {{expert: factor}}, got {type(value).__name__}"
             )
-        _experts(block, list(value), "scale_weights")
+        check_expert_ids(block, list(value), "scale_weights")
         for e, f in value.items():
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f):
                 raise MoelabError(f"scale_weights: layer {block.layer}: factor of expert {e} is {f!r}, "
@@ -278,21 +282,21 @@ def scale_weights(model: ModelView | MoEBlockView | nn.Module,
 
         return body
 
-    return _install(view, "scale_weights", factors, make)
+    return install_edit(view, "scale_weights", factors, make)
 
 
 def skip_below(model: ModelView | nn.Module, beta: Mapping[int, float],
                renormalize: bool = True) -> EditHandle:
     """NAEE dynamic skipping: ``{layer: beta}``; counts add ``candidates`` (non-first slots) and
     ``skipped`` slots, so ``skipped / candidates`` is the paper's skip rate."""
-    view = _view(model)
+    view = edit_view(model)
 
-    def make(block: MoEBlockView, b) -> _Body:
+    def make(block: MoEBlockView, b) -> EditBody:
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 <= b <= 1:
             raise MoelabError(f"skip_below: layer {block.layer}: beta must be a number in [0, 1], got {b!r}")
         return lambda block, hidden_TH, routing: _skip(routing, float(b), renormalize)
 
-    return _install(view, "skip_below", beta, make)
+    return install_edit(view, "skip_below", beta, make)
 
 
 def _skip(r: Routing, beta: float, renormalize: bool) -> tuple[Routing, dict[str, int]]:
@@ -339,9 +343,9 @@ def route_to_rank(model: ModelView | nn.Module, ranks: Mapping[int, int]) -> Edi
     (:func:`moelab.models.rule.single_expert`); its other slots are switched off. A token for which
     the rule cannot choose a rank-r expert (outside its groups, or a ``-inf`` logit) is an error.
     """
-    view = _view(model)
+    view = edit_view(model)
 
-    def make(block: MoEBlockView, r) -> _Body:
+    def make(block: MoEBlockView, r) -> EditBody:
         if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < block.num_experts:
             raise MoelabError(f"route_to_rank: layer {block.layer}: rank must be an int in "
                               f"[0, {block.num_experts}) (the layer has {block.num_experts} experts), got {r!r}")
@@ -365,8 +369,9 @@ def route_to_rank(model: ModelView | nn.Module, ranks: Mapping[int, int]) -> Edi
 
         return body
 
-    return _install(view, "route_to_rank", ranks, make)
+    return install_edit(view, "route_to_rank", ranks, make)
 
 
-__all__ = ["EditHandle", "drop_slots", "experts_off", "experts_on", "logit_offsets", "route_to_rank",
+__all__ = ["EditBody", "EditHandle", "check_expert_ids", "chosen_experts", "drop_slots", "edit_view",
+           "expert_flags", "experts_off", "experts_on", "install_edit", "logit_offsets", "route_to_rank",
            "scale_weights", "skip_below", "weak_slots"]

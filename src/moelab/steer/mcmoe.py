@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView, RoutingEvent
 from moelab.routing import Routing
-from moelab.steer.edits import EditHandle, _install, _view, drop_slots, weak_slots
+from moelab.steer.edits import EditHandle, drop_slots, edit_view, install_edit, weak_slots
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def odp_routing(routing: Routing, hidden_TH: Tensor, beta: float, tau: float,
 def online_dynamic_pruning(model: ModelView | nn.Module, calibration: ODPCalibration | Mapping[int, float],
                            renormalize: bool = True) -> EditHandle:
     """Install ODP on the calibrated layers (or ``{layer: beta}`` with no protected tokens)."""
-    view = _view(model)
+    view = edit_view(model)
     if not isinstance(calibration, ODPCalibration):
         calibration = ODPCalibration(dict(calibration), {layer: float("inf") for layer in calibration})
     per_layer = {layer: (b, calibration.tau[layer]) for layer, b in calibration.beta.items()}
@@ -88,7 +88,7 @@ def online_dynamic_pruning(model: ModelView | nn.Module, calibration: ODPCalibra
         beta, tau = value
         return lambda block, hidden_TH, routing: odp_routing(routing, hidden_TH, beta, tau, renormalize)
 
-    return _install(view, "online_dynamic_pruning", per_layer, make)
+    return install_edit(view, "online_dynamic_pruning", per_layer, make)
 
 
 def calibrate_odp(view: ModelView, batches, target_active: float, protect: float = 0.02) -> ODPCalibration:

@@ -46,7 +46,14 @@ from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView
 from moelab.models.edits import reselect
 from moelab.routing import Routing
-from moelab.steer.edits import EditHandle, _Body, _experts, _flags, _install, _view
+from moelab.steer.edits import (
+    EditBody,
+    EditHandle,
+    check_expert_ids,
+    edit_view,
+    expert_flags,
+    install_edit,
+)
 
 STEERMOE_DELTA = 0.01  # the delta of SteerMoE's released vLLM patches
 
@@ -81,16 +88,16 @@ def switch_experts(model: ModelView | MoEBlockView | nn.Module,
     At most ``top_k`` experts on per layer, and at least ``top_k`` left after switching some off;
     an expert may not be both. Returns an :class:`EditHandle` (``remove()``, ``with``, ``counts``).
     """
-    view = _view(model)
+    view = edit_view(model)
     strength = _check_strength(strength)
     on, off = dict(on or {}), dict(off or {})
     if not on and not off:
         raise MoelabError("switch_experts: give experts to switch on or off (on={layer: [e]}, off=...)")
     layers = sorted(set(on) | set(off), key=lambda x: (not isinstance(x, int), str(x)))
 
-    def make(block: MoEBlockView, layer) -> _Body:
-        ons = _experts(block, on.get(layer, []), "switch_experts (on)")
-        offs = _experts(block, off.get(layer, []), "switch_experts (off)")
+    def make(block: MoEBlockView, layer) -> EditBody:
+        ons = check_expert_ids(block, on.get(layer, []), "switch_experts (on)")
+        offs = check_expert_ids(block, off.get(layer, []), "switch_experts (off)")
         both = sorted(set(ons) & set(offs))
         if both:
             raise MoelabError(f"switch_experts: layer {block.layer}: experts {both} are both on and off")
@@ -108,15 +115,15 @@ def switch_experts(model: ModelView | MoEBlockView | nn.Module,
             if logits is None:
                 raise MoelabError(f"{block.path}: switch_experts needs router logits")
             if logits.device not in flags:
-                flags[logits.device] = (_flags(block, ons, logits) if ons else None,
-                                        _flags(block, offs, logits) if offs else None)
+                flags[logits.device] = (expert_flags(block, ons, logits) if ons else None,
+                                        expert_flags(block, offs, logits) if offs else None)
             on_E, off_E = flags[logits.device]
             edited = switched_logits(logits, on_E, off_E, strength)
             return reselect(block, routing.replace(logits_TE=edited), forced_E=on_E, barred_E=off_E), {}
 
         return body
 
-    return _install(view, "switch_experts", {layer: layer for layer in layers}, make)
+    return install_edit(view, "switch_experts", {layer: layer for layer in layers}, make)
 
 
 def switched_logits_reference(logits_TE: Tensor, on: list[int], off: list[int], strength: float) -> Tensor:

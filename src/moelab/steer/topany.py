@@ -41,7 +41,7 @@ from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView
 from moelab.routing import Routing
 from moelab.run import next_token_nll
-from moelab.steer.edits import EditHandle, _install, _view, drop_slots, weak_slots
+from moelab.steer.edits import EditHandle, drop_slots, edit_view, install_edit, weak_slots
 
 
 class TopAnyGates(nn.Module):
@@ -107,14 +107,14 @@ def top_any_routing(gates: TopAnyGates, block: MoEBlockView, hidden_TH: Tensor, 
 
 def top_any(model: ModelView | nn.Module, gates: TopAnyGates, renormalize: bool = True) -> EditHandle:
     """Install the gates' pruning on every layer they have (hard mask unless ``gates.training``)."""
-    view = _view(model)
+    view = edit_view(model)
 
     def make(block: MoEBlockView, _):
         if str(block.layer) not in gates.weight or gates.weight[str(block.layer)].shape != block.router_weight.shape:
             raise MoelabError(f"top_any: layer {block.layer}: the gates were built for another model")
         return lambda block, hidden_TH, routing: (top_any_routing(gates, block, hidden_TH, routing, renormalize), {})
 
-    return _install(view, "top_any", {layer: None for layer in gates.layers}, make)
+    return install_edit(view, "top_any", {layer: None for layer in gates.layers}, make)
 
 
 @dataclass(frozen=True, kw_only=True)

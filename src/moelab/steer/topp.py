@@ -35,13 +35,13 @@ from moelab.models import ModelView, MoEBlockView
 from moelab.nn.routers.top_p import top_p_select
 from moelab.routing import Routing
 from moelab.steer.dyncount import per_layer_value, reselect_padded, router_probs
-from moelab.steer.edits import EditHandle, _chosen, _install, _view, drop_slots
+from moelab.steer.edits import EditHandle, chosen_experts, drop_slots, edit_view, install_edit
 
 
 def top_p_keep(block: MoEBlockView, routing: Routing, p: float, cap: int) -> Tensor:
     """``[T, K]`` bool: the slots of ``routing`` (the candidates) that top-p keeps."""
     E = block.num_experts
-    cand_TE = _chosen(routing, E)
+    cand_TE = chosen_experts(routing, E)
     q_TE = router_probs(block, routing.logits_TE) * cand_TE
     keep_TE = top_p_select(q_TE, p, cap) & cand_TE
     return keep_TE.gather(1, routing.ids_TK.clamp(0, E - 1)) & routing.real_mask()
@@ -64,7 +64,7 @@ def top_p(model: ModelView | nn.Module, p: float | Mapping[int, float], *, cap: 
           renormalize: bool = True) -> EditHandle:
     """Install top-p routing: ``p`` for every MoE layer, or ``{layer: p}``; ``cap`` (default: each
     block's top-k) bounds the experts per token. ``handle.active_experts()`` gives the average."""
-    view = _view(model)
+    view = edit_view(model)
 
     def make(block: MoEBlockView, p_):
         if isinstance(p_, bool) or not isinstance(p_, (int, float)) or not 0 < p_ <= 1:
@@ -75,7 +75,7 @@ def top_p(model: ModelView | nn.Module, p: float | Mapping[int, float], *, cap: 
                               f"got {c!r}")
         return lambda block, hidden_TH, routing: (top_p_routing(block, routing, float(p_), c, renormalize), {})
 
-    return _install(view, "top_p", per_layer_value(view, p), make)
+    return install_edit(view, "top_p", per_layer_value(view, p), make)
 
 
 def top_p_reference(probs_TE: Tensor, ids_TK: Tensor, real_TK: Tensor, p: float, cap: int) -> Tensor:

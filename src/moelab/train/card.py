@@ -141,7 +141,7 @@ def render_card(card: dict[str, Any]) -> str:
         _architecture(card),
         f"Parameters: {p['total'] / 1e6:.2f} M in all ({p['experts'] / 1e6:.2f} M in routed experts), "
         f"{p['active_per_token'] / 1e6:.2f} M active per token.", "",
-        *([f"Routed experts are ternary ({{-1, 0, +1}} times one scale per expert matrix, MoTE, arXiv:2506.14435), "
+        *(["Routed experts are ternary ({-1, 0, +1} times one scale per expert matrix, MoTE, arXiv:2506.14435), "
            "trained through a straight-through estimator (`moelab.nn.ternary`); the shared expert, routers and "
            "attention are full precision." + (f" Fine-tuned from `{tc['init_from']}`." if tc.get("init_from") else ""), ""]
           if tc.get("ternary_experts") else []),
