@@ -61,3 +61,17 @@ def test_bad_input(tiny_corpus, tmp_path):
     res = CliRunner().invoke(main, ["train", "--preset", "tiny-dense", "--corpus", str(tiny_corpus), "--out",
                                     str(tmp_path / "h"), "--ternary-experts", "--no-progress"])
     assert res.exit_code == 2 and "dense model has no experts" in res.output
+
+
+def test_training_on_the_moelab_experts_backend_matches_the_default_kernel(tiny_corpus, tmp_path):
+    """The same run on transformers' experts kernel and on moelab's backend: equal losses (float32,
+    summation order only: rel 1e-4 over 4 steps), and the choice does not change the fingerprint of
+    runs that never set it."""
+    losses = {}
+    for impl in ("transformers", "moelab"):
+        cfg = make_config("tiny-fine", corpus=tiny_corpus, steps=4, experts_implementation=impl)
+        losses[impl] = train(cfg, tmp_path / impl, progress=False).losses
+    assert losses["moelab"] == pytest.approx(losses["transformers"], rel=1e-4)
+    assert "experts_implementation" not in make_config("tiny", corpus=tiny_corpus).fingerprint("x")
+    with pytest.raises(MoelabError, match="experts_implementation: expected one of transformers, moelab"):
+        make_config("tiny", corpus=tiny_corpus, experts_implementation="nope")

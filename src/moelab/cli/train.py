@@ -44,6 +44,8 @@ def _corpus_default() -> Path:
 @click.option("--ternary-experts", is_flag=True, default=None,
               help="Train the routed experts ternary (MoTE: {-1,0,1} x scale through a straight-through "
                    "estimator); the export holds the ternary weights.")
+@click.option("--experts-implementation", type=click.Choice(["transformers", "moelab"]), default=None,
+              help="Experts kernel: the model's default (transformers) or moelab's experts backend.")
 @click.option("--init-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Start from this model folder's weights (same preset shapes), e.g. a shipped model.")
 @no_progress_option

@@ -36,7 +36,8 @@ from moelab.errors import MoelabError
 _RUN_ONLY_FIELDS = ("corpus", "checkpoint_every_s", "checkpoint_every_steps", "log_every", "eval_every", "threads")
 # fields added after runs were started: left out of the fingerprint at these values, so those runs still resume
 _LATER_FIELDS = {"arch": "qwen3_moe", "shared_experts": 0, "dense_layers": 0, "dense_ffn": 0, "bias_rate": 0.0,
-                 "ternary_experts": False, "init_from": None}
+                 "ternary_experts": False, "init_from": None, "experts_implementation": "transformers"}
+EXPERTS_IMPLEMENTATIONS = ("transformers", "moelab")
 ARCHS = ("qwen3_moe", "deepseek_v3", "qwen3")
 
 
@@ -50,7 +51,9 @@ class TrainConfig:
         expert_ffn, deepseek_v3), dense_layers (leading layers with a dense FFN, deepseek_v3),
         dense_ffn (width of a dense FFN; 0 = the active expert width ``expert_ffn * (top_k +
         shared_experts)``), seq_len (tokens per row, also max positions), ternary_experts (routed experts
-        trained ternary through a straight-through estimator, MoTE; see :mod:`moelab.nn.ternary`).
+        trained ternary through a straight-through estimator, MoTE; see :mod:`moelab.nn.ternary`),
+        experts_implementation (``transformers``: the model's default experts kernel; ``moelab``: moelab's
+        experts backend, :mod:`moelab.models.backend`; ternary experts always run on moelab's).
     Attributes (optimisation): batch_size (rows per step), steps, lr (peak), min_lr_ratio (cosine floor
         as a fraction of lr), warmup_steps, weight_decay, grad_clip, aux_coef (load-balancing loss
         weight: Switch loss for softmax routers, DeepSeek-V3's sequence-wise loss for sigmoid ones),
@@ -77,6 +80,7 @@ class TrainConfig:
     dense_ffn: int = 0
     seq_len: int = 256
     ternary_experts: bool = False
+    experts_implementation: str = "transformers"
     batch_size: int = 6
     steps: int = 12000
     lr: float = 3e-3
@@ -130,6 +134,8 @@ class TrainConfig:
 
         need(self.arch in ARCHS, f"arch: expected one of {', '.join(ARCHS)}, got {self.arch!r}")
         need(not (self.ternary_experts and self.arch == "qwen3"), "ternary_experts: a dense model has no experts")
+        need(self.experts_implementation in EXPERTS_IMPLEMENTATIONS, "experts_implementation: expected one of "
+             f"{', '.join(EXPERTS_IMPLEMENTATIONS)}, got {self.experts_implementation!r}")
         if self.arch != "deepseek_v3":
             need(self.shared_experts == 0 and self.dense_layers == 0 and self.bias_rate == 0,
                  "shared_experts, dense_layers and bias_rate: only deepseek_v3 has shared experts, "

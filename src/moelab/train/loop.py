@@ -177,6 +177,11 @@ def train(cfg: TrainConfig, run_dir: Path, stop_at: int | None = None, progress:
         init_weights(cfg, model)  # a resumed checkpoint overwrites these below
     if cfg.ternary_experts:
         use_ternary_experts(model)
+    elif cfg.experts_implementation == "moelab" and cfg.arch != "qwen3":
+        from moelab.models import open_model
+        from moelab.models.backend import enable_experts_backend
+
+        enable_experts_backend(open_model(model))
     opt = make_optimizer(cfg, model)
     gen = torch.Generator().manual_seed(cfg.seed)
     state, fingerprint = _prepare_run(cfg, run_dir, model, opt, gen)
