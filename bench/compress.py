@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _docs import replace_between  # bench/_docs.py: the script's folder is on sys.path
 from rich.console import Console
 from rich.table import Table
 
@@ -38,6 +39,7 @@ from moelab.compress.pipeline import compress
 from moelab.compress.registry import PLANNERS
 from moelab.compress.spec import CompressSpec
 from moelab.data import DEFAULT_MODEL, MODEL_NAMES
+from moelab.data.atomic import atomic_write_text
 
 MARK = "<!-- bench/compress.py: {} {} -->"  # (begin | end, section)
 DOMAIN_METHODS = ("easy-ep", "frequency")  # calibrated per domain as well
@@ -149,16 +151,11 @@ def write_doc(path: Path, section: str, body: str, title: str) -> None:
     """Replace ``section``'s text between its markers, or add it as a new ``## title`` before the notes."""
     begin, end = MARK.format("begin", section), MARK.format("end", section)
     old = path.read_text(encoding="utf-8") if path.is_file() else "# Compression methods on the shipped models\n\n## Notes\n"
-    block = f"{begin}\n{body}\n{end}"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
+    new = replace_between(old, begin, end, body)
+    if new is None:
         at = old.index("## Notes") if "## Notes" in old else len(old)
-        new = old[:at] + f"## {title}\n\n{block}\n\n" + old[at:]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
+        new = old[:at] + f"## {title}\n\n{begin}\n{body}\n{end}\n\n" + old[at:]
+    atomic_write_text(path, new)
 
 
 def main() -> None:
@@ -211,10 +208,7 @@ def main() -> None:
         table.add_row(r["method"], r["label"] or "all", f"{r['ratio']:.2f}",
                       *[f"{r['perplexity'][d]:.2f}" for d in streams], f"{statistics.mean(r['kl'].values()):.3f}")
     Console().print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "original": original, "rows": rows}, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps({"meta": meta, "original": original, "rows": rows}, indent=1) + "\n")
     write_doc(args.doc, name, markdown(rows, original, meta), f"The {name} model")
     results = {f.stem.removeprefix("compress-"): json.loads(f.read_text(encoding="utf-8"))
                for f in sorted(args.out.parent.glob("compress-*.json"))}

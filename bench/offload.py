@@ -44,6 +44,7 @@ from rich.table import Table
 
 from moelab.analysis.cache_policy import ONLINE, ORACLES, replay
 from moelab.data import default_corpus, default_model
+from moelab.data.atomic import atomic_write_text
 from moelab.data.corpus import read_split
 from moelab.data.sources import DOMAINS
 from moelab.models import open_model
@@ -226,10 +227,7 @@ def write_markdown(result: dict, out: Path) -> None:
               f"{meta['reps']} runs on a machine shared with other jobs, so expect noise (rows faster than "
               "the resident model show it: only the hit rates and bytes are stable). Not measured "
               "here: the issue's multi-GB generated checkpoints.", ""]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(out)
+    atomic_write_text(out, "\n".join(lines))
 
 
 def main() -> None:
@@ -267,10 +265,7 @@ def main() -> None:
     print_tables(replayed, runtime, console)
     console.print(f"{meta['command']} | {meta['machine']} | {meta['date']} | replay {meta['seconds']['replay']} s, "
                   f"runtime {meta['seconds']['runtime']} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(result, indent=2))
     write_markdown(result, args.md)
 
 

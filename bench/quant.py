@@ -49,6 +49,7 @@ from moelab.compress.quant import (
     quantize_experts,
 )
 from moelab.compress.quant.checkpoint import checkpoint_bytes, save_quantized
+from moelab.data.atomic import atomic_write_text
 from moelab.models import open_model
 from moelab.run.evaluate import encode_split, eval_windows
 from moelab.run.loss import next_token_nll
@@ -189,10 +190,7 @@ def write_doc(path: Path, table: str) -> None:
         new = old[:old.index(BEGIN)] + table + old[old.index(END) + len(END):]
     else:
         new = "# Quantised experts on the embedded default model\n\n" + table + "\n\n## Notes\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, new)
 
 
 def main() -> None:
@@ -251,11 +249,8 @@ def main() -> None:
                       *[f"{r['perplexity'][d]:.3f}" for d in streams], f"{statistics.mean(r['kl'].values()):.4f}",
                       f"{r['routing_agreement_mean']:.3f}", f"{r['bytes'] / 1e6:.2f}")
     Console().print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "original": original, "calibration": cal, "rows": rows}, indent=1)
-                   + "\n", encoding="utf-8")
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, json.dumps({"meta": meta, "original": original, "calibration": cal, "rows": rows},
+                                           indent=1) + "\n")
     write_doc(args.doc, markdown(rows, original, meta, cal))
     print(f"wrote {args.out} and {args.doc}")
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import moelab
+from moelab.data.atomic import atomic_write_text
 from moelab.models import load_checkpoint, open_model
 from moelab.nn.ternary import ternarize_experts
 from moelab.run.evaluate import (
@@ -104,11 +105,8 @@ def write(args, rows: dict, minutes: dict) -> None:
         doc += old[old.index("\n## Notes"):]
     out = {"when": when, "steps": args.steps, "lr": args.lr, "eval_tokens": args.eval_tokens, "rows": rows,
            "step_minutes": minutes}
-    for path, text in ((args.out, json.dumps(out, indent=1) + "\n"), (args.doc, doc)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+    atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+    atomic_write_text(args.doc, doc)
     print(doc)
 
 

@@ -32,9 +32,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _docs import replace_between  # bench/_docs.py: the script's folder is on sys.path
 
 import moelab
 from moelab.data import DEFAULT_MODEL, MODEL_NAMES
+from moelab.data.atomic import atomic_write_text
 from moelab.data.streams import encode_split
 from moelab.models import open_model
 from moelab.steer._fit import FitConfig
@@ -170,13 +172,10 @@ def write(args, meta: dict, rows: dict, domains: list[str]) -> None:
     begin, end = "<!-- bench/test_time_routing.py: begin -->", "<!-- bench/test_time_routing.py: end -->"
     old = args.doc.read_text(encoding="utf-8") if args.doc.is_file() else (
         "# Test-time routing on the shipped default model\n\n" + begin + "\n" + end + "\n\n## Notes\n")
-    doc = old[:old.index(begin) + len(begin)] + "\n" + body + "\n" + old[old.index(end):]
+    doc = replace_between(old, begin, end, body)
     out = {"meta": meta, "rows": [{"domain": d, "method": m, **v} for (d, m), v in rows.items()], "closed": closed}
-    for path, text in ((args.out, json.dumps(out, indent=1) + "\n"), (args.doc, doc)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+    atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")
+    atomic_write_text(args.doc, doc)
     print(body)
 
 

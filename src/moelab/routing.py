@@ -62,6 +62,14 @@ class Routing:
         keep = self.real_mask()
         return torch.bincount(self.ids_TK[keep], minlength=e)[:e]
 
+    def dense_weights(self, num_experts: int | None = None) -> Tensor:
+        """[T,E] combine weights (0 for experts a token's real slots did not pick), in the weights'
+        dtype and differentiable in them."""
+        e = self.num_experts if num_experts is None else num_experts
+        w_TK = self.weights_TK.masked_fill(~self.real_mask(), 0)
+        ids_TK = self.ids_TK.clamp(0, e - 1)  # a switched-off slot's id may be -1; its weight is 0
+        return torch.zeros(ids_TK.shape[0], e, dtype=w_TK.dtype, device=w_TK.device).scatter_add(1, ids_TK, w_TK)
+
     def masked_ids(self) -> Tensor:
         """``ids_TK`` with -1 in switched-off slots (the trace's convention)."""
         if self.mask_TK is None:

@@ -97,7 +97,7 @@ def generate_command(model: Path | None, prompt: str, max_new_tokens: int, tempe
     if expert_budget is not None:
         from moelab.offload import offload_model
 
-        _, offloaded = offload_model(model, budget=_budget(expert_budget), policy=policy)
+        _, offloaded = offload_model(model, budget=expert_budget, policy=policy)
         view = offloaded.view
     else:
         view = open_model(model)
@@ -130,11 +130,6 @@ def generate_command(model: Path | None, prompt: str, max_new_tokens: int, tempe
             click.echo(f"experts: hit rate {st.hit_rate:.3f} ({st.hits} hits, {st.misses} misses), "
                        f"{st.bytes_read / 2**20:.1f} MiB read, peak resident {st.peak_resident_bytes / 2**20:.1f} MiB "
                        f"of {st.budget_bytes / 2**20:.1f} MiB", err=True)
-
-
-def _budget(text: str):
-    """``--expert-budget``: bytes as an int when it is one, else the text (``64MiB``, ``25%``)."""
-    return int(text) if text.isdigit() else text
 
 
 def _scorer(view, decode: str, alpha: float, beta: float, rank: int | None, every: int):

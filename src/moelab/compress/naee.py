@@ -50,6 +50,7 @@ from moelab.models import (
     reference_forward,
     reference_route,
 )
+from moelab.routing import Routing
 from moelab.steer.edits import EditHandle, skip_below
 
 CHUNK_ELEMENTS = 1 << 24  # expert outputs [T_chunk, E, H] / Grams [T_chunk, E, E] held at once (float64: 128 MiB)
@@ -68,8 +69,7 @@ def _cpu_block(block: MoEBlockView) -> MoEBlockView:
 
 def dense_weights(ids_TK: Tensor, w_TK: Tensor, num_experts: int) -> Tensor:
     """The combine weights as a dense ``[T, E]`` float64 matrix (0 for experts a token did not pick)."""
-    return torch.zeros(ids_TK.shape[0], num_experts, dtype=torch.float64).scatter_add_(
-        1, ids_TK, w_TK.to(torch.float64))
+    return Routing(None, ids_TK, w_TK.to(torch.float64)).dense_weights(num_experts)
 
 
 class SubsetLoss:

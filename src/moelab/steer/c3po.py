@@ -39,7 +39,6 @@ from torch import Tensor, nn
 
 from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView
-from moelab.routing import Routing
 from moelab.run.loss import next_token_nll
 from moelab.steer._fit import FitConfig, FitReport, minimise
 from moelab.steer.edits import EditHandle, edit_view, install_edit
@@ -88,18 +87,11 @@ def critical_layers(view: ModelView, cfg: C3POConfig) -> list[int]:
     return [b.layer for b in view.blocks][-cfg.critical_layers:]
 
 
-def _dense(routing: Routing, num_experts: int) -> Tensor:
-    """``[T, E]`` combine weights, switched-off slots as 0."""
-    w_TK = routing.weights_TK.masked_fill(~routing.real_mask(), 0)
-    ids_TK = routing.ids_TK.clamp(0, num_experts - 1)
-    return torch.zeros(ids_TK.shape[0], num_experts, dtype=w_TK.dtype, device=w_TK.device).scatter_add(1, ids_TK, w_TK)
-
-
 def profile(view: ModelView, ids_NS: Tensor, layers: list[int]) -> tuple[Tensor, dict[int, Tensor], Tensor]:
     """``(embed_ND, weights {layer: [N, E]}, loss_N)`` of every sample, under the current edits."""
     seen: dict[int, Tensor] = {}
     handles = [view.block(layer).register_routing_hook(
-        lambda ev, layer=layer: seen.__setitem__(layer, _dense(ev.routing, view.block(layer).num_experts)))
+        lambda ev, layer=layer: seen.__setitem__(layer, ev.routing.dense_weights(view.block(layer).num_experts)))
         for layer in layers]
     try:
         with torch.no_grad():
@@ -155,7 +147,7 @@ def remixed(model: ModelView | nn.Module, targets: dict[int, tuple[Tensor, Tenso
             raise MoelabError(f"C3PO: layer {block.layer}: omega and core must have shape [E={block.num_experts}]")
 
         def body(block, hidden_TH, routing):
-            d_TE = _dense(routing, block.num_experts)
+            d_TE = routing.dense_weights(block.num_experts)
             mixed_TE = d_TE + mix * core.to(d_TE.dtype) * (omega.to(d_TE.dtype) - d_TE)
             w_TK, ids_TK = mixed_TE.topk(routing.ids_TK.shape[1], dim=-1)
             total_T1 = d_TE.sum(-1, keepdim=True)

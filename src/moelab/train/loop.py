@@ -91,13 +91,16 @@ def init_weights(cfg: TrainConfig, model: torch.nn.Module) -> None:
     model.load_state_dict(source)
 
 
-def use_ternary_experts(model: torch.nn.Module) -> None:
-    """Run the routed experts through the experts backend with the straight-through ternary provider."""
+def use_experts_backend(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """Run the routed experts on moelab's experts backend where the config asks for it: with the
+    straight-through ternary provider for ``ternary_experts``, else the model's own weights."""
+    if not (cfg.ternary_experts or (cfg.experts_implementation == "moelab" and cfg.arch != "qwen3")):
+        return
     from moelab.models import open_model
     from moelab.models.backend import enable_experts_backend
     from moelab.nn.ternary import ternary_provider
 
-    enable_experts_backend(open_model(model), ternary_provider)
+    enable_experts_backend(open_model(model), ternary_provider if cfg.ternary_experts else None)
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.AdamW:
@@ -175,13 +178,7 @@ def train(cfg: TrainConfig, run_dir: Path, stop_at: int | None = None, progress:
     model = build_model(cfg, tok.get_vocab_size(), eos_id(tok))
     if cfg.init_from:
         init_weights(cfg, model)  # a resumed checkpoint overwrites these below
-    if cfg.ternary_experts:
-        use_ternary_experts(model)
-    elif cfg.experts_implementation == "moelab" and cfg.arch != "qwen3":
-        from moelab.models import open_model
-        from moelab.models.backend import enable_experts_backend
-
-        enable_experts_backend(open_model(model))
+    use_experts_backend(cfg, model)
     opt = make_optimizer(cfg, model)
     gen = torch.Generator().manual_seed(cfg.seed)
     state, fingerprint = _prepare_run(cfg, run_dir, model, opt, gen)
