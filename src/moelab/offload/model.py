@@ -57,8 +57,9 @@ class OffloadedExperts:
     """
 
     def __init__(self, store: ExpertStore, cache: ExpertCache, view: ModelView,
-                 prefetcher: Any = None, handles: list | None = None) -> None:
+                 prefetcher: Any = None, handles: list | None = None, provider: Any = None) -> None:
         self.store, self.cache, self.view, self.prefetcher = store, cache, view, prefetcher
+        self.provider = provider  # the experts backend's weights provider
         self.handles = handles or []  # routing hooks feeding the cache's hints
 
     def stats(self) -> CacheStats:
@@ -91,7 +92,8 @@ def min_budget_bytes(store: ExpertStore, view: ModelView) -> int:
 
 def offload_model(path: str | Path, budget: int | float | str = 0.25, policy: str = "lru", *,
                   dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                  prefetch: bool = False, predictor: Any = None) -> tuple[nn.Module, OffloadedExperts]:
+                  prefetch: bool = False, predictor: Any = None,
+                  fiddler: Any = None) -> tuple[nn.Module, OffloadedExperts]:
     """Open the checkpoint at ``path`` with its experts offloaded: ``(model, experts)``.
 
     ``model`` is a normal transformers causal LM (call it, ``generate()`` with it); its non-expert
@@ -102,7 +104,10 @@ def offload_model(path: str | Path, budget: int | float | str = 0.25, policy: st
     ``device``: where the model runs (default CPU); ``prefetch``: read the next MoE layer's
     likely experts on a background thread (:mod:`moelab.offload.prefetch`); ``predictor``: a trained
     :class:`~moelab.offload.predictor.ExpertPredictor` (ExpertFlow), which then predicts the
-    prefetched experts and, with ``policy="predictive"`` (which needs it), hints the cache.
+    prefetched experts and, with ``policy="predictive"`` (which needs it), hints the cache;
+    ``fiddler``: a :class:`~moelab.offload.fiddler.LatencyModel`: each missed expert is moved into
+    the cache or run on the CPU copy of the experts, as it decides (:mod:`moelab.offload.fiddler`;
+    ``experts.provider.stats`` counts the decisions). Not with ``prefetch``.
 
     Raises CheckpointError (a truncated file, a missing expert tensor, a config contradicting the
     weights), UnsupportedModelError, MoelabError (a budget below one layer's top-k experts, naming
@@ -111,6 +116,9 @@ def offload_model(path: str | Path, budget: int | float | str = 0.25, policy: st
     from moelab.models.open import view_model
 
     path = Path(path)
+    if fiddler is not None and prefetch:
+        raise MoelabError("fiddler= and prefetch=True: choose one (Fiddler decides per missed expert "
+                          "at the time it is needed)")
     if policy == "predictive" and predictor is None:
         raise MoelabError("policy 'predictive' needs predictor= (a trained "
                           "moelab.offload.predictor.ExpertPredictor)")
@@ -125,13 +133,19 @@ def offload_model(path: str | Path, budget: int | float | str = 0.25, policy: st
 
         prefetcher = Prefetcher(view, cache, predictor) if prefetch else None
         handles = install_hints(view, cache, predictor) if policy == "predictive" else []
-        provider = OffloadProvider(cache, prefetcher.after_fetch if prefetcher else None)
+        if fiddler is not None:
+            from moelab.offload.fiddler import FiddlerProvider, HostExperts
+
+            provider = FiddlerProvider(cache, HostExperts(store), fiddler)
+            handles += provider.attach(view)
+        else:
+            provider = OffloadProvider(cache, prefetcher.after_fetch if prefetcher else None)
         enable_experts_backend(view, provider)
     except BaseException:
         store.close()
         raise
     _generation_config(model, path)
-    return model.eval(), OffloadedExperts(store, cache, view, prefetcher, handles)
+    return model.eval(), OffloadedExperts(store, cache, view, prefetcher, handles, provider)
 
 
 @torch.no_grad()
