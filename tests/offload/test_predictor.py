@@ -142,3 +142,13 @@ def test_prefetch_with_the_predictor_is_exact(tiny_dirs):
             assert torch.equal(experts.view.model.generate(ids, max_new_tokens=6, do_sample=False),
                                resident.model.generate(ids, max_new_tokens=6, do_sample=False))
         assert experts.stats().prefetched > 0 and experts.prefetcher.quality.predicted > 0
+
+
+def test_hint_extra_names_more_experts():
+    train = _synthetic(300, 0)
+    base = train_predictor(train, PredictorConfig(steps=20))
+    wide = train_predictor(train, PredictorConfig(steps=20, hint_extra=3))
+    x = train.hidden[0][:1]
+    narrow, more = predicted_keys(base, 0, x), predicted_keys(wide, 0, x)
+    assert len(narrow) == 2 and len(more) == 5 and set(narrow) <= set(more)  # same heads (same seed)
+    assert wide.predict(0, x, (1, 0), extra=100).shape == (1, 8)  # capped at E

@@ -45,13 +45,16 @@ class PredictorConfig:
     """How the heads are built and trained.
 
     horizon: MoE blocks ahead each source block predicts (1 = the next one); next_token: also
-    predict the next token's experts in this and the earlier MoE layers; hidden: width F of
+    predict the next token's experts in this and the earlier MoE layers; hint_extra: experts
+    beyond each target's top-k that a cache hint names (:func:`predicted_keys`: more recall, less
+    precision); hidden: width F of
     the head's one hidden layer (0 = a linear head); steps: Adam steps per head over mini-batches of
     ``batch_tokens`` tokens; lr, weight_decay: Adam's; seed: the heads' initialisation and batches.
     """
 
     horizon: int = 1
     next_token: bool = False
+    hint_extra: int = 0
     hidden: int = 0
     steps: int = 300
     batch_tokens: int = 2048
@@ -60,6 +63,8 @@ class PredictorConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.hint_extra < 0:
+            raise MoelabError(f"PredictorConfig.hint_extra: expected >= 0, got {self.hint_extra}")
         for name in ("horizon", "steps", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise MoelabError(f"PredictorConfig.{name}: expected >= 1, got {getattr(self, name)}")
@@ -185,9 +190,10 @@ class ExpertPredictor(nn.Module):
         head = self.heads[key]
         return head(x_TH.reshape(-1, x_TH.shape[-1]).to(head.mean_H.device))
 
-    def predict(self, src: int, x_TH: Tensor, target: Target) -> Tensor:
-        """``[T, K]`` the K experts of ``target`` with the highest scores, per token."""
-        return self.logits(src, x_TH, target).topk(self.top_k[target[0]], dim=-1).indices
+    def predict(self, src: int, x_TH: Tensor, target: Target, extra: int = 0) -> Tensor:
+        """``[T, K + extra]`` the experts of ``target`` with the highest scores, per token."""
+        z_TE = self.logits(src, x_TH, target)
+        return z_TE.topk(min(self.top_k[target[0]] + extra, z_TE.shape[-1]), dim=-1).indices
 
 
 def _targets(routes: Routes, i: int, cfg: PredictorConfig) -> list[Target]:
@@ -247,10 +253,11 @@ def route_steps(routes: Routes) -> list[list[tuple[int, int]]]:
 def predicted_keys(predictor: ExpertPredictor, src: int, x_TH: Tensor) -> list[tuple[int, int]]:
     """The distinct ``(layer, expert)`` the predictor expects the steps after MoE layer ``src`` to
     use for tokens ``x_TH`` (this token's later layers; with ``next_token`` the next token's layers
-    up to ``src``): a predictive cache's hint."""
+    up to ``src``), each target's top-k plus ``config.hint_extra``: a predictive cache's hint."""
     keys: set[tuple[int, int]] = set()
+    extra = predictor.config.hint_extra
     for target in predictor.targets(src):
-        keys.update((target[0], int(e)) for e in predictor.predict(src, x_TH, target).unique().tolist())
+        keys.update((target[0], int(e)) for e in predictor.predict(src, x_TH, target, extra).unique().tolist())
     return sorted(keys)
 
 

@@ -133,8 +133,10 @@ def fit_predictor(path: Path, corpus: Path, tokens: int, config: Any = None,
                                                                   seq_len=seq_len))
     finally:
         experts.close()
-    depth = len(routes.layers)
-    return train_predictor(routes, config or PredictorConfig(horizon=depth, next_token=True))
+    # every later layer and the next token; hints name 2x each target's top-k (bench/offload.py)
+    cfg = config or PredictorConfig(horizon=len(routes.layers), next_token=True,
+                                    hint_extra=max(routes.top_k.values()))
+    return train_predictor(routes, cfg)
 
 
 __all__ = ["DecodeBenchConfig", "decode_bench", "decode_stream", "fit_predictor", "split_texts", "stream_ids"]
