@@ -36,6 +36,7 @@ from moelab.errors import MoelabError
 from moelab.models.backend import PlacedWeights, spec_for
 from moelab.models.view import ModelView, MoEBlockView, RoutingEvent
 from moelab.offload.cache import ExpertCache
+from moelab.offload.model import rows_to_weights
 from moelab.offload.store import ExpertStore
 
 
@@ -149,19 +150,14 @@ class FiddlerProvider:
         parts = []
         if fast:
             rows = self.cache.fetch(layer, [ids[p] for p in fast])
-            parts.append((_weights(block, rows), fast))
+            parts.append((rows_to_weights(block, rows), fast))
         if cpu:
-            parts.append((_weights(block, [self.host.rows(layer, ids[p]) for p in cpu]), cpu))
+            parts.append((rows_to_weights(block, [self.host.rows(layer, ids[p]) for p in cpu]), cpu))
         return PlacedWeights(parts)
 
 
 def _element_size(block: MoEBlockView) -> int:
     return block.module.get_parameter(spec_for(block).params[0]).element_size()
-
-
-def _weights(block: MoEBlockView, rows: list[dict[str, Tensor]]):
-    spec = spec_for(block)
-    return spec.from_params(block, {n: torch.cat([r[n] for r in rows]) for n in spec.params})
 
 
 __all__ = ["FiddlerProvider", "FiddlerStats", "HostExperts", "LatencyModel", "measure_cpu_flops"]

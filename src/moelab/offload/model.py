@@ -41,10 +41,15 @@ class OffloadProvider:
         rows = self.cache.fetch(block.layer, expert_ids_n.tolist())
         if self.after_fetch is not None:
             self.after_fetch(block, expert_ids_n)
-        spec = spec_for(block)
-        device = block.router_weight.device
-        tensors = {name: torch.cat([r[name] for r in rows]).to(device) for name in spec.params}
-        return spec.from_params(block, tensors)
+        return rows_to_weights(block, rows, block.router_weight.device)
+
+
+def rows_to_weights(block: MoEBlockView, rows: list[dict[str, Tensor]], device: Any = None) -> ExpertWeights:
+    """The :class:`ExpertWeights` of n experts from their rows (``ExpertStore.read``), in order,
+    on ``device`` (default: where the rows are)."""
+    spec = spec_for(block)
+    tensors = {name: torch.cat([r[name] for r in rows]).to(device) for name in spec.params}
+    return spec.from_params(block, tensors)
 
 
 class OffloadedExperts:
@@ -202,4 +207,4 @@ def _generation_config(model: nn.Module, path: Path) -> None:
             raise CheckpointError(f"{path / 'generation_config.json'}: cannot be read: {err}") from err
 
 
-__all__ = ["OffloadProvider", "OffloadedExperts", "min_budget_bytes", "offload_model"]
+__all__ = ["OffloadProvider", "OffloadedExperts", "min_budget_bytes", "offload_model", "rows_to_weights"]
