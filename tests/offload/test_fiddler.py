@@ -51,7 +51,8 @@ def test_fiddler_outputs_equal_the_resident_model(tiny_dirs, family):
         assert torch.equal(model.generate(ids[:1], max_new_tokens=6, do_sample=False), want_gen)
     st = experts.provider.stats
     assert st.cpu_runs > 0 and st.moved > 0  # both branches taken
-    assert all(cpu == (n <= 2) for _, _, n, cpu in st.decisions)  # as the latency model says
+    assert all(cpu == (n <= 2) for n, cpu in st.decisions)  # as the latency model says
+    assert sum(c for (_, cpu), c in st.decisions.items() if cpu) == st.cpu_runs
     s = experts.stats()
     assert s.misses == st.moved and s.peak_resident_bytes <= budget
     experts.close()
@@ -78,3 +79,34 @@ def test_fiddler_extremes(tiny_dirs):
         offload_model(path, budget=budget, fiddler=fast, prefetch=True)
     for e in (ex, ex2, ex3):
         e.close()
+
+
+@pytest.mark.parametrize("family", ["Mixtral", "GPT-OSS", "DBRX"])
+def test_placed_weights_equal_the_backends_own_parameters(tiny_dirs, family):
+    """PlacedWeights (two parts, experts alternating) == the per-expert loop on the model's own
+    parameters (float64); a part missing an expert is a clear error."""
+    from moelab.errors import MoelabError
+    from moelab.models.backend import PlacedWeights, enable_experts_backend, own_params, spec_for
+
+    path = tiny_dirs[family]
+    ref = open_model(path, dtype=torch.float64, experts_implementation="moelab")
+    view = open_model(path, dtype=torch.float64)
+
+    def placed(block, ids_n, drop=False):
+        spec = spec_for(block)
+        own = own_params(block, spec.params)
+        r = own[spec.params[0]].shape[0] // block.num_experts
+        parts = []
+        for positions in ([p for p in range(len(ids_n)) if p % 2 == 0], [p for p in range(len(ids_n)) if p % 2]):
+            if positions and not (drop and positions[0] == 1):
+                rows = torch.cat([torch.arange(int(ids_n[p]) * r, (int(ids_n[p]) + 1) * r) for p in positions])
+                parts.append((spec.from_params(block, {n: t[rows] for n, t in own.items()}), positions))
+        return PlacedWeights(parts)
+
+    enable_experts_backend(view, placed)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(view.model(ids).logits, ref.model(ids).logits)
+        enable_experts_backend(view, lambda b, n: placed(b, n, drop=True))
+        with pytest.raises(MoelabError, match="PlacedWeights: the parts cover experts"):
+            view.model(ids)

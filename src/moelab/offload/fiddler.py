@@ -105,7 +105,7 @@ class FiddlerStats:
     moved: int = 0
     cpu_runs: int = 0
     cpu_tokens: int = 0
-    decisions: list[tuple[int, int, int, bool]] = field(default_factory=list)  # (layer, e, tokens, cpu)
+    decisions: dict[tuple[int, bool], int] = field(default_factory=dict)  # (tokens, on CPU) -> misses
 
 
 class FiddlerProvider:
@@ -141,7 +141,8 @@ class FiddlerProvider:
                 continue
             on_cpu = self.latency.run_on_cpu(tokens.get(e, 0), size, flops)
             (cpu if on_cpu else fast).append(p)
-            self.stats.decisions.append((layer, e, tokens.get(e, 0), on_cpu))
+            d = self.stats.decisions
+            d[(tokens.get(e, 0), on_cpu)] = d.get((tokens.get(e, 0), on_cpu), 0) + 1
             if on_cpu:
                 self.stats.cpu_runs += 1
                 self.stats.cpu_tokens += tokens.get(e, 0)
