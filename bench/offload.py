@@ -20,6 +20,10 @@
    Expert reads come from the page cache here (a 9 MB checkpoint): the tokens/s measure the
    runtime's overhead, not disk I/O.
 
+3. **ExpertFlow** (``bench/_offload_predictor.py``; ``--part predictor`` runs only it and replaces
+   only its key of the JSON and its marked section of the Markdown): the expert predictor's
+   precision/recall, the predictive cache's hit rates, its runtime at 2x and token scheduling.
+
 Writes ``bench/results/offload.json`` and ``docs/results/offload.md`` (``--out`` / ``--md``).
 Not measured here: the issue's multi-GB generated checkpoints (decode speed at 10-100 % budgets,
 peak RSS of inspect/trace/prune); this benchmark stays on the shipped model.
