@@ -2,7 +2,7 @@
 
 Shape legend: T tokens, K top-k, n experts one block needs in one forward.
 
-Kamahori, Tang, Gu, Zhu, Hou, Ding, Tang and Kasikci 2024, "Fiddler: CPU-GPU Orchestration for Fast
+Kamahori, Tang, Gu, Zhu and Kasikci 2024, "Fiddler: CPU-GPU Orchestration for Fast
 Inference of Mixture-of-Experts Models" (arXiv 2402.07033): all experts stay in host memory; the
 fast tier (GPU) caches some; when a forward needs an expert the fast tier lacks, either its
 weights are copied over (then it runs there) or its few input rows are sent to the CPU, which runs
