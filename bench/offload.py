@@ -20,6 +20,10 @@
    Expert reads come from the page cache here (a 9 MB checkpoint): the tokens/s measure the
    runtime's overhead, not disk I/O.
 
+3. **ExpertFlow** (``bench/_offload_predictor.py``; ``--part predictor`` runs only it and replaces
+   only its key of the JSON and its marked section of the Markdown): the expert predictor's
+   precision/recall, the predictive cache's hit rates, its runtime at 2x and token scheduling.
+
 Writes ``bench/results/offload.json`` and ``docs/results/offload.md`` (``--out`` / ``--md``).
 Not measured here: the issue's multi-GB generated checkpoints (decode speed at 10-100 % budgets,
 peak RSS of inspect/trace/prune); this benchmark stays on the shipped model.
@@ -37,6 +41,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import _offload_predictor  # bench/_offload_predictor.py: the script's folder is on sys.path
 import numpy as np
 import torch
 from rich.console import Console
@@ -238,9 +243,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/offload.json")
     ap.add_argument("--md", type=Path, default=ROOT / "docs/results/offload.md")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--part", choices=("all", "predictor"), default="all",
+                    help="predictor: only the ExpertFlow section (bench/_offload_predictor.py)")
     args = ap.parse_args()
     torch.manual_seed(0)
     path = default_model()
+    if args.part == "predictor":
+        return predictor_part(path, args)
     view = open_model(path)
     b = view.blocks[0]
     t0 = time.perf_counter()
@@ -260,13 +269,34 @@ def main() -> None:
         "requests": len(info["request_starts"]), "reps": args.reps,
         "seconds": {"replay": round(t1 - t0, 1), "runtime": round(t2 - t1, 1)}, **rt_info,
     }
-    result = {"meta": meta, "replay": replayed, "runtime": runtime}
+    result = {"meta": meta, "replay": replayed, "runtime": runtime,
+              "predictor": _offload_predictor.run(path, args.max_tokens, args.decode_tokens)}
     console = Console(width=160)
     print_tables(replayed, runtime, console)
     console.print(f"{meta['command']} | {meta['machine']} | {meta['date']} | replay {meta['seconds']['replay']} s, "
                   f"runtime {meta['seconds']['runtime']} s")
     atomic_write_text(args.out, json.dumps(result, indent=2))
     write_markdown(result, args.md)
+    _offload_predictor.write_section(args.md, result["predictor"], meta)
+
+
+def _meta(args: argparse.Namespace) -> dict:
+    return {"command": "python bench/offload.py" + (f" --max-tokens {args.max_tokens}" if args.max_tokens != 8192 else "")
+            + (f" --decode-tokens {args.decode_tokens}" if args.decode_tokens != 300 else ""),
+            "machine": f"{platform.machine()} {platform.processor() or platform.system()}, {os.cpu_count()} CPUs, "
+                       f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def predictor_part(path: Path, args: argparse.Namespace) -> None:
+    """Only the ExpertFlow section: its key of the JSON and its part of the Markdown are replaced."""
+    meta = _meta(args)
+    pred = _offload_predictor.run(path, args.max_tokens, args.decode_tokens)
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    result["predictor"] = {**pred, "meta": meta}
+    atomic_write_text(args.out, json.dumps(result, indent=2))
+    _offload_predictor.write_section(args.md, pred, meta)
+    Console(width=160).print(_offload_predictor.markdown(pred, meta))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ Priorities (higher = kept longer), ties broken by the last use:
   past matrix and ``n`` the current request's uses so far (the pooled past when nothing matches
   yet), then last use. :meth:`CachePolicy.new_request` marks a request boundary.
 
+- ``"predictive"`` (ExpertFlow's predictive cache: He et al. 2024, arXiv 2410.17954): the keys the
+  latest :meth:`CachePolicy.hint` named (the experts an :mod:`moelab.offload.predictor` expects
+  the next MoE layers to use) are kept over the others; within each group, LRFU. Without hints it
+  is LRFU.
+
 ``belady`` and ``lrc`` look into the future: they need the steps (``future=``) and serve as bounds.
 """
 
@@ -49,6 +54,7 @@ from dataclasses import dataclass, field
 Key = Hashable
 
 ONLINE = ("lru", "lfu", "lrfu", "activation")
+PREDICTIVE = ("predictive",)  # online, fed by a predictor's hints
 ORACLES = ("belady", "lrc")
 POLICIES = ("lrc", "lru", "lfu", "belady")  # the analysis curves' policies (vectorised in cache.py)
 
@@ -73,6 +79,10 @@ class CachePolicy:
 
     def new_request(self) -> None:
         """A new request (prompt) starts; only request-aware policies care."""
+
+    def hint(self, keys: Sequence[Key]) -> None:
+        """The keys predicted to be used next (replacing the previous hint); only predictive
+        policies care."""
 
 
 class LRU(CachePolicy):
@@ -118,6 +128,22 @@ class LRFU(CachePolicy):
 
     def priority(self, key: Key, step: int, done: set) -> tuple[float, int]:
         return (self._decayed(key, step), self.last.get(key, 0))
+
+
+class Predictive(LRFU):
+    """Predicted keys are kept over the others; LRFU within each group (ExpertFlow)."""
+
+    name = "predictive"
+
+    def __init__(self, half_life: float = 24.0) -> None:
+        super().__init__(half_life)
+        self.predicted: frozenset = frozenset()
+
+    def hint(self, keys: Sequence[Key]) -> None:
+        self.predicted = frozenset(keys)
+
+    def priority(self, key: Key, step: int, done: set) -> tuple[bool, float, int]:
+        return (key in self.predicted, *super().priority(key, step, done))
 
 
 class ActivationAware(CachePolicy):
@@ -219,8 +245,8 @@ def make_policy(name: str, future: Sequence[Sequence[Key]] | None = None, seg_le
                 half_life: float = 24.0) -> CachePolicy:
     """The policy called ``name`` (:data:`ONLINE` or :data:`ORACLES`); ``future`` (the steps) for
     the oracles, ``seg_len`` for LRC, ``half_life`` (steps) for LRFU."""
-    if name not in ONLINE + ORACLES:
-        raise ValueError(f"policy must be one of {ONLINE + ORACLES}, got {name!r}")
+    if name not in ONLINE + PREDICTIVE + ORACLES:
+        raise ValueError(f"policy must be one of {ONLINE + PREDICTIVE + ORACLES}, got {name!r}")
     if name in ORACLES:
         if future is None:
             raise ValueError(f"policy {name!r} looks into the future: it needs the steps (future=), "
@@ -228,6 +254,8 @@ def make_policy(name: str, future: Sequence[Sequence[Key]] | None = None, seg_le
         return Belady(future) if name == "belady" else LRC(future, seg_len)
     if name == "lrfu":
         return LRFU(half_life)
+    if name == "predictive":
+        return Predictive(half_life)
     if name == "activation":
         return ActivationAware()
     return LFU() if name == "lfu" else LRU()
@@ -328,11 +356,13 @@ class ReplayStats:
 def replay(steps: Sequence[Sequence[Key]], capacity: int, policy: str | CachePolicy = "lru", *,
            size: Callable[[Key], int] | None = None, seg_len: int = 16, half_life: float = 24.0,
            warm_start: bool = False, request_starts: Sequence[int] = (),
-           protect_step: bool = True) -> ReplayStats:
+           protect_step: bool = True, hints: Sequence[Sequence[Key] | None] | None = None) -> ReplayStats:
     """Replay ``steps`` through an empty :class:`KeyCache` of ``capacity``.
 
     ``request_starts``: the steps where a new request begins (:meth:`CachePolicy.new_request`);
-    ``protect_step``: see :class:`KeyCache` (True: the runtime's rule).
+    ``protect_step``: see :class:`KeyCache` (True: the runtime's rule); ``hints[t]``: the keys
+    predicted before step t (:meth:`CachePolicy.hint`; None keeps the previous hint), as a runtime
+    predictor gives them.
 
     ``warm_start`` (moe-lrc's convention): the cache is taken to start filled with the first keys
     to appear, so a first-time miss counts as a hit while fewer than ``capacity`` distinct keys
@@ -346,6 +376,8 @@ def replay(steps: Sequence[Sequence[Key]], capacity: int, policy: str | CachePol
     for t, keys in enumerate(steps):
         if t in starts:
             pol.new_request()
+        if hints is not None and hints[t] is not None:
+            pol.hint(hints[t])
         res = cache.access(keys, t)
         for k, hit in zip(keys, res.hits, strict=True):
             warm = warm_start and k not in seen and len(seen) < capacity

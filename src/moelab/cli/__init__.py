@@ -27,6 +27,7 @@ _COMMAND_MODULES: list[str] = [
     "moelab.cli.analysis",
     "moelab.cli.steer",
     "moelab.cli.generate",
+    "moelab.cli.offload",
 ]
 
 

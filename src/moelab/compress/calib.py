@@ -90,13 +90,14 @@ def _slices(docs: list[Document], want: float, chunk: int, rng: np.random.Genera
 
 def calibration_batches(view: ModelView, corpus: Any, *, tokens: int = 16384, seq_len: int = 256,
                         batch_size: int = 8, seed: int = 0, label: str | None = None,
-                        tokenizer: str | os.PathLike | None = None) -> Calibration:
+                        tokenizer: str | os.PathLike | None = None, shuffle: bool = True) -> Calibration:
     """Pack ``corpus`` (anything :func:`moelab.trace.record` takes) and draw ``tokens`` tokens of it.
 
     A corpus path (``pathlib.Path``) is first drawn from label-balanced by
     :func:`calibration_documents` (see the module docstring). Sequences are shuffled with ``seed``
     before the cut, so the draw covers the whole corpus. ``label`` keeps only the sequences of one
-    label (domain), e.g. to calibrate "for code".
+    label (domain), e.g. to calibrate "for code". ``shuffle=False`` keeps the corpus order (a
+    stream of requests, as an offloading replay needs).
     """
     if tokens < 1:
         raise MoelabError(f"calibration tokens: expected >= 1, got {tokens}")
@@ -104,7 +105,7 @@ def calibration_batches(view: ModelView, corpus: Any, *, tokens: int = 16384, se
         corpus = calibration_documents(corpus, tokens, seed, label, seq_len)
     data = prepare_input(corpus, view, seq_len, None, None, tokenizer)
     p = data.packed
-    order = np.random.default_rng(seed).permutation(p.num_sequences)
+    order = np.random.default_rng(seed).permutation(p.num_sequences) if shuffle else np.arange(p.num_sequences)
     names = p.label_names
     if label is not None:
         if names is None or label not in names:

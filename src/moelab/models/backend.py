@@ -78,11 +78,23 @@ class ExpertWeights:
         return (self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias)
 
 
-class WeightsProvider(Protocol):
-    """``provider(block, expert_ids_n) -> ExpertWeights``; ``expert_ids_n``: sorted int64 ids of
-    the experts with at least one real slot in this call."""
+@dataclass(eq=False)
+class PlacedWeights:
+    """Expert weights that live on different devices (Fiddler: some experts run where their copy
+    is, e.g. the CPU). ``parts``: ``(weights, positions)``, the :class:`ExpertWeights` of the experts
+    at ``positions`` of the provider's ``expert_ids_n`` (row j of ``weights`` is the j-th of them),
+    each part on one device; every position in exactly one part. Each expert runs on its part's
+    device (its rows moved there and back) with the per-expert loop's maths, and the outputs are
+    summed per token in expert order, as the resident loop does."""
 
-    def __call__(self, block: MoEBlockView, expert_ids_n: Tensor) -> ExpertWeights: ...
+    parts: list[tuple[ExpertWeights, list[int]]]
+
+
+class WeightsProvider(Protocol):
+    """``provider(block, expert_ids_n) -> ExpertWeights | PlacedWeights``; ``expert_ids_n``: sorted
+    int64 ids of the experts with at least one real slot in this call."""
+
+    def __call__(self, block: MoEBlockView, expert_ids_n: Tensor) -> ExpertWeights | PlacedWeights: ...
 
 
 @dataclass(frozen=True)
@@ -240,6 +252,12 @@ class ExpertsBackend:
             needed = [e for e, n in enumerate(plan.counts) if n]
             ids_n = torch.tensor(needed, dtype=torch.int64, device=x_TH.device)
             w = self.provider(self.block, ids_n)
+            if isinstance(w, PlacedWeights):
+                if stats is not None:
+                    raise MoelabError(f"{self.block.path}: observers are not supported with weights "
+                                      f"placed on several devices (PlacedWeights)")
+                y_TH = _placed_forward(d.x_MH, d.weights_MK, plan, needed, w, self.act)
+                return self.dispatcher.combine(y_TH, d), None
             plan = self._plan_for(w, plan, needed)
         y_MH = run_experts(d.x_MH, d.weights_MK, plan, w.as_tuple(), self.act, stats=stats)
         return self.dispatcher.combine(y_MH, d), _flat_stats(stats, plan)
@@ -273,6 +291,32 @@ class ExpertsBackend:
         )
         for fn in list(self._observers.values()):
             fn(stats)
+
+
+def _placed_forward(x_TH: Tensor, w_TK: Tensor, plan: _dispatch.Plan, needed: list[int],
+                    placed: PlacedWeights, act) -> Tensor:
+    """``y_TH`` of :class:`PlacedWeights`: ``moelab.nn._dispatch.ffn_forward``'s per-expert loop,
+    each expert on its part's device, its output added back in expert order."""
+    where = {needed[p]: (w, j) for w, positions in placed.parts for j, p in enumerate(positions)}
+    if sorted(where) != needed:
+        raise MoelabError(f"PlacedWeights: the parts cover experts {sorted(where)}, expected {needed}")
+    w_R = _dispatch.slot_weights(w_TK, plan, x_TH.dtype)
+    y_TH = x_TH.new_zeros(plan.T, x_TH.shape[1])
+    for e, s, n in _dispatch._rows(plan):
+        w, j = where[e]
+        dev = w.up.device
+        tok_e = plan.tok_R[s:s + n]
+        x_e = x_TH.index_select(0, tok_e).to(dev)
+        h_up = _dispatch._linear(x_e, w.up[j], None if w.up_bias is None else w.up_bias[j])
+        h_gate = None if w.gate is None else _dispatch._linear(
+            x_e, w.gate[j], None if w.gate_bias is None else w.gate_bias[j])
+        w_e = w_R[s:s + n, None].to(dev)
+        a_w = _dispatch._gated(act, h_gate, h_up).mul_(w_e)
+        o_e = torch.mm(a_w, w.down[j].t())
+        if w.down_bias is not None:
+            o_e.addmm_(w_e, w.down_bias[j][None])
+        y_TH.index_add_(0, tok_e, o_e.to(y_TH.device))
+    return y_TH
 
 
 def _slot_mask(ids_TK: Tensor, mask_TK: Tensor | None, E: int) -> Tensor | None:
@@ -406,6 +450,7 @@ __all__ = [
     "ExpertsBackend",
     "ExpertsSpec",
     "Observer",
+    "PlacedWeights",
     "WeightsProvider",
     "disable_experts_backend",
     "enable_experts_backend",

@@ -5,6 +5,11 @@ model whose expert weights are read from the checkpoint's safetensors files by o
 (:mod:`moelab.offload.store`) into a cache with a byte budget (:mod:`moelab.offload.cache`, the
 policies of :mod:`moelab.analysis.cache_policy`), through moelab's experts backend;
 ``experts.stats()`` gives hits, misses, bytes read and peak resident expert bytes.
+
+ExpertFlow's predictor and token scheduling (:mod:`moelab.offload.predictor`,
+:mod:`moelab.offload.schedule`), Fiddler's CPU execution of missed experts
+(:mod:`moelab.offload.fiddler`) and the measured decode loop of ``moelab offload bench``
+(:mod:`moelab.offload.runtime`) live in their own modules.
 """
 
 from moelab.offload.cache import CacheStats, ExpertCache, parse_budget

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moelab.analysis.cache_policy import ONLINE, ORACLES, KeyCache, make_policy
+from moelab.analysis.cache_policy import ONLINE, ORACLES, PREDICTIVE, KeyCache, make_policy
 from moelab.errors import MoelabError
 from moelab.offload.store import ExpertStore
 
@@ -100,7 +100,8 @@ class CacheStats:
 
 class ExpertCache:
     """Experts of ``store`` kept within ``budget`` bytes under ``policy`` (``"lru"``, ``"lfu"``,
-    ``"lrfu"``, ``"activation"``; ``"belady"`` / ``"lrc"`` with ``future``, the steps, as bounds).
+    ``"lrfu"``, ``"activation"``, ``"predictive"`` (fed by :meth:`hint`); ``"belady"`` / ``"lrc"``
+    with ``future``, the steps, as bounds).
 
     ``fetch(layer, experts) -> [rows of each expert]`` is one step; ``min_bytes``: the smallest
     budget accepted (one layer's top-k experts), named in the error. ``device``: where rows live.
@@ -109,9 +110,9 @@ class ExpertCache:
     def __init__(self, store: ExpertStore, budget: int | float | str, policy: str = "lru", *,
                  min_bytes: int = 1, device: torch.device | str | None = None,
                  future: Sequence[Sequence[Key]] | None = None) -> None:
-        if policy not in ONLINE + ORACLES:
-            raise MoelabError(f"policy: expected one of {ONLINE} (or the bounds {ORACLES} with a "
-                              f"trace), got {policy!r}")
+        if policy not in ONLINE + PREDICTIVE + ORACLES:
+            raise MoelabError(f"policy: expected one of {ONLINE + PREDICTIVE} (or the bounds {ORACLES} "
+                              f"with a trace), got {policy!r}")
         self.store = store
         self.budget_bytes = parse_budget(budget, store.total_expert_bytes())
         if self.budget_bytes < min_bytes:
@@ -182,6 +183,12 @@ class ExpertCache:
         activation matrix; the others ignore it."""
         with self._lock:
             self.keys.policy.new_request()
+
+    def hint(self, keys: Sequence[Key]) -> None:
+        """The ``(layer, expert)`` a predictor expects next: the ``"predictive"`` policy keeps them
+        over the others; other policies ignore it."""
+        with self._lock:
+            self.keys.policy.hint(keys)
 
     def stats(self) -> CacheStats:
         with self._lock:

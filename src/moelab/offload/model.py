@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moelab.errors import CheckpointError, UnsupportedModelError
+from moelab.errors import CheckpointError, MoelabError, UnsupportedModelError
 from moelab.models.backend import ExpertWeights, enable_experts_backend, spec_for
 from moelab.models.checkpoint import load_meta_model
 from moelab.models.view import ModelView, MoEBlockView
@@ -41,10 +41,15 @@ class OffloadProvider:
         rows = self.cache.fetch(block.layer, expert_ids_n.tolist())
         if self.after_fetch is not None:
             self.after_fetch(block, expert_ids_n)
-        spec = spec_for(block)
-        device = block.router_weight.device
-        tensors = {name: torch.cat([r[name] for r in rows]).to(device) for name in spec.params}
-        return spec.from_params(block, tensors)
+        return rows_to_weights(block, rows, block.router_weight.device)
+
+
+def rows_to_weights(block: MoEBlockView, rows: list[dict[str, Tensor]], device: Any = None) -> ExpertWeights:
+    """The :class:`ExpertWeights` of n experts from their rows (``ExpertStore.read``), in order,
+    on ``device`` (default: where the rows are)."""
+    spec = spec_for(block)
+    tensors = {name: torch.cat([r[name] for r in rows]).to(device) for name in spec.params}
+    return spec.from_params(block, tensors)
 
 
 class OffloadedExperts:
@@ -57,8 +62,10 @@ class OffloadedExperts:
     """
 
     def __init__(self, store: ExpertStore, cache: ExpertCache, view: ModelView,
-                 prefetcher: Any = None) -> None:
+                 prefetcher: Any = None, handles: list | None = None, provider: Any = None) -> None:
         self.store, self.cache, self.view, self.prefetcher = store, cache, view, prefetcher
+        self.provider = provider  # the experts backend's weights provider
+        self.handles = handles or []  # routing hooks feeding the cache's hints
 
     def stats(self) -> CacheStats:
         return self.cache.stats()
@@ -69,6 +76,9 @@ class OffloadedExperts:
         self.cache.new_request()
 
     def close(self) -> None:
+        for h in self.handles:
+            if not h.removed:
+                h.remove()
         if self.prefetcher is not None:
             self.prefetcher.close()
         self.store.close()
@@ -87,7 +97,8 @@ def min_budget_bytes(store: ExpertStore, view: ModelView) -> int:
 
 def offload_model(path: str | Path, budget: int | float | str = 0.25, policy: str = "lru", *,
                   dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                  prefetch: bool = False) -> tuple[nn.Module, OffloadedExperts]:
+                  prefetch: bool = False, predictor: Any = None,
+                  fiddler: Any = None) -> tuple[nn.Module, OffloadedExperts]:
     """Open the checkpoint at ``path`` with its experts offloaded: ``(model, experts)``.
 
     ``model`` is a normal transformers causal LM (call it, ``generate()`` with it); its non-expert
@@ -96,7 +107,12 @@ def offload_model(path: str | Path, budget: int | float | str = 0.25, policy: st
     (``"lru"``, ``"lfu"``, ``"lrfu"`` or ``"activation"``, see :mod:`moelab.analysis.cache_policy`).
     ``dtype``: default the config's (as ``from_pretrained``);
     ``device``: where the model runs (default CPU); ``prefetch``: read the next MoE layer's
-    likely experts on a background thread (:mod:`moelab.offload.prefetch`).
+    likely experts on a background thread (:mod:`moelab.offload.prefetch`); ``predictor``: a trained
+    :class:`~moelab.offload.predictor.ExpertPredictor` (ExpertFlow), which then predicts the
+    prefetched experts and, with ``policy="predictive"`` (which needs it), hints the cache;
+    ``fiddler``: a :class:`~moelab.offload.fiddler.LatencyModel`: each missed expert is moved into
+    the cache or run on the CPU copy of the experts, as it decides (:mod:`moelab.offload.fiddler`;
+    ``experts.provider.stats`` counts the decisions). Not with ``prefetch``.
 
     Raises CheckpointError (a truncated file, a missing expert tensor, a config contradicting the
     weights), UnsupportedModelError, MoelabError (a budget below one layer's top-k experts, naming
@@ -105,6 +121,12 @@ def offload_model(path: str | Path, budget: int | float | str = 0.25, policy: st
     from moelab.models.open import view_model
 
     path = Path(path)
+    if fiddler is not None and prefetch:
+        raise MoelabError("fiddler= and prefetch=True: choose one (Fiddler decides per missed expert "
+                          "at the time it is needed)")
+    if policy == "predictive" and predictor is None:
+        raise MoelabError("policy 'predictive' needs predictor= (a trained "
+                          "moelab.offload.predictor.ExpertPredictor)")
     model = load_meta_model(path, dtype=dtype)
     store = ExpertStore(path, model, view_model(model))
     try:
@@ -112,18 +134,23 @@ def offload_model(path: str | Path, budget: int | float | str = 0.25, policy: st
         view = view_model(model)  # again: the first view saw meta router weights
         cache = ExpertCache(store, budget, policy, min_bytes=min_budget_bytes(store, view),
                             device=device)
-        prefetcher = None
-        if prefetch:
-            from moelab.offload.prefetch import Prefetcher
+        from moelab.offload.prefetch import Prefetcher, install_hints
 
-            prefetcher = Prefetcher(view, cache)
-        provider = OffloadProvider(cache, prefetcher.after_fetch if prefetcher else None)
+        prefetcher = Prefetcher(view, cache, predictor) if prefetch else None
+        handles = install_hints(view, cache, predictor) if policy == "predictive" else []
+        if fiddler is not None:
+            from moelab.offload.fiddler import FiddlerProvider, HostExperts
+
+            provider = FiddlerProvider(cache, HostExperts(store), fiddler)
+            handles += provider.attach(view)
+        else:
+            provider = OffloadProvider(cache, prefetcher.after_fetch if prefetcher else None)
         enable_experts_backend(view, provider)
     except BaseException:
         store.close()
         raise
     _generation_config(model, path)
-    return model.eval(), OffloadedExperts(store, cache, view, prefetcher)
+    return model.eval(), OffloadedExperts(store, cache, view, prefetcher, handles, provider)
 
 
 @torch.no_grad()
@@ -180,4 +207,4 @@ def _generation_config(model: nn.Module, path: Path) -> None:
             raise CheckpointError(f"{path / 'generation_config.json'}: cannot be read: {err}") from err
 
 
-__all__ = ["OffloadProvider", "OffloadedExperts", "min_budget_bytes", "offload_model"]
+__all__ = ["OffloadProvider", "OffloadedExperts", "min_budget_bytes", "offload_model", "rows_to_weights"]

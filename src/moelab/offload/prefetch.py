@@ -17,8 +17,11 @@ budget holds) and read by one worker thread, overlapping block l's expert comput
 attention. Outputs are unchanged: the prefetched rows are the store's, and a forward that needs an
 expert still being read waits for that read.
 
-``precision`` / ``recall`` of the predictions (against the experts the next block then used) are
-kept in :attr:`Prefetcher.quality`.
+With a trained :class:`~moelab.offload.predictor.ExpertPredictor` (ExpertFlow, arXiv 2410.17954)
+the prediction is its head from block l to block l + 1 instead of the next router. ``precision`` /
+``recall`` of the predictions (against the experts the next block then used) are kept in
+:attr:`Prefetcher.quality`. :func:`install_hints` feeds the same predictor's expectations of the
+next steps to the cache (:meth:`ExpertCache.hint`, the ``"predictive"`` policy).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import Tensor
 from moelab.models.reference import reference_route
 from moelab.models.view import ModelView, MoEBlockView, RoutingEvent
 from moelab.offload.cache import ExpertCache
+from moelab.offload.predictor import ExpertPredictor, predicted_keys
 
 
 @dataclass
@@ -52,11 +56,12 @@ class PredictionQuality:
 
 
 class Prefetcher:
-    """Prefetch for every MoE block but the last of ``view``, into ``cache``; :meth:`close` removes
-    the hooks and shuts the worker thread down (waiting for a read in progress)."""
+    """Prefetch for every MoE block but the last of ``view``, into ``cache``, predicted by the next
+    router or by ``predictor``; :meth:`close` removes the hooks and shuts the worker thread down
+    (waiting for a read in progress)."""
 
-    def __init__(self, view: ModelView, cache: ExpertCache) -> None:
-        self.cache = cache
+    def __init__(self, view: ModelView, cache: ExpertCache, predictor: ExpertPredictor | None = None) -> None:
+        self.cache, self.predictor = cache, predictor
         self._next = {b.layer: nb for b, nb in zip(view.blocks, view.blocks[1:], strict=False)}
         self._pending: dict[int, list[int]] = {}  # layer whose experts are coming -> predicted ids
         self._expected: dict[int, set[int]] = {}  # layer -> what was predicted for it
@@ -66,8 +71,12 @@ class Prefetcher:
 
     def _predict(self, event: RoutingEvent) -> None:
         nxt = self._next[event.block.layer]
+        target = (nxt.layer, 0)
         with torch.no_grad():
-            _, ids_TK, _ = reference_route(nxt, event.hidden_TH)
+            if self.predictor is not None and target in self.predictor.targets(event.block.layer):
+                ids_TK = self.predictor.predict(event.block.layer, event.hidden_TH, target)
+            else:
+                _, ids_TK, _ = reference_route(nxt, event.hidden_TH)
         self._pending[event.block.layer] = ids_TK.unique().tolist()
 
     def after_fetch(self, block: MoEBlockView, expert_ids_n: Tensor) -> None:
@@ -93,3 +102,13 @@ class Prefetcher:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def install_hints(view: ModelView, cache: ExpertCache, predictor: ExpertPredictor) -> list:
+    """Routing hooks (they only observe) that, at every MoE block, tell ``cache`` the
+    :func:`~moelab.offload.predictor.predicted_keys` from the block's input; the handles."""
+
+    def hook(event: RoutingEvent) -> None:
+        cache.hint(predicted_keys(predictor, event.block.layer, event.hidden_TH))
+
+    return [b.register_routing_hook(hook) for b in view.blocks]
