@@ -91,7 +91,7 @@ def test_recorder_counts_the_experts_selection_including_the_bias():
 
 def test_training_step_updates_the_bias_from_that_steps_counts(tiny_corpus):
     from moelab.data.streams import encode_split
-    from moelab.train.loop import _train_step, make_optimizer
+    from moelab.train.loop import train_step, make_optimizer
 
     cfg = make_config("tiny-fine", corpus=tiny_corpus)
     model = build_model(cfg, vocab_size=600, eos=0)
@@ -100,7 +100,7 @@ def test_training_step_updates_the_bias_from_that_steps_counts(tiny_corpus):
     with RoutingRecorder(model) as rec:
         for _ in range(3):
             before = bias.clone()
-            losses = _train_step(cfg, model, opt, streams, gen, 0, rec)
+            losses = train_step(cfg, model, opt, streams, gen, 0, rec)
             counts_E = losses.load_LE[0]
             assert counts_E.sum() == cfg.tokens_per_step * cfg.top_k and counts_E.std() > 0  # unbalanced
             torch.testing.assert_close(bias - before, cfg.bias_rate * torch.sign(counts_E.mean() - counts_E))

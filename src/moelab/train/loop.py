@@ -136,7 +136,9 @@ def _step_losses(cfg: TrainConfig, model, ids_BS, recorder: RoutingRecorder | No
     return lm_losses(out.logits, ids_BS, out.router_logits, cfg.top_k, cfg.aux_coef, cfg.z_coef)
 
 
-def _train_step(cfg: TrainConfig, model, opt, streams, gen, step: int, recorder: RoutingRecorder | None = None):
+def train_step(cfg: TrainConfig, model, opt, streams, gen, step: int, recorder: RoutingRecorder | None = None):
+    """One optimizer step of :func:`train` on a batch drawn from ``streams`` with ``gen``; returns its
+    :class:`MoeLosses`. ``recorder``: the model's :class:`RoutingRecorder` (DeepSeek-V3 presets)."""
     for group in opt.param_groups:
         group["lr"] = lr_at(cfg, step)
     ids_BS, _ = sample_batch(streams, cfg.domain_weights, cfg.batch_size, cfg.seq_len, gen)
@@ -197,7 +199,7 @@ def train(cfg: TrainConfig, run_dir: Path, stop_at: int | None = None, progress:
             while state.step < end and not (should_stop is not None and should_stop()):
                 consistent = False
                 t0 = time.perf_counter()
-                step_losses = _train_step(cfg, model, opt, streams, gen, state.step, recorder)
+                step_losses = train_step(cfg, model, opt, streams, gen, state.step, recorder)
                 dt = time.perf_counter() - t0
                 state.step, state.tokens, state.elapsed_s = state.step + 1, state.tokens + cfg.tokens_per_step, state.elapsed_s + dt
                 consistent = True
