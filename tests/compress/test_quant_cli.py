@@ -78,9 +78,12 @@ def test_quantize_pmq_mixed_precision(tiny_model_dir, tmp_path):
 
 
 def test_quantize_eaquant_w4a4(tiny_model_dir, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
     out = tmp_path / "ea"
-    res = run("quantize", tiny_model_dir, "--method", "eaquant", "--bits", 4, "--act-bits", 4, "--group", 8, *CALIB,
-              "--out", out, "--no-progress")
+    res = run("quantize", tiny_model_dir, "--method", "eaquant", "--bits", 4, "--act-bits", 4, "--group", 8,
+              "--format", "compressed-tensors", *CALIB, "--out", out, "--no-progress")
     assert res.exit_code == 0, res.output
     assert "eaquant int4 sym group 8, activations A4 per-token (simulated, not stored)" in res.output
     assert "router alignment, layer 1: KL(full precision || quantised routing)" in res.output
@@ -89,6 +92,8 @@ def test_quantize_eaquant_w4a4(tiny_model_dir, tmp_path):
     assert meta["method"] == "eaquant" and meta["act_bits"] == 4 and meta["cap"] >= 1
     a = meta["alignment"]["1"]
     assert a["kl_after"] <= a["kl_before"]
+    # the smoothed norms and aligned routers travel in the checkpoint; stock transformers loads it
+    assert AutoModelForCausalLM.from_pretrained(out)(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
 
 def test_quantize_act_bits_with_gptq_and_bad_act_bits(tiny_model_dir, tmp_path):

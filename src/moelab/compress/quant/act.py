@@ -94,7 +94,9 @@ class ActQuantHandle:
 
 def install_act_quant(model: nn.Module | ModelView, config: ActQuantConfig) -> ActQuantHandle:
     """Run every MoE block's routed experts through moelab's experts backend with per-token fake
-    quantised inputs; ``handle.remove()`` restores the experts implementation the model had."""
+    quantised inputs; ``handle.remove()`` restores the experts implementation the model had.
+
+    NOTE: this replaces any moelab backend already on the model (e.g. an offloading provider)."""
     view = model if isinstance(model, ModelView) else open_model(model)
     enable_experts_backend(view, inputs=ActQuant(config))
     return ActQuantHandle(view)

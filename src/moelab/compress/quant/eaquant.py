@@ -41,6 +41,7 @@ Shape legend: T tokens, H hidden, E experts, I expert width, S shared-expert wid
    ``per_channel_kl_top0``); moelab keeps routers in full precision (issue 16), so the KL is
    minimised over the full-precision router itself, which also undoes the routing drift that
    quantised experts of earlier layers cause. The router stays in full precision in every output.
+   The first MoE block is skipped: no quantised expert precedes it, so its routing is unchanged.
 
 Weights are then quantised by GPTQ (or RTN) on the smoothed model (:mod:`.quantize`), as the paper
 applies its transformations before its weight quantiser.
@@ -48,6 +49,7 @@ applies its transformations before its weight quantiser.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -128,7 +130,7 @@ class Smoothed:
 class EAQuantRun:
     """What :func:`eaquant` made: ``model`` the smoothed, dequantised, router-aligned model (a stock
     transformers model), ``result`` its quantised experts, ``alignment`` ``layer -> {kl_before,
-    kl_after}`` (nats per calibration token)."""
+    kl_after}`` (nats per calibration token; every MoE block but the first)."""
 
     model: nn.Module
     result: QuantResult
@@ -258,15 +260,9 @@ def smooth(view: ModelView, calib: Calibration, cfg: EAQuantConfig) -> Smoothed:
     """A copy of ``view``'s model with the smoothing scales folded in (``view`` is not changed)."""
     stats = collect_smoothing_stats(view, calib)
     scales = {b.layer: smoothing_scales(b, stats[b.layer], cfg.alpha, cfg.aggregation) for b in view.blocks}
-    sview = open_model(_copy(view.model))
+    sview = open_model(copy.deepcopy(view.model))
     fold_smoothing(sview, scales)
     return Smoothed(sview, scales, stats)
-
-
-def _copy(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def balanced_policy(policy: CalibPolicy, view: ModelView, calib: Calibration, cap_ratio: float | None) -> CalibPolicy:
@@ -323,11 +319,14 @@ def align_router(block: MoEBlockView, target_NE: Tensor, x_NH: Tensor, steps: in
 
 
 def align_routers(view: ModelView, stats: dict[int, SmoothingStats], calib: Calibration, steps: int,
-                  lr: float) -> dict[int, dict[str, float]]:
-    """Align every router of the (quantised) ``view`` to the full-precision routing in ``stats``,
-    block by block in layer order, each on the inputs the already aligned earlier blocks produce."""
+                  lr: float, layers: list[int] | None = None) -> dict[int, dict[str, float]]:
+    """Align the routers of the (quantised) ``view`` (``layers``, default all) to the full-precision
+    routing in ``stats``, block by block in layer order, each on the inputs the already aligned earlier
+    blocks produce (one calibration pass per block)."""
     out = {}
     for b in sorted(view.blocks, key=lambda b: b.layer):
+        if layers is not None and b.layer not in layers:
+            continue
         x_NH = _block_inputs(view, b, calib)
         out[b.layer] = align_router(b, torch.cat(stats[b.layer].target), x_NH, steps, lr)
     return out
@@ -356,7 +355,9 @@ def eaquant(view: ModelView, calib: Calibration, spec: QuantSpec | None = None, 
     if cfg.align:
         handle = install_act_quant(qview, cfg.act) if cfg.act is not None else None
         try:
-            alignment = align_routers(qview, smoothed.stats, calib, cfg.align_steps, cfg.align_lr)
+            # the first MoE block reads what no quantised expert has touched: nothing to align there
+            later = sorted(b.layer for b in qview.blocks)[1:]
+            alignment = align_routers(qview, smoothed.stats, calib, cfg.align_steps, cfg.align_lr, later)
         finally:
             if handle is not None:
                 handle.remove()
