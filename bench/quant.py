@@ -1,7 +1,15 @@
-"""Benchmark: quantised experts (RTN, GPTQ, PMQ) on the embedded default model, per domain, against full precision.
+"""Benchmark: quantised experts (RTN, GPTQ, PMQ, EAQuant; W4A4 / W3A4) on the embedded default model, per
+domain, against full precision.
 
     python bench/quant.py                     # -> bench/results/quant.json, docs/results/quant.md
     python bench/quant.py --bits 4 --calib-tokens 4096 --eval-tokens 4096
+    python bench/quant.py --methods eaquant --out /tmp/q.json --doc /tmp/q.md   # some rows only
+
+Rows: RTN, GPTQ and EAQuant at each of ``--bits``; PMQ and greedy at each ``--avg-bits`` budget; GPTQ and
+EAQuant at each ``--wa`` weight/activation setting (per-token activation fake-quantisation of the expert
+linears' inputs, :mod:`moelab.compress.quant.act`). EAQuant: smoothing (alpha 0.6, max aggregation) and its
+balanced Hessians computed once and shared by its rows; each row aligns its routers (under its activation
+bits) on the calibration tokens, and the routing KL before / after alignment is reported.
 
 Calibration: ``--calib-tokens`` tokens of the corpus' training split, an equal share per domain (seed 0),
 one routed pass (plus a pass on all tokens for starved experts); the per-expert Hessians are shared by
@@ -32,6 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from _docs import replace_between  # bench/_docs.py: the script's folder is on sys.path
 from rich.console import Console
 from rich.table import Table
 
@@ -39,16 +48,21 @@ import moelab
 from moelab.compress.calib import calibration_batches
 from moelab.compress.evaluate import check_vocab, load_model
 from moelab.compress.quant import (
+    ActQuantConfig,
     CalibPolicy,
+    EAQuantConfig,
     PMQConfig,
     QuantConfig,
     QuantSpec,
     collect_hessians,
     dequantized_model,
+    eaquant,
+    install_act_quant,
     mixed_precision,
     quantize_experts,
 )
 from moelab.compress.quant.checkpoint import checkpoint_bytes, save_quantized
+from moelab.compress.quant.eaquant import balanced_policy, smooth
 from moelab.data.atomic import atomic_write_text
 from moelab.models import open_model
 from moelab.run.evaluate import encode_split, eval_windows
@@ -120,26 +134,49 @@ def packed_bytes(view, result, base_bytes: int) -> int:
     return base_bytes - full + packed
 
 
-def rows_to_run(bits: list[int], avg: list[float]) -> list[dict]:
-    out = [dict(method=m, bits=b, allocate=None) for b in bits for m in ("rtn", "gptq")]
-    out += [dict(method="gptq", bits=a, allocate=al) for a in avg for al in ("pmq", "greedy")]
-    return out
+KINDS = ("rtn", "gptq", "eaquant", "pmq", "greedy", "noalign")
 
 
-def run_row(r, view, hessians, reference: Reference, args, base_bytes) -> dict:
-    t0 = time.perf_counter()
+def rows_to_run(bits: list[int], avg: list[float], wa: list[tuple[int, int]], kinds: tuple[str, ...] = KINDS) -> list[dict]:
+    """The rows, in table order; ``kinds`` keeps some of rtn / gptq / eaquant / pmq / greedy / noalign."""
+    out = [dict(method=m, bits=b, allocate=None, act_bits=None) for b in bits for m in ("rtn", "gptq", "eaquant")]
+    out += [dict(method="gptq", bits=a, allocate=al, act_bits=None) for a in avg for al in ("pmq", "greedy")]
+    out += [dict(method=m, bits=w, allocate=None, act_bits=a) for w, a in wa for m in ("gptq", "eaquant")]
+    # ablation: EAQuant without its router alignment, at the first weight/activation setting
+    out += [dict(method="eaquant", bits=w, allocate=None, act_bits=a, align=False) for w, a in wa[:1]]
+    return [r for r in out if ("noalign" if r.get("align") is False else r["allocate"] or r["method"]) in kinds]
+
+
+def _quantize_row(r, view, hessians, ea, args):
+    """``(model to evaluate, view it was quantised from, result, alignment or None)`` of one row."""
     cfg = QuantConfig(int(r["bits"]) if r["allocate"] is None else 4, args.group, True)
-    spec = QuantSpec(r["method"], cfg, policy=CalibPolicy(min_tokens=args.min_tokens))
+    spec = QuantSpec("gptq" if r["method"] == "eaquant" else r["method"], cfg,
+                     policy=CalibPolicy(min_tokens=args.min_tokens))
+    act = None if r["act_bits"] is None else ActQuantConfig(r["act_bits"])
+    if r["method"] == "eaquant":
+        cfg_ea = EAQuantConfig(act=act, align=r.get("align", True))
+        run = eaquant(view, ea["calib"], spec, cfg_ea, smoothed=ea["smoothed"], hessians=ea["hessians"])
+        return run.model, open_model(run.model), run.result, run.alignment
     if r["allocate"] is None:
         res = quantize_experts(view, spec, hessians=hessians if r["method"] == "gptq" else None)
     else:
         res = mixed_precision(view, spec, hessians, PMQConfig(r["bits"]), r["allocate"])
+    return dequantized_model(view, res), view, res, None
+
+
+def run_row(r, view, hessians, ea, reference: Reference, args, base_bytes) -> dict:
+    t0 = time.perf_counter()
+    model, qview, res, alignment = _quantize_row(r, view, hessians, ea, args)
     seconds = time.perf_counter() - t0
-    ev = reference.compare(dequantized_model(view, res))
+    if r["act_bits"] is not None:
+        with install_act_quant(model, ActQuantConfig(r["act_bits"])):
+            ev = reference.compare(model)
+    else:
+        ev = reference.compare(model)
     agree = ev["routing_agreement"]
     if r["allocate"] is None:
         with tempfile.TemporaryDirectory() as tmp:
-            size = checkpoint_bytes(save_quantized(view, res, Path(tmp) / "ct", format="compressed-tensors"))
+            size = checkpoint_bytes(save_quantized(qview, res, Path(tmp) / "ct", format="compressed-tensors"))
     else:
         size = packed_bytes(view, res, base_bytes)
     first = min(agree)
@@ -149,24 +186,38 @@ def run_row(r, view, hessians, reference: Reference, args, base_bytes) -> dict:
         "experts_at_bits": {str(b): sum(v["bits"].count(b) for v in alloc["layers"].values())
                             for b in alloc["candidates"]},
         "bits_per_expert": {k: v["bits"] for k, v in alloc["layers"].items()}}
+    if alignment:
+        extra["router_alignment"] = {str(k): v for k, v in alignment.items()}
+        extra["router_kl_before"] = statistics.mean(v["kl_before"] for v in alignment.values())
+        extra["router_kl_after"] = statistics.mean(v["kl_after"] for v in alignment.values())
+        extra["calibration_cap"] = res.extra.get("cap")
     return {**r, **ev, **extra, "average_bits": res.average_bits(), "routing_agreement_mean": statistics.mean(
                 v for k, v in agree.items() if k != first), "bytes": size, "seconds": round(seconds, 2)}
+
+
+def row_name(r: dict) -> str:
+    if r["allocate"]:
+        return f"{r['method']} + {r['allocate']} ({r['bits']} budget)"
+    name = f"{r['method']} " + (f"W{r['bits']}A{r['act_bits']}" if r["act_bits"] else f"int{r['bits']}")
+    return name + (" (no router alignment)" if r.get("align") is False else "")
 
 
 def markdown(rows, original, meta, calib) -> str:
     domains = list(original["perplexity"])
     head = ["method", "bits/weight", *[f"ppl {d}" for d in domains], "worst ppl vs full",
-            *[f"KL {d}" for d in domains], "top-1", "routing top-k agree", "checkpoint MB"]
+            *[f"KL {d}" for d in domains], "top-1", "routing top-k agree", "router KL calib before → after",
+            "checkpoint MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append("| full precision | 32 | " + " | ".join(f"{original['perplexity'][d]:.3f}" for d in domains)
-                 + " | - | " + " | ".join("-" for _ in domains) + f" | - | - | {original['bytes'] / 1e6:.2f} |")
+                 + " | - | " + " | ".join("-" for _ in domains) + f" | - | - | - | {original['bytes'] / 1e6:.2f} |")
     for r in rows:
-        name = r["method"] + (f" + {r['allocate']} ({r['bits']} budget)" if r["allocate"] else f" int{r['bits']}")
         worst = max(r["perplexity"][d] / original["perplexity"][d] - 1 for d in domains)
-        lines.append(f"| {name} | {r['average_bits']:.2f} | " + " | ".join(f"{r['perplexity'][d]:.3f}" for d in domains)
+        router = (f"{r['router_kl_before']:.4f} → {r['router_kl_after']:.4f}" if "router_kl_before" in r else "-")
+        lines.append(f"| {row_name(r)} | {r['average_bits']:.2f} | "
+                     + " | ".join(f"{r['perplexity'][d]:.3f}" for d in domains)
                      + f" | {worst:+.2%} | " + " | ".join(f"{r['kl'][d]:.4f}" for d in domains)
                      + f" | {statistics.mean(r['top1'].values()):.3f} | {r['routing_agreement_mean']:.3f}"
-                     + f" | {r['bytes'] / 1e6:.2f} |")
+                     + f" | {router} | {r['bytes'] / 1e6:.2f} |")
     info = (f"Generated by `python bench/quant.py` on {meta['date']} ({meta['machine']}, torch {meta['torch']}, "
             f"{meta['threads']} threads). Model: `{meta['model']}` (routed experts quantised; routers, the "
             f"shared expert, the dense layer, attention and embeddings in float32). Weights: symmetric int, "
@@ -180,16 +231,22 @@ def markdown(rows, original, meta, calib) -> str:
             "domains); routing top-k agree: mean share of each token's experts kept, MoE layers after the first. "
             "Checkpoint MB: the compressed-tensors checkpoint (uniform rows: written and measured; PMQ/greedy rows: "
             "the same layout counted). PMQ/greedy: bits per expert from {2, 3, 4} under the budget, per layer, "
-            "GPTQ at each width.")
-    return "\n".join([BEGIN, info, "", *lines, END])
+            "GPTQ at each width. EAQuant: smoothing (alpha 0.6, max aggregation) folded into the norms, "
+            "routers and experts, GPTQ on the smoothed model with calibration balance (at most "
+            f"{meta.get('eaquant_cap', '-')} routed tokens per expert: 2 x the mean), then the routers aligned "
+            "by KL to full-precision routing on the calibration tokens (router KL: mean over the MoE layers after the "
+            "first, nats "
+            "per calibration token). WxAy: per-token symmetric y-bit fake quantisation of the expert linears' "
+            "inputs (gate/up input and down input; attention, routers and the shared expert keep float32 "
+            "activations); their checkpoint is the weight-only one.")
+    return "\n".join([info, "", *lines])
 
 
 def write_doc(path: Path, table: str) -> None:
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + table + old[old.index(END) + len(END):]
-    else:
-        new = "# Quantised experts on the embedded default model\n\n" + table + "\n\n## Notes\n"
+    new = replace_between(old, BEGIN, END, table)
+    if new is None:
+        new = f"# Quantised experts on the embedded default model\n\n{BEGIN}\n{table}\n{END}\n\n## Notes\n"
     atomic_write_text(path, new)
 
 
@@ -199,6 +256,8 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=None, help="corpus folder (default: the embedded corpus)")
     ap.add_argument("--bits", default="8,4,3,2", help="comma-separated uniform bit-widths")
     ap.add_argument("--avg-bits", default="2.5", help="comma-separated PMQ budgets ('' for none)")
+    ap.add_argument("--wa", default="4:4,3:4", help="comma-separated weight:activation bits rows ('' for none)")
+    ap.add_argument("--methods", default=",".join(KINDS), help=f"comma-separated row kinds, of {', '.join(KINDS)}")
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--min-tokens", type=int, default=16)
@@ -209,6 +268,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/quant.json"))
     ap.add_argument("--doc", type=Path, default=Path("docs/results/quant.md"))
     args = ap.parse_args()
+    t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
@@ -229,23 +289,35 @@ def main() -> None:
     cal = calibration_report(hessians)
     ref = Reference(reference, streams, args.seq_len)
     original = {"perplexity": {d: math.exp(v) for d, v in ref.nll.items()}, "bytes": checkpoint_bytes(model_dir)}
-    todo = rows_to_run([int(x) for x in args.bits.split(",") if x],
-                       [float(x) for x in args.avg_bits.split(",") if x])
+    kinds = tuple(k for k in args.methods.split(",") if k)
+    if set(kinds) - set(KINDS):
+        ap.error(f"--methods: {sorted(set(kinds) - set(KINDS))} not of {KINDS}")
+    todo = rows_to_run([int(x) for x in args.bits.split(",") if x], [float(x) for x in args.avg_bits.split(",") if x],
+                       [tuple(int(v) for v in x.split(":")) for x in args.wa.split(",") if x], kinds)
+    ea = {"calib": calib}
+    if any(r["method"] == "eaquant" for r in todo):
+        t1 = time.perf_counter()
+        ea["smoothed"] = smooth(view, calib, EAQuantConfig())
+        policy = balanced_policy(CalibPolicy(min_tokens=args.min_tokens), ea["smoothed"].view, calib,
+                                 EAQuantConfig().cap_ratio)
+        ea["hessians"] = collect_hessians(ea["smoothed"].view, calib, policy)
+        ea["cap"], ea["seconds"] = policy.cap, round(time.perf_counter() - t1, 1)
     console, rows = Console(stderr=True), []
     for i, r in enumerate(todo):
-        console.print(f"[{i + 1}/{len(todo)}] {r['method']} {r['bits']} {r['allocate'] or ''}")
-        rows.append(run_row(r, view, hessians, ref, args, original["bytes"]))
+        console.print(f"[{i + 1}/{len(todo)}] {row_name(r)}")
+        rows.append(run_row(r, view, hessians, ea, ref, args, original["bytes"]))
     meta = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine":
             f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__, "threads": args.threads,
             "model": str(model_dir.relative_to(Path.cwd()) if model_dir.is_relative_to(Path.cwd()) else model_dir),
             "calib_tokens": calib.num_tokens, "calib_seconds": round(calib_s, 1), "eval_tokens": args.eval_tokens,
             "split": args.split, "seq_len": args.seq_len, "group": args.group, "min_tokens": args.min_tokens,
-            "python": sys.version.split()[0]}
+            "eaquant_cap": ea.get("cap"), "eaquant_prepare_seconds": ea.get("seconds"),
+            "total_seconds": round(time.perf_counter() - t_start, 1), "python": sys.version.split()[0]}
     table = Table("method", "bits", *[f"ppl {d}" for d in streams], "KL", "route agree", "MB", title="quantisation")
     table.add_row("full", "32", *[f"{original['perplexity'][d]:.3f}" for d in streams], "-", "-",
                   f"{original['bytes'] / 1e6:.2f}")
     for r in rows:
-        table.add_row(f"{r['method']} {r['allocate'] or ''}", f"{r['average_bits']:.2f}",
+        table.add_row(row_name(r), f"{r['average_bits']:.2f}",
                       *[f"{r['perplexity'][d]:.3f}" for d in streams], f"{statistics.mean(r['kl'].values()):.4f}",
                       f"{r['routing_agreement_mean']:.3f}", f"{r['bytes'] / 1e6:.2f}")
     Console().print(table)

@@ -75,3 +75,33 @@ def test_quantize_pmq_mixed_precision(tiny_model_dir, tmp_path):
                      "--no-progress"), "avg_bits: 1.5 is below the smallest bit-width 2")
     assert_error(run("quantize", tiny_model_dir, "--group", 8, "--avg-bits", 2.5, "--format", "compressed-tensors",
                      "--out", tmp_path / "z", "--no-progress"), "mixed bit-widths")
+
+
+def test_quantize_eaquant_w4a4(tiny_model_dir, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ea"
+    res = run("quantize", tiny_model_dir, "--method", "eaquant", "--bits", 4, "--act-bits", 4, "--group", 8,
+              "--format", "compressed-tensors", *CALIB, "--out", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "eaquant int4 sym group 8, activations A4 per-token (simulated, not stored)" in res.output
+    assert "router alignment, layer 1: KL(full precision || quantised routing)" in res.output
+    assert "0 uncalibrated experts" in res.output
+    meta = json.loads((out / "quant.json").read_text())
+    assert meta["method"] == "eaquant" and meta["act_bits"] == 4 and meta["cap"] >= 1
+    a = meta["alignment"]["1"]
+    assert a["kl_after"] <= a["kl_before"]
+    # the smoothed norms and aligned routers travel in the checkpoint; stock transformers loads it
+    assert AutoModelForCausalLM.from_pretrained(out)(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_quantize_act_bits_with_gptq_and_bad_act_bits(tiny_model_dir, tmp_path):
+    res = run("quantize", tiny_model_dir, "--method", "gptq", "--act-bits", 8, "--group", 8, *CALIB,
+              "--out", tmp_path / "g", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert "activations A8 per-token" in res.output
+    assert json.loads((tmp_path / "g" / "quant.json").read_text())["act_bits"] == 8
+    bad = run("quantize", tiny_model_dir, "--act-bits", 5, "--out", tmp_path / "x", "--no-progress")
+    assert bad.exit_code == 2 and "--act-bits" in bad.output and "5" in bad.output
+    assert not (tmp_path / "x").exists()

@@ -1,4 +1,4 @@
-"""``moelab quantize``: quantise the routed experts of a checkpoint (RTN or GPTQ, every expert calibrated)
+"""``moelab quantize``: quantise the routed experts of a checkpoint (RTN, GPTQ or EAQuant, every expert calibrated)
 and write a dequantised or compressed-tensors checkpoint (see :mod:`moelab.compress.quant`)."""
 
 from __future__ import annotations
@@ -12,8 +12,16 @@ from moelab.cli._options import CORPUS_FORMATS, no_progress_option
 
 @click.command("quantize")
 @click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--method", type=click.Choice(["rtn", "gptq"]), default="gptq", show_default=True,
-              help="rtn: round to nearest; gptq: GPTQ with each expert's Hessian from the tokens routed to it.")
+@click.option("--method", type=click.Choice(["rtn", "gptq", "eaquant"]), default="gptq", show_default=True,
+              help="rtn: round to nearest; gptq: GPTQ with each expert's Hessian from the tokens routed to it; "
+                   "eaquant: EAQuant (smoothing shared by router and experts, calibration balance, routers "
+                   "aligned to full-precision routing by KL), then GPTQ.")
+@click.option("--act-bits", type=click.Choice(["4", "8"]), default=None,
+              help="Per-token activation bits of the expert linears (W4A4, W4A8): simulated by fake "
+                   "quantisation and recorded in quant.json (the checkpoint stores weights); EAQuant aligns "
+                   "its routers under them.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=0.6, show_default=True,
+              help="EAQuant: smoothing migration strength.")
 @click.option("--bits", type=int, default=4, show_default=True, help="Bits per expert weight: 2, 3, 4 or 8.")
 @click.option("--group", "group", type=int, default=64, show_default=True,
               help="Input features per scale (must divide every expert's input dim); 0: one scale per row.")
@@ -44,7 +52,8 @@ from moelab.cli._options import CORPUS_FORMATS, no_progress_option
               help="Folder for the quantised checkpoint (written atomically).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @no_progress_option
-def quantize_command(model: Path | None, method: str, bits: int, group: int, sym: bool, fmt: str,
+def quantize_command(model: Path | None, method: str, act_bits: str | None, alpha: float, bits: int, group: int,
+                     sym: bool, fmt: str,
                      avg_bits: float | None, allocate: str, calib: Path | None, calib_tokens: int, calib_label: str | None, seq_len: int,
                      min_tokens: int, cap: int | None, all_experts: bool, seed: int, out: Path,
                      overwrite: bool, no_progress: bool) -> None:
@@ -54,24 +63,33 @@ def quantize_command(model: Path | None, method: str, bits: int, group: int, sym
     """
     from moelab.cli.compress import _default
     from moelab.compress.quant import CalibPolicy, QuantConfig, QuantSpec
+    from moelab.compress.quant.act import ActQuantConfig
+    from moelab.compress.quant.eaquant import EAQuantConfig
     from moelab.compress.quant.pipeline import quantize_checkpoint
     from moelab.compress.quant.pmq import PMQConfig
 
-    spec = QuantSpec(method, QuantConfig(bits, group or None, sym),
+    spec = QuantSpec("gptq" if method == "eaquant" else method, QuantConfig(bits, group or None, sym),
                      policy=CalibPolicy(min_tokens, cap, all_experts))
+    act = None if act_bits is None else ActQuantConfig(int(act_bits))
+    ea = EAQuantConfig(alpha=alpha) if method == "eaquant" else None
     pmq = PMQConfig(avg_bits) if avg_bits is not None else None
     model = model or _default("default_model", "MODEL")
     run = quantize_checkpoint(model, spec, out=out, format=fmt, overwrite=overwrite, calib_corpus=calib,
                               calib_tokens=calib_tokens, calib_label=calib_label, seq_len=seq_len, seed=seed,
-                              pmq=pmq, allocate=allocate, progress=not no_progress)
+                              pmq=pmq, allocate=allocate, eaquant=ea, act=act, progress=not no_progress)
     cal = run.result.calibration
     if cal is not None:
         click.echo(f"calibration: {cal['experts']} experts, routed tokens per expert min {cal['routed_tokens_min']} "
                    f"/ median {cal['routed_tokens_median']:.0f} / max {cal['routed_tokens_max']}; "
                    f"{cal['recalibrated_on_all_tokens']} recalibrated on all tokens; "
                    f"{cal['uncalibrated']} uncalibrated experts")
+    for layer, a in (run.result.extra.get("alignment") or {}).items():
+        click.echo(f"router alignment, layer {layer}: KL(full precision || quantised routing) "
+                   f"{a['kl_before']:.4g} -> {a['kl_after']:.4g} nats per calibration token")
     name = f"{method} {spec.config.describe()}" if pmq is None else \
         f"{method} + {allocate} (budget {avg_bits} bits, from {list(pmq.candidates)})"
+    if act is not None:
+        name += f", activations {act.describe()} (simulated, not stored)"
     click.echo(f"{name}: {run.result.average_bits():.2f} bits per expert weight, "
                f"{fmt} checkpoint {run.bytes_before / 1e6:.2f} MB -> {run.bytes_after / 1e6:.2f} MB -> {run.out} "
                f"({run.seconds:.1f} s)")

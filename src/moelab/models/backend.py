@@ -30,6 +30,12 @@ reach them); an offloading provider pages the needed experts in and may return o
 each slot's unweighted expert output norm and the maximum of the down projection's input
 (|act(gate x) * up x|), computed inside the dispatch loop.
 
+An **inputs transform** (``inputs(rows, where) -> rows``, :data:`InputsTransform`) changes what the
+expert linears read: ``where`` is ``"gate_up"`` for the rows the gate/up projections receive and
+``"down"`` for the down projection's input ``act(gate x) * up x``. It simulates low-precision
+activations (``moelab.compress.quant.act``: per-token fake quantisation, W4A4); None (the default)
+leaves the computation as it is.
+
 **Masked slots**: a slot is skipped when ``mask_TK`` is False (an explicit keyword of the experts
 call, e.g. added by a pre-hook) or when its id lies outside ``[0, E)`` (the sentinel transformers'
 expert parallelism uses). A slot with weight 0 is *not* skipped: it still runs (and observers see
@@ -149,6 +155,10 @@ class ExpertStats:
 
 Observer = Callable[[ExpertStats], None]
 
+# inputs(rows, where) -> rows of the same shape; where: "gate_up" (the experts' input rows) or
+# "down" (the down projection's input, one row per routed slot)
+InputsTransform = Callable[[Tensor, str], Tensor]
+
 
 def own_parameters(block: MoEBlockView, expert_ids_n: Tensor) -> ExpertWeights:
     """The default provider: the model's own parameters (views, all E experts; no copy)."""
@@ -177,7 +187,8 @@ class ExpertsBackend:
 
     ``backend(x_TH, ids_TK, weights_TK, mask_TK=None) -> y_TH`` combines as the block does
     (``block.combine``); weights come from ``provider`` (default :func:`own_parameters`), routed
-    rows travel through ``dispatcher`` (default ``LocalDispatcher``; see ``moelab.nn.dispatcher``).
+    rows travel through ``dispatcher`` (default ``LocalDispatcher``; see ``moelab.nn.dispatcher``);
+    ``inputs`` (optional) transforms what the expert linears read (see the module docstring).
     """
 
     def __init__(
@@ -185,6 +196,7 @@ class ExpertsBackend:
         block: MoEBlockView,
         provider: WeightsProvider | None = None,
         dispatcher: Dispatcher | None = None,
+        inputs: InputsTransform | None = None,
     ) -> None:
         from moelab.nn.hf import _ACT  # view activation name -> moelab.nn activation
 
@@ -198,6 +210,7 @@ class ExpertsBackend:
         self.provider: WeightsProvider = provider if provider is not None else own_parameters
         self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         self.act = make_activation(_ACT[block.act], dict(block.act_params) or None)
+        self.inputs = inputs
         self._observers: OrderedDict[int, Observer] = OrderedDict()  # RemovableHandle needs it
         self._swapped: nn.Module | None = None  # set by enable_experts_backend
         self._previous = "eager"
@@ -259,7 +272,12 @@ class ExpertsBackend:
                 y_TH = _placed_forward(d.x_MH, d.weights_MK, plan, needed, w, self.act)
                 return self.dispatcher.combine(y_TH, d), None
             plan = self._plan_for(w, plan, needed)
-        y_MH = run_experts(d.x_MH, d.weights_MK, plan, w.as_tuple(), self.act, stats=stats)
+        x_MH, act = d.x_MH, self.act
+        if self.inputs is not None:
+            inputs = self.inputs
+            x_MH = inputs(x_MH, "gate_up")
+            act = lambda *h: inputs(self.act(*h), "down")  # noqa: E731
+        y_MH = run_experts(x_MH, d.weights_MK, plan, w.as_tuple(), act, stats=stats)
         return self.dispatcher.combine(y_MH, d), _flat_stats(stats, plan)
 
     def _plan_for(self, w: ExpertWeights, plan: _dispatch.Plan, needed: list[int]):
@@ -389,16 +407,18 @@ def enable_experts_backend(
     view: ModelView,
     provider: WeightsProvider | None = None,
     dispatcher: Dispatcher | None = None,
+    inputs: InputsTransform | None = None,
 ) -> list[ExpertsBackend]:
     """Run every block of ``view`` through moelab's experts backend; one backend per block.
 
     ``provider``: where expert weights come from (default :func:`own_parameters`);
-    ``dispatcher``: how routed rows reach the experts (default ``moelab.nn.LocalDispatcher``).
+    ``dispatcher``: how routed rows reach the experts (default ``moelab.nn.LocalDispatcher``);
+    ``inputs``: what the expert linears read (default: unchanged; see the module docstring).
 
     Raises UnsupportedModelError (before changing anything) if a block's family has no spec.
     Calling it again replaces the backends (e.g. with another provider).
     """
-    backends = [ExpertsBackend(b, provider, dispatcher) for b in view.blocks]
+    backends = [ExpertsBackend(b, provider, dispatcher, inputs) for b in view.blocks]
     specs = [b.spec for b in backends]
     previous = _previous_implementation(view)
     disable_experts_backend(view, previous)
@@ -449,6 +469,7 @@ __all__ = [
     "ExpertWeights",
     "ExpertsBackend",
     "ExpertsSpec",
+    "InputsTransform",
     "Observer",
     "PlacedWeights",
     "WeightsProvider",

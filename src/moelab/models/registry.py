@@ -44,6 +44,9 @@ class FamilyAdapter:
     fixed_routing: str = ""  # non-empty: why a stock config cannot change the expert count or top-k
     block_output: BlockOutput | None = None  # None: the block returns the hidden states alone
     experts_backend: ExpertsSpec | None = None  # how moelab's experts backend attaches (backend.py)
+    # the norm whose output is the block's input, dotted under the decoder layer holding the block
+    # (EAQuant folds its smoothing scales into it); "" where no norm precedes the block (FlexOlmo)
+    input_norm: str = "post_attention_layernorm"
 
     def __post_init__(self) -> None:
         if not self.model_types or not self.block_classes:

@@ -5,6 +5,9 @@ Used by ``moelab quantize`` and ``bench/quant.py``::
     run = quantize_checkpoint("path/to/model", QuantSpec("gptq", QuantConfig(4, 64)), out="q4/",
                               format="compressed-tensors")
 
+``eaquant=EAQuantConfig(...)`` runs EAQuant (:mod:`.eaquant`) with ``spec``'s weight format; ``act``
+(:mod:`.act`) records per-token activation bits (and with EAQuant, aligns the routers under them).
+
 Calibration text comes from :func:`moelab.compress.calib.calibration_batches` given a corpus path
 (the train split of a ``moelab data build`` corpus, an equal share per label), as for pruning.
 """
@@ -14,11 +17,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from moelab.compress.calib import calibration_batches
+from moelab.compress.quant.act import ActQuantConfig
 from moelab.compress.quant.calibrate import collect_hessians
 from moelab.compress.quant.checkpoint import (
     FORMATS,
@@ -26,6 +30,8 @@ from moelab.compress.quant.checkpoint import (
     checkpoint_bytes,
     save_quantized,
 )
+from moelab.compress.quant.eaquant import EAQuantConfig
+from moelab.compress.quant.eaquant import eaquant as run_eaquant
 from moelab.compress.quant.pmq import ALLOCATORS, PMQConfig, mixed_precision
 from moelab.compress.quant.quantize import (
     QuantResult,
@@ -75,31 +81,41 @@ def quantize_checkpoint(model: str | os.PathLike, spec: QuantSpec, *, out: str |
                         calib_corpus: str | os.PathLike | None = None, calib_tokens: int = 8192,
                         calib_label: str | None = None, seq_len: int = 256, seed: int = 0,
                         pmq: PMQConfig | None = None, allocate: str = "pmq",
+                        eaquant: EAQuantConfig | None = None, act: ActQuantConfig | None = None,
                         progress: bool = False) -> QuantRun:
-    """Open the checkpoint ``model``, calibrate (GPTQ, or any mixed precision), quantise the routed
-    experts, write ``out``. ``pmq``: bits per expert under an average-bits budget, chosen by
-    ``allocate`` ('pmq', 'greedy', 'uniform'; :mod:`moelab.compress.quant.pmq`)."""
+    """Open the checkpoint ``model``, calibrate (GPTQ, EAQuant, or any mixed precision), quantise the
+    routed experts, write ``out``. ``pmq``: bits per expert under an average-bits budget, chosen by
+    ``allocate`` ('pmq', 'greedy', 'uniform'; :mod:`moelab.compress.quant.pmq`). The returned view is
+    of the model that was written (EAQuant: smoothed and router-aligned)."""
     t0 = time.perf_counter()
     check_inputs(model, out, overwrite, format, calib_corpus)
     if pmq is not None and allocate not in ALLOCATORS:
         raise MoelabError(f"allocate: {allocate!r}; expected one of {ALLOCATORS}")
+    if pmq is not None and eaquant is not None:
+        raise MoelabError("eaquant: mixed precision (--avg-bits) with EAQuant is not supported; choose one")
     if pmq is not None and allocate != "uniform" and format == "compressed-tensors":
         raise MoelabError("format compressed-tensors: mixed bit-widths per expert do not load in stock "
                           "transformers 5 (one scheme for all fused experts); use --format dequantized")
     view = open_model(model)
     calib = None
-    if spec.needs_calibration or pmq is not None:
+    if spec.needs_calibration or pmq is not None or eaquant is not None:
         if calib_corpus is None:
             from moelab.data import default_corpus
 
             calib_corpus = default_corpus()
         calib = calibration_batches(view, Path(calib_corpus), tokens=calib_tokens, seq_len=seq_len, seed=seed,
                                     label=calib_label, tokenizer=model)
-    if pmq is not None:
+    if eaquant is not None:
+        run = run_eaquant(view, calib, spec, replace(eaquant, act=act or eaquant.act), progress=progress)
+        result, view = run.result, open_model(run.model)
+    elif pmq is not None:
         result = mixed_precision(view, spec, collect_hessians(view, calib, spec.policy, progress=progress), pmq,
                                  allocate, progress=progress)
     else:
         result = quantize_experts(view, spec, calib, progress=progress)
+    if act is not None:
+        result.extra = result.extra | {"act_bits": act.bits, "activations": f"{act.describe()} symmetric fake "
+                                       "quantisation of the expert linears' inputs, simulated; not stored"}
     if format == "compressed-tensors":
         check_ct_loadable(result)
     written = None

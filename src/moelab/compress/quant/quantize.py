@@ -79,12 +79,14 @@ class QuantizedBlock:
 
 @dataclass(eq=False)
 class QuantResult:
-    """What :func:`quantize_experts` made, with the calibration report (None for RTN)."""
+    """What :func:`quantize_experts` made, with the calibration report (None for RTN); ``extra``:
+    what a method on top adds to :meth:`meta` (EAQuant's smoothing and alignment, activation bits)."""
 
     spec: QuantSpec
     blocks: dict[int, QuantizedBlock]
     calibration: dict[str, Any] | None = None
     seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def average_bits(self) -> float:
         """Bits per routed-expert weight (scales and zero points not counted)."""
@@ -100,7 +102,7 @@ class QuantResult:
         return {"method": self.spec.method, "bits": c.bits, "group_size": c.group_size, "symmetric": c.symmetric,
                 "percdamp": self.spec.percdamp, "average_bits": self.average_bits(),
                 "bits_per_expert": {str(k): v.bits for k, v in self.blocks.items()},
-                "calibration": self.calibration}
+                "calibration": self.calibration} | self.extra
 
 
 def check_not_quantized(config: Any, where: str = "model") -> None:

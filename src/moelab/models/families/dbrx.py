@@ -101,5 +101,6 @@ ADAPTERS = (
             experts_weights, swap="experts", forward=experts_forward, params=_PARAMS,
             from_params=experts_from_params,
         ),
+        input_norm="norm_attn_norm.norm_2",
     ),
 )

@@ -138,13 +138,14 @@ def read_softmax_block(
     )
 
 
-def _adapter(fam: SoftmaxFamily, model_type: str, block: str, config_cls: str) -> FamilyAdapter:
+def _adapter(fam: SoftmaxFamily, model_type: str, block: str, config_cls: str,
+             input_norm: str = "post_attention_layernorm") -> FamilyAdapter:
     def read(model: nn.Module, module: nn.Module, path: str, layer: int) -> MoEBlockView:
         return read_softmax_block(fam, model, module, path, layer)
 
     return FamilyAdapter(
         fam.name, (model_type,), (block,), read, config_cls, write_config=write_counts,
-        experts_backend=STANDARD,
+        experts_backend=STANDARD, input_norm=input_norm,
     )
 
 
@@ -163,7 +164,8 @@ ADAPTERS = (
     ),
     _adapter(SoftmaxFamily("Qwen3-MoE"), "qwen3_moe", "Qwen3MoeSparseMoeBlock", "Qwen3MoeConfig"),
     _adapter(SoftmaxFamily("OLMoE"), "olmoe", "OlmoeSparseMoeBlock", "OlmoeConfig"),
-    _adapter(SoftmaxFamily("FlexOlmo"), "flex_olmo", "FlexOlmoSparseMoeBlock", "FlexOlmoConfig"),
+    # FlexOlmo normalises after the MLP: the block reads the residual stream, no norm to fold into
+    _adapter(SoftmaxFamily("FlexOlmo"), "flex_olmo", "FlexOlmoSparseMoeBlock", "FlexOlmoConfig", input_norm=""),
     _adapter(
         SoftmaxFamily("MiniMax", renorm="always"),
         "minimax",
