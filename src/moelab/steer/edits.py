@@ -118,7 +118,7 @@ def install_edit(view: ModelView, what: str, per_layer: Mapping[int, Any],
             out, extra = body(block, hidden_TH, routing)
             if "affected" not in extra:  # tokens whose set of experts changed
                 extra["affected"] = _affected(out, routing, block.num_experts)
-            counts["tokens"] += int(routing.ids_TK.shape[0])
+            counts["tokens"] += routing.ids_TK.shape[0]
             counts["active"] += out.ids_TK.numel() if out.mask_TK is None else int(out.mask_TK.sum())
             for key, n in extra.items():
                 counts[key] = counts.get(key, 0) + n
@@ -161,6 +161,14 @@ def expert_flags(block: MoEBlockView, experts: list[int], like: Tensor) -> Tenso
     return flags
 
 
+def _off_consts(block: MoEBlockView, off: list[int], like: Tensor, consts: dict) -> tuple[Tensor, Tensor]:
+    """experts_off's tensors for logits like ``like``, made once per device and dtype."""
+    off_E = expert_flags(block, off, like)
+    offset_E = torch.zeros(block.num_experts, dtype=like.dtype, device=like.device).masked_fill(off_E, -math.inf)
+    consts[(like.device, like.dtype)] = off_E, offset_E
+    return off_E, offset_E
+
+
 def _weights_ignore_unchosen(block: MoEBlockView) -> bool:
     """True when removing experts no token chose leaves every token's ids and weights as they are:
     per-expert sigmoid scores, or a softmax renormalised over the chosen experts (its denominator
@@ -185,25 +193,26 @@ def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int
             )
 
         unchanged_if_unchosen = _weights_ignore_unchosen(block)
-        flags = {}
+        consts: dict = {}  # per (device, dtype) of the logits: (off_E bool, offset_E: -inf where off)
 
         def body(block, hidden_TH, routing):
             logits = routing.logits_TE
-            off_E = flags.get(logits.device)
-            if off_E is None:
-                off_E = flags[logits.device] = expert_flags(block, off, logits)
+            off_E, offset_E = consts.get((logits.device, logits.dtype)) or _off_consts(block, off, logits, consts)
             extra = {}
             if unchanged_if_unchosen:
                 # NOTE: the fast path of a decode step: where the family's weights ignore unchosen
                 # logits, exactly the tokens that chose a switched-off expert change, so a step where
                 # none did keeps its routing (and the count needs no comparison)
-                chose_TK = off_E[routing.ids_TK]
+                chose_TK = off_E.take(routing.ids_TK if routing.mask_TK is None else
+                                      routing.ids_TK.clamp(0, block.num_experts - 1))
                 if routing.mask_TK is not None:
                     chose_TK = chose_TK & routing.mask_TK
-                extra["affected"] = int(chose_TK.any(-1).sum())
-                if extra["affected"] == 0:
-                    return routing, extra
-            return reselect(block, routing.replace(logits_TE=logits.masked_fill(off_E, -math.inf))), extra
+                if not bool(chose_TK.any()):
+                    return routing, {"affected": 0}
+                T = chose_TK.shape[0]
+                extra["affected"] = 1 if T == 1 else int(chose_TK.any(-1).sum())
+            # logits + offset_E is logits.masked_fill(off_E, -inf) for finite logits, in one cheap op
+            return reselect(block, routing.replace(logits_TE=logits + offset_E)), extra
 
         return body
 
