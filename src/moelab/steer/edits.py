@@ -169,7 +169,19 @@ def _off_consts(block: MoEBlockView, off: list[int], like: Tensor, consts: dict)
     return off_E, offset_E
 
 
-def _weights_ignore_unchosen(block: MoEBlockView) -> bool:
+def tokens_choosing(flags_E: Tensor, routing: Routing, num_experts: int) -> int:
+    """How many tokens' real slots chose one of the experts ``flags_E`` (bool ``[E]``) marks; three
+    small ops when none did (a decode step's common case)."""
+    ids_TK = routing.ids_TK if routing.mask_TK is None else routing.ids_TK.clamp(0, num_experts - 1)
+    chose_TK = flags_E.take(ids_TK)
+    if routing.mask_TK is not None:
+        chose_TK = chose_TK & routing.mask_TK
+    if not bool(chose_TK.any()):
+        return 0
+    return 1 if chose_TK.shape[0] == 1 else int(chose_TK.any(-1).sum())
+
+
+def weights_ignore_unchosen(block: MoEBlockView) -> bool:
     """True when removing experts no token chose leaves every token's ids and weights as they are:
     per-expert sigmoid scores, or a softmax renormalised over the chosen experts (its denominator
     cancels; not under a norm clamp), without group-limited selection (a group's score can change)."""
@@ -192,7 +204,7 @@ def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int
                 f"experts leaves fewer than top_k={block.top_k}"
             )
 
-        unchanged_if_unchosen = _weights_ignore_unchosen(block)
+        unchanged_if_unchosen = weights_ignore_unchosen(block)
         consts: dict = {}  # per (device, dtype) of the logits: (off_E bool, offset_E: -inf where off)
 
         def body(block, hidden_TH, routing):
@@ -203,14 +215,9 @@ def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int
                 # NOTE: the fast path of a decode step: where the family's weights ignore unchosen
                 # logits, exactly the tokens that chose a switched-off expert change, so a step where
                 # none did keeps its routing (and the count needs no comparison)
-                chose_TK = off_E.take(routing.ids_TK if routing.mask_TK is None else
-                                      routing.ids_TK.clamp(0, block.num_experts - 1))
-                if routing.mask_TK is not None:
-                    chose_TK = chose_TK & routing.mask_TK
-                if not bool(chose_TK.any()):
-                    return routing, {"affected": 0}
-                T = chose_TK.shape[0]
-                extra["affected"] = 1 if T == 1 else int(chose_TK.any(-1).sum())
+                extra["affected"] = tokens_choosing(off_E, routing, block.num_experts)
+                if extra["affected"] == 0:
+                    return routing, extra
             # logits + offset_E is logits.masked_fill(off_E, -inf) for finite logits, in one cheap op
             return reselect(block, routing.replace(logits_TE=logits + offset_E)), extra
 
@@ -383,4 +390,4 @@ def route_to_rank(model: ModelView | nn.Module, ranks: Mapping[int, int]) -> Edi
 
 __all__ = ["EditBody", "EditHandle", "check_expert_ids", "chosen_experts", "drop_slots", "edit_view",
            "expert_flags", "experts_off", "experts_on", "install_edit", "logit_offsets", "route_to_rank",
-           "scale_weights", "skip_below", "weak_slots"]
+           "scale_weights", "skip_below", "tokens_choosing", "weak_slots", "weights_ignore_unchosen"]
