@@ -289,12 +289,19 @@ def scale_weights(model: ModelView | MoEBlockView | nn.Module,
         scale = torch.ones(block.num_experts, dtype=torch.float64)
         for e, f in value.items():
             scale[e] = float(f)
+        consts: dict = {}  # per (device, dtype) of the weights: (scale_E, scaled_E bool), made once
 
         def body(block, hidden_TH, routing):
             w = routing.weights_TK
-            s_TK = scale.to(device=w.device, dtype=w.dtype)[routing.ids_TK.clamp(0, block.num_experts - 1)]
-            hit_T = ((s_TK != 1) & routing.real_mask()).any(-1)
-            return routing.replace(weights_TK=w * s_TK), {"affected": int(hit_T.sum())}
+            got = consts.get((w.device, w.dtype))
+            if got is None:
+                got = consts[(w.device, w.dtype)] = (scale.to(device=w.device, dtype=w.dtype),
+                                                     (scale != 1).to(w.device))
+            scale_E, scaled_E = got
+            ids_TK = routing.ids_TK if routing.mask_TK is None else routing.ids_TK.clamp(0, block.num_experts - 1)
+            # a switched-off slot's weight is 0, so scaling it is harmless
+            return routing.replace(weights_TK=w * scale_E.take(ids_TK)), \
+                {"affected": tokens_choosing(scaled_E, routing, block.num_experts)}
 
         return body
 
