@@ -126,6 +126,31 @@ def _overhead(run, edits: dict, repeat: int) -> list[dict]:
              "overhead_min": min(v) / min(plain) - 1} for k, v in runs.items()]
 
 
+def _op_counts(run, edits: dict) -> dict[str, int]:
+    """Torch ops dispatched by ``run()`` with no edit and with each edit: a count no other job on the
+    machine can disturb (on this small model a decode step's time is mostly per-op dispatch)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    out = {}
+    with torch.no_grad():
+        for name, make in {"no edit": None, **edits}.items():
+            handle = make() if make is not None else None
+            run()  # the edit's constants are made on its first call
+            with Count() as c:
+                run()
+            out[name] = c.n
+            if handle is not None:
+                handle.remove()
+    return out
+
+
 def _forward_run(view, batch: int, vocab: int):
     ids = torch.randint(0, vocab, (batch, 256), generator=torch.Generator().manual_seed(0))
     return lambda: view.model(input_ids=ids, use_cache=False)
@@ -290,22 +315,29 @@ def _markdown(result: dict) -> str:
               f"{a['gen_repeat']} (generation) and {a['repeat']} (forward) rounds after a warm-up round, each round running every setting back to back in "
               "rotating order; overhead: the median of each round's ratio to the run without an edit). "
               f"Greedy generation of {a['new_tokens']} new tokens from `{GEN_PROMPT!r}` with the KV cache:", "",
-              "| edit | CPU s | tokens/s | overhead | min s | overhead (min) | in edit ms (min) | edit / generation |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| edit | CPU s | tokens/s | overhead | min s | overhead (min) | in edit ms (min) | edit / generation "
+              "| torch ops | more ops |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    gen_ops = result["generation_overhead"][0]["ops"]
     for r in result["generation_overhead"]:
         lines.append(f"| {r['edit']} | {r['median_s']:.4f} | {r['tokens_per_s']:.1f} | {r['overhead']:+.1%} | "
-                     f"{r['min_s']:.4f} | {r['overhead_min']:+.1%} | {1e3 * r['edit_s_min']:.2f} | {r['share_min']:.2%} |")
+                     f"{r['min_s']:.4f} | {r['overhead_min']:+.1%} | {1e3 * r['edit_s_min']:.2f} | {r['share_min']:.2%} "
+                     f"| {r['ops']:,} | {r['ops'] / gen_ops - 1:+.1%} |")
     lines += ["", f"One forward ({a['batch']} x 256 tokens):", "",
-              "| edit | median s | overhead | min s | overhead (min) | in edit ms (min) | edit / forward |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| edit | median s | overhead | min s | overhead (min) | in edit ms (min) | edit / forward | torch ops |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["overhead"]:
         lines.append(f"| {r['edit']} | {r['median_s']:.4f} | {r['overhead']:+.1%} | {r['min_s']:.4f} | "
-                     f"{r['overhead_min']:+.1%} | {1e3 * r['edit_s_min']:.2f} | {r['share_min']:.2%} |")
+                     f"{r['overhead_min']:+.1%} | {1e3 * r['edit_s_min']:.2f} | {r['share_min']:.2%} | {r['ops']:,} |")
     load = result["machine"]["load_average"]
-    lines += ["", f"Goal of issue 14: a steering edit costs at most 3 %. Load average during the run: {load[0]:.1f} "
+    off = next(r for r in result["generation_overhead"] if r["edit"].startswith("off"))
+    lines += ["", f"Goal of issue 14: a steering edit costs at most 3 %. Measured on generation, `experts_off` of "
+              f"{a['top'][0]} experts: {off['overhead']:+.1%} CPU time (median of the paired rounds), "
+              f"{off['share_min']:.1%} of the run spent inside the edit, {off['ops'] / gen_ops - 1:+.1%} torch ops. "
+              f"Load average during the run: {load[0]:.1f} "
               f"(1 min) on {result['machine']['cpus']} CPUs, so timings vary by a few per cent between runs. The "
               "\"in edit\" columns time the edit itself inside the same forward (edits registered just before and "
-              "after it; \"no edit\": those timers alone) over the least time of a plain forward. The routing seam "
+              "after it; \"no edit\": those timers alone) over the least time of a plain run; \"torch ops\" counts "
+              "the ops dispatched (a count no other job disturbs). The routing seam "
               "costs two torch hooks and a `Routing` per MoE layer call; `experts_off` adds a 3-op check and, on "
               "the steps where a token chose a switched-off expert, one re-selection by the family's rule (about "
               "15 small ops), which on this 128-wide model's decode step is a visible share."]
@@ -405,6 +437,9 @@ def main() -> None:
     for r in gen_overhead:
         r["tokens_per_s"] = args.new_tokens / r["median_s"]
     for rows_, run, n in ((overhead, forward, args.repeat), (gen_overhead, gen, args.gen_repeat)):
+        ops = _op_counts(run, timed)
+        for r in rows_:
+            r["ops"] = ops[r["edit"]]
         share = _edit_share(view, run, timed, n)
         plain_min = min(r["min_s"] for r in rows_ if r["edit"] == "no edit")
         for r in rows_:
