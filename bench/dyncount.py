@@ -192,7 +192,10 @@ def markdown(meta: dict, rows: list[dict], over: dict, domains: list[str]) -> st
         "128-wide model and a smaller one of a larger model's. The identity column is the routing seam alone (its "
         "torch hooks on the router and the experts, which build a `Routing` on every call); `experts_off` adds "
         "to it a second selection from the logits on the steps where a token chose a switched-off expert. "
-        "Timings on a machine shared with other jobs vary by several per cent between runs.",
+        "Timings on a machine shared with other jobs vary by several per cent between runs (load average "
+        f"{meta.get('load_average', float('nan')):.1f} on {os.cpu_count()} cores at this run); "
+        "[steering.md](steering.md) adds the count of dispatched torch ops and the time spent inside the edit, "
+        "which other jobs do not disturb.",
         "",
     ]
     return "\n".join(lines)
@@ -229,6 +232,7 @@ def main() -> None:
             "threads": args.threads, "model": os.path.relpath(model_dir, ROOT), "top_k": b.top_k,
             "experts": b.num_experts, "moe_layers": len(view.blocks), "eval_tokens": args.eval_tokens,
             "calib_tokens": calib.num_tokens, "runs": args.runs, "new_tokens": args.new_tokens,
+            "load_average": os.getloadavg()[0],
             "seconds": time.perf_counter() - start}
     domains = list(streams)
     table = Table(title="dynamic expert count")

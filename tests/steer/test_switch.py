@@ -160,3 +160,20 @@ def test_bad_input_is_named():
         switch_experts(view, off={layer: [0]}, strength=-1)
     with pytest.raises(MoelabError, match="give experts"):
         switch_experts(view)
+
+
+def test_soft_off_one_token_at_a_time_equals_the_batch(view):
+    """Token by token (a decode step): tokens that chose no switched-off expert take the soft-off
+    shortcut where the family's weights ignore unchosen logits, the others the re-selection; each
+    equals the same token's output in one batch (float32 routing: 1e-6), and the counts agree."""
+    torch.manual_seed(7)
+    b = view.blocks[-1]
+    x = torch.randn(12, 1, b.hidden_size, dtype=torch.float64)
+    with torch.no_grad():
+        with switch_experts(view, off={b.layer: [0, 1]}, strength=0.5) as h:
+            batch = native_block_output(b, x.reshape(1, 12, -1)).reshape(12, 1, -1)
+            affected = h.counts[b.layer]["affected"]
+            h.reset()
+            for t in range(12):
+                torch.testing.assert_close(native_block_output(b, x[t:t + 1]), batch[t:t + 1], rtol=1e-6, atol=1e-9)
+            assert h.counts[b.layer]["affected"] == affected and h.counts[b.layer]["tokens"] == 12

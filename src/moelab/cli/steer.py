@@ -1,5 +1,6 @@
-"""``moelab steer detect``: find the experts behind a behaviour and write a steering file
-(see :mod:`moelab.steer`); ``eval``, ``trace`` (and ``generate``) apply one with ``--steer``."""
+"""``moelab steer detect``: find the experts behind a behaviour and write a steering file;
+``moelab steer dyncount``: a steering file routing tokens to fewer experts (see :mod:`moelab.steer`);
+``eval``, ``trace`` (and ``generate``) apply one with ``--steer``."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def _print_ranking(det, selected: dict[int, list[int]], show: int, title: str) -
 
 @click.group("steer")
 def steer() -> None:
-    """Steer a model by switching experts: detect them, write a steering file."""
+    """Steer a model by switching experts (detect) or by routing tokens to fewer (dyncount):
+    write a steering file."""
 
 
 @steer.command("detect")
@@ -117,6 +119,54 @@ def detect_command(model: Path | None, positive: str, negative: str, method: str
             "tokens": det.tokens, "top": top, "command": "moelab steer detect"}
     spec = write_steering(out, view, SteeringEdit(mode=mode, experts=chosen, strength=strength), made=made,
                           ranking=[r.to_dict() for r in det.rows[:200]])
+    click.echo(f"wrote {out}: {spec.describe()}")
+
+
+@steer.command("dyncount")
+@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--method", required=True, type=click.Choice(["top-k", "top-p", "odp", "top-any"]),
+              help="top-k: the family's rule at --k experts; top-p: the fewest experts whose probabilities reach "
+                   "--p (Huang et al. 2024); odp: MC-MoE's online dynamic pruning, drop slot j when "
+                   "w_j < beta * w_1 (--beta, or calibrated to --target); top-any: MC#'s per-layer gates trained "
+                   "to --target.")
+@click.option("--k", type=int, default=None, help="top-k: experts per token (at most the model's top_k).")
+@click.option("--p", "p", type=float, default=None, help="top-p: probability mass in (0, 1].")
+@click.option("--beta", type=float, default=None, help="odp: one threshold for every layer, in [0, 1].")
+@click.option("--target", type=float, default=None,
+              help="odp / top-any: average active routed experts per token to calibrate or train for.")
+@click.option("--cap", type=click.IntRange(min=1), default=None, help="top-p: most experts per token (default top_k).")
+@click.option("--protect", type=float, default=0.02, show_default=True,
+              help="odp: share of important tokens (largest hidden-state L1 norm) that keep all their experts.")
+@click.option("--steps", type=click.IntRange(min=1), default=64, show_default=True, help="top-any: Adam steps.")
+@click.option("--corpus", type=click.Path(exists=True, path_type=Path), default=None,
+              help=f"odp --target / top-any: calibration text ({CORPUS_FORMATS} default: the embedded corpus).")
+@click.option("--tokens", type=click.IntRange(min=1), default=8192, show_default=True, help="Calibration tokens.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per sequence.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration draw and training.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Steering file to write (JSON, atomically; top-any's gates beside it as "
+                   "<stem>.gates.safetensors).")
+@no_progress_option
+def dyncount_command(model: Path | None, method: str, k: int | None, p: float | None, beta: float | None,
+                     target: float | None, cap: int | None, protect: float, steps: int, corpus: Path | None,
+                     tokens: int, seq_len: int, seed: int, out: Path, no_progress: bool) -> None:
+    """Write a steering file that routes each token of MODEL (default: the embedded model) to fewer
+    experts; `moelab eval`, `generate` and `trace` apply it with --steer."""
+    from moelab.data import default_model
+    from moelab.models import open_model
+    from moelab.steer import DyncountConfig, dyncount_edit, write_steering
+
+    config = DyncountConfig(method=method, k=k, p=p, beta=beta, target=target, cap=cap, protect=protect,
+                            steps=steps, tokens=tokens, seq_len=seq_len, seed=seed)
+    model = model or default_model()
+    view = open_model(str(model))
+    edit = dyncount_edit(view, config, corpus, progress=not no_progress)
+    made = {"method": method, "command": "moelab steer dyncount",
+            **{name: v for name, v in (("k", k), ("p", p), ("beta", beta), ("target", target), ("cap", cap))
+               if v is not None}}
+    if edit.mode in ("odp", "top-any") and (target is not None):
+        made.update(corpus=str(corpus) if corpus else "embedded", tokens=tokens, seq_len=seq_len, seed=seed)
+    spec = write_steering(out, view, edit, made=made)
     click.echo(f"wrote {out}: {spec.describe()}")
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from moelab.errors import MoelabError
-from moelab.models.rule import select
+from moelab.models.rule import select_slots
 from moelab.routing import Routing
 
 if TYPE_CHECKING:
@@ -67,8 +67,9 @@ class _Seam:
     """Edits and hooks of one block module, and the torch hooks that run them."""
 
     def __init__(self) -> None:
-        self.edits: list[tuple[MoEBlockView, RoutingEdit]] = []
-        self.hooks: list[tuple[MoEBlockView, Callable[[RoutingEvent], None]]] = []
+        # tuples, replaced on every change, so a running seam never sees one change under it
+        self.edits: tuple[tuple[MoEBlockView, RoutingEdit], ...] = ()
+        self.hooks: tuple[tuple[MoEBlockView, Callable[[RoutingEvent], None]], ...] = ()
         self.installed: list = []
         self.block: MoEBlockView | None = None
 
@@ -78,14 +79,16 @@ class _Seam:
         if block.hook_installer is None:
             raise MoelabError(f"{block.path} ({block.family}): routing {kind}s are not available")
         entry = (block, fn)
-        target = self.edits if kind == "edit" else self.hooks
-        target.append(entry)
+        name = "edits" if kind == "edit" else "hooks"
+        setattr(self, name, (*getattr(self, name), entry))
         if not self.installed:
             self.block = block
             self.installed = block.hook_installer(block, self.run)
 
         def undo() -> None:
-            target.remove(entry)
+            entries = list(getattr(self, name))
+            entries.remove(entry)
+            setattr(self, name, tuple(entries))
             if not self.edits and not self.hooks:
                 for h in self.installed:
                     h.remove()
@@ -96,7 +99,7 @@ class _Seam:
     def run(self, hidden_TH: Tensor, routing: Routing) -> Routing | None:
         """Apply the edits in order, show the result to the hooks; None when nothing was edited."""
         edited = routing
-        for block, fn in list(self.edits):
+        for block, fn in self.edits:  # a tuple: an edit removed while running does not shift it
             out = fn(block, hidden_TH, edited)
             if not isinstance(out, Routing):
                 raise MoelabError(
@@ -109,7 +112,7 @@ class _Seam:
         if self.hooks:
             from moelab.models.view import RoutingEvent
 
-            for block, fn in list(self.hooks):
+            for block, fn in self.hooks:
                 fn(RoutingEvent.from_routing(block, hidden_TH, edited))
         return None if edited is routing else edited
 
@@ -133,9 +136,10 @@ def reselect(block: MoEBlockView, routing: Routing, forced_E: Tensor | None = No
     """
     if routing.logits_TE is None:
         raise MoelabError(f"{block.path}: re-selecting experts needs router logits")
-    ids_TK, w_TK, mask_TK = select(block, routing.logits_TE, forced_E, barred_E)
-    mask = None if bool(mask_TK.all()) else mask_TK
-    return Routing(routing.logits_TE, ids_TK, w_TK.to(routing.weights_TK.dtype), mask, routing.aux)
+    ids_TK, w_TK, mask_TK = select_slots(block, routing.logits_TE, forced_E, barred_E)
+    if w_TK.dtype != routing.weights_TK.dtype:
+        w_TK = w_TK.to(routing.weights_TK.dtype)
+    return Routing(routing.logits_TE, ids_TK, w_TK, mask_TK, routing.aux)
 
 
 def for_experts(routing: Routing, num_experts: int) -> tuple[Tensor, Tensor]:

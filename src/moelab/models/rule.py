@@ -81,6 +81,14 @@ def route_logits(
     barred_E: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(ids_TK int64, weights_TK, mask_TK bool)`` by the block's rule, in ``logits_TE``'s dtype."""
+    ids_TK, w_TK, mask_TK = _route(block, logits_TE, forced_E, barred_E)
+    return ids_TK, w_TK, torch.ones_like(ids_TK, dtype=torch.bool) if mask_TK is None else mask_TK
+
+
+def _route(
+    block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None, barred_E: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`route_logits` with ``mask_TK`` None when every slot is real."""
     k = block.top_k
     off_TE = torch.isneginf(logits_TE)
     if barred_E is not None:
@@ -93,12 +101,24 @@ def route_logits(
         return ids_TK, w_TK * block.routed_scaling_factor * mask_TK, mask_TK
     scores_TE, sel_TE = _keys(block, logits_TE, forced_E, off_TE)
     key_TK, ids_TK = sel_TE.topk(k, dim=-1)
-    mask_TK = ~torch.isneginf(key_TK)
-    w_TK = scores_TE.gather(-1, ids_TK) * mask_TK
+    w_TK = scores_TE.gather(-1, ids_TK)
+    # NOTE: a decode step runs this once per MoE layer, so each op saved is a visible share of it:
+    # the slots are masked only when one has no finite choice, the L1 norm of the (non-negative)
+    # scores is a plain sum, a scaling factor of 1 is not multiplied (the same numbers either way)
+    mask_TK = key_TK != _NEG
+    if bool(mask_TK.all()):
+        mask_TK = None
+    else:
+        w_TK = torch.where(mask_TK, w_TK, 0.0)
     if block.norm_topk_prob:
-        norm = w_TK.abs().pow(block.norm_p).sum(-1, keepdim=True).pow(1.0 / block.norm_p)
+        if block.norm_p == 1:
+            norm = w_TK.sum(-1, keepdim=True)
+        else:
+            norm = w_TK.abs().pow(block.norm_p).sum(-1, keepdim=True).pow(1.0 / block.norm_p)
         w_TK = w_TK / norm.clamp(min=block.norm_min if block.norm_min > 0 else 1e-30)
-    return ids_TK, w_TK * block.routed_scaling_factor, mask_TK
+    if block.routed_scaling_factor != 1:
+        w_TK = w_TK * block.routed_scaling_factor
+    return ids_TK, w_TK, mask_TK
 
 
 def _keys(block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None,
@@ -113,11 +133,11 @@ def _keys(block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None
     else:
         raise ValueError(f"unknown scoring {block.scoring!r}")
     sel_TE = scores_TE
-    if block.correction_bias is not None:
-        sel_TE = scores_TE + block.correction_bias.detach().to(scores_TE.dtype)
+    if block.correction_bias is not None:  # a view's tensors are detached views of the model's
+        sel_TE = scores_TE + block.correction_bias.to(scores_TE.dtype)
     if forced_E is not None:
-        sel_TE = sel_TE.masked_fill(forced_E, float("inf"))
-    sel_TE = sel_TE.masked_fill(torch.isneginf(logits_TE) if off_TE is None else off_TE, _NEG)
+        sel_TE = torch.where(forced_E, float("inf"), sel_TE)
+    sel_TE = torch.where(torch.isneginf(logits_TE) if off_TE is None else off_TE, _NEG, sel_TE)
     if block.n_group is not None and block.n_group > 1:
         sel_TE = group_mask(sel_TE, block.n_group, block.topk_group, block.group_score)
     return scores_TE, sel_TE
@@ -158,4 +178,14 @@ def select(
     return route_logits(block, logits_TE.to(compute), forced_E, barred_E)
 
 
-__all__ = ["group_mask", "route_logits", "select", "selection_order", "single_expert", "sparsemixer_select"]
+def select_slots(
+    block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None,
+    barred_E: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`select` with ``mask_TK`` None when every slot is real (a :class:`Routing`'s convention)."""
+    if logits_TE.dtype not in (torch.float32, torch.float64):
+        logits_TE = logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32))
+    return _route(block, logits_TE, forced_E, barred_E)
+
+
+__all__ = ["group_mask", "route_logits", "select", "select_slots", "selection_order", "single_expert", "sparsemixer_select"]

@@ -10,6 +10,7 @@ Steering on top of them:
     :mod:`moelab.steer.detect`   SteerMoE detection by risk difference (``detect_experts``)
     :mod:`moelab.steer.rice`     RICE: experts by nPMI with marker tokens, reinforced (``detect_rice``)
     :mod:`moelab.steer.files`    steering files (``write_steering``, ``load_steering``, ``apply_steering``)
+    :mod:`moelab.steer.dynfile`  dynamic expert-count edits in steering files (``dyncount_edit``)
     :mod:`moelab.steer.classify` a naive Bayes token classifier to judge steered text
 
 Test-time routing: :mod:`moelab.steer.scmoe` (self-contrast decoding), :mod:`moelab.steer.c3po`
@@ -17,6 +18,7 @@ Test-time routing: :mod:`moelab.steer.scmoe` (self-contrast decoding), :mod:`moe
 """
 
 from moelab.steer.detect import Detection, detect_experts
+from moelab.steer.dynfile import CountEdit, DyncountConfig, dyncount_edit
 from moelab.steer.edits import (
     EditHandle,
     experts_off,
@@ -37,6 +39,6 @@ from moelab.steer.files import (
 )
 from moelab.steer.switch import switch_experts
 
-__all__ = ["Detection", "EditHandle", "SteeringEdit", "SteeringFileError", "SteeringSpec", "apply_steering",
-           "detect_experts", "experts_off", "experts_on", "load_steering", "logit_offsets", "make_steering",
+__all__ = ["CountEdit", "Detection", "DyncountConfig", "EditHandle", "SteeringEdit", "SteeringFileError", "SteeringSpec", "apply_steering",
+           "detect_experts", "dyncount_edit", "experts_off", "experts_on", "load_steering", "logit_offsets", "make_steering",
            "route_to_rank", "scale_weights", "skip_below", "switch_experts", "write_steering"]

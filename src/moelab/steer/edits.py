@@ -118,7 +118,7 @@ def install_edit(view: ModelView, what: str, per_layer: Mapping[int, Any],
             out, extra = body(block, hidden_TH, routing)
             if "affected" not in extra:  # tokens whose set of experts changed
                 extra["affected"] = _affected(out, routing, block.num_experts)
-            counts["tokens"] += int(routing.ids_TK.shape[0])
+            counts["tokens"] += routing.ids_TK.shape[0]
             counts["active"] += out.ids_TK.numel() if out.mask_TK is None else int(out.mask_TK.sum())
             for key, n in extra.items():
                 counts[key] = counts.get(key, 0) + n
@@ -161,7 +161,27 @@ def expert_flags(block: MoEBlockView, experts: list[int], like: Tensor) -> Tenso
     return flags
 
 
-def _weights_ignore_unchosen(block: MoEBlockView) -> bool:
+def _off_consts(block: MoEBlockView, off: list[int], like: Tensor, consts: dict) -> tuple[Tensor, Tensor]:
+    """experts_off's tensors for logits like ``like``, made once per device and dtype."""
+    off_E = expert_flags(block, off, like)
+    offset_E = torch.zeros(block.num_experts, dtype=like.dtype, device=like.device).masked_fill(off_E, -math.inf)
+    consts[(like.device, like.dtype)] = off_E, offset_E
+    return off_E, offset_E
+
+
+def tokens_choosing(flags_E: Tensor, routing: Routing, num_experts: int) -> int:
+    """How many tokens' real slots chose one of the experts ``flags_E`` (bool ``[E]``) marks; three
+    small ops when none did (a decode step's common case)."""
+    ids_TK = routing.ids_TK if routing.mask_TK is None else routing.ids_TK.clamp(0, num_experts - 1)
+    chose_TK = flags_E.take(ids_TK)
+    if routing.mask_TK is not None:
+        chose_TK = chose_TK & routing.mask_TK
+    if not bool(chose_TK.any()):
+        return 0
+    return 1 if chose_TK.shape[0] == 1 else int(chose_TK.any(-1).sum())
+
+
+def weights_ignore_unchosen(block: MoEBlockView) -> bool:
     """True when removing experts no token chose leaves every token's ids and weights as they are:
     per-expert sigmoid scores, or a softmax renormalised over the chosen experts (its denominator
     cancels; not under a norm clamp), without group-limited selection (a group's score can change)."""
@@ -184,26 +204,22 @@ def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int
                 f"experts leaves fewer than top_k={block.top_k}"
             )
 
-        unchanged_if_unchosen = _weights_ignore_unchosen(block)
-        flags = {}
+        unchanged_if_unchosen = weights_ignore_unchosen(block)
+        consts: dict = {}  # per (device, dtype) of the logits: (off_E bool, offset_E: -inf where off)
 
         def body(block, hidden_TH, routing):
             logits = routing.logits_TE
-            off_E = flags.get(logits.device)
-            if off_E is None:
-                off_E = flags[logits.device] = expert_flags(block, off, logits)
+            off_E, offset_E = consts.get((logits.device, logits.dtype)) or _off_consts(block, off, logits, consts)
             extra = {}
             if unchanged_if_unchosen:
                 # NOTE: the fast path of a decode step: where the family's weights ignore unchosen
                 # logits, exactly the tokens that chose a switched-off expert change, so a step where
                 # none did keeps its routing (and the count needs no comparison)
-                chose_TK = off_E[routing.ids_TK]
-                if routing.mask_TK is not None:
-                    chose_TK = chose_TK & routing.mask_TK
-                extra["affected"] = int(chose_TK.any(-1).sum())
+                extra["affected"] = tokens_choosing(off_E, routing, block.num_experts)
                 if extra["affected"] == 0:
                     return routing, extra
-            return reselect(block, routing.replace(logits_TE=logits.masked_fill(off_E, -math.inf))), extra
+            # logits + offset_E is logits.masked_fill(off_E, -inf) for finite logits, in one cheap op
+            return reselect(block, routing.replace(logits_TE=logits + offset_E)), extra
 
         return body
 
@@ -273,12 +289,19 @@ def scale_weights(model: ModelView | MoEBlockView | nn.Module,
         scale = torch.ones(block.num_experts, dtype=torch.float64)
         for e, f in value.items():
             scale[e] = float(f)
+        consts: dict = {}  # per (device, dtype) of the weights: (scale_E, scaled_E bool), made once
 
         def body(block, hidden_TH, routing):
             w = routing.weights_TK
-            s_TK = scale.to(device=w.device, dtype=w.dtype)[routing.ids_TK.clamp(0, block.num_experts - 1)]
-            hit_T = ((s_TK != 1) & routing.real_mask()).any(-1)
-            return routing.replace(weights_TK=w * s_TK), {"affected": int(hit_T.sum())}
+            got = consts.get((w.device, w.dtype))
+            if got is None:
+                got = consts[(w.device, w.dtype)] = (scale.to(device=w.device, dtype=w.dtype),
+                                                     (scale != 1).to(w.device))
+            scale_E, scaled_E = got
+            ids_TK = routing.ids_TK if routing.mask_TK is None else routing.ids_TK.clamp(0, block.num_experts - 1)
+            # a switched-off slot's weight is 0, so scaling it is harmless
+            return routing.replace(weights_TK=w * scale_E.take(ids_TK)), \
+                {"affected": tokens_choosing(scaled_E, routing, block.num_experts)}
 
         return body
 
@@ -374,4 +397,4 @@ def route_to_rank(model: ModelView | nn.Module, ranks: Mapping[int, int]) -> Edi
 
 __all__ = ["EditBody", "EditHandle", "check_expert_ids", "chosen_experts", "drop_slots", "edit_view",
            "expert_flags", "experts_off", "experts_on", "install_edit", "logit_offsets", "route_to_rank",
-           "scale_weights", "skip_below", "weak_slots"]
+           "scale_weights", "skip_below", "tokens_choosing", "weak_slots", "weights_ignore_unchosen"]

@@ -16,6 +16,9 @@ Modes (each an edit of :mod:`moelab.steer`):
     soft-on    switch_experts   SteerMoE: logit at the row max + strength, forced
     scale      scale_weights    combine weights times ``strength`` (RICE reinforcement)
 
+and the dynamic expert-count modes ``top-k``, ``top-p``, ``odp``, ``top-any`` (their own fields, no
+experts named; :mod:`moelab.steer.dynfile`, written by ``moelab steer dyncount``).
+
 ``load_steering(path, model)`` checks the file against the model (fingerprint, MoE layers, expert
 ids, how many experts a layer can take in the mode); ``apply_steering(model, spec)`` installs the
 edits and returns one :class:`moelab.steer.EditHandle` (``remove()``, ``with``). ``moelab generate``,
@@ -36,6 +39,14 @@ from moelab import __version__
 from moelab.data.atomic import atomic_write_text
 from moelab.errors import MoelabError
 from moelab.steer.detect import MODES, capacity
+from moelab.steer.dynfile import (
+    COUNT_MODES,
+    CountEdit,
+    check_count_fits,
+    count_edit_from_dict,
+    install_count_edit,
+    write_gates,
+)
 from moelab.steer.edits import EditHandle, experts_off, experts_on, scale_weights
 from moelab.steer.switch import STEERMOE_DELTA, switch_experts
 from moelab.trace.fingerprint import as_view, describe_differences, model_fingerprint
@@ -102,7 +113,7 @@ class SteeringSpec:
     """A steering file's content: the edits, the fingerprint of the model they are for, and how
     they were made (``made``: method, sources, date, moelab version; ``ranking``: detection rows)."""
 
-    edits: tuple[SteeringEdit, ...]
+    edits: tuple[SteeringEdit | CountEdit, ...]
     fingerprint: dict[str, Any]
     made: dict[str, Any] = field(default_factory=dict)
     ranking: list[dict[str, Any]] = field(default_factory=list)
@@ -114,17 +125,18 @@ class SteeringSpec:
 
     def describe(self) -> str:
         """One line: the modes, how many experts in which layers."""
-        parts = [f"{e.mode}{'' if e.strength is None else f'({e.strength:g})'} "
+        parts = [e.describe() if isinstance(e, CountEdit) else
+                 f"{e.mode}{'' if e.strength is None else f'({e.strength:g})'} "
                  f"{sum(len(v) for v in e.experts.values())} experts in layers {sorted(e.experts)}"
                  for e in self.edits]
         return "; ".join(parts)
 
 
-def make_steering(model: Any, edits: list[SteeringEdit] | SteeringEdit, *, made: dict[str, Any] | None = None,
+def make_steering(model: Any, edits: list[SteeringEdit | CountEdit] | SteeringEdit | CountEdit, *, made: dict[str, Any] | None = None,
                   ranking: list[dict[str, Any]] | None = None) -> SteeringSpec:
     """A spec for ``model`` (checked against it), stamped with today's date and moelab's version."""
     view = as_view(model)
-    edits = (edits,) if isinstance(edits, SteeringEdit) else tuple(edits)
+    edits = (edits,) if isinstance(edits, (SteeringEdit, CountEdit)) else tuple(edits)
     info = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "moelab": __version__}
     spec = SteeringSpec(edits=edits, fingerprint=model_fingerprint(view), made={**info, **(made or {})},
                         ranking=list(ranking or []))
@@ -132,11 +144,16 @@ def make_steering(model: Any, edits: list[SteeringEdit] | SteeringEdit, *, made:
     return spec
 
 
-def write_steering(path: str | os.PathLike, model: Any, edits: list[SteeringEdit] | SteeringEdit, *,
+def write_steering(path: str | os.PathLike, model: Any,
+                   edits: list[SteeringEdit | CountEdit] | SteeringEdit | CountEdit, *,
                    made: dict[str, Any] | None = None, ranking: list[dict[str, Any]] | None = None
                    ) -> SteeringSpec:
-    """Write a steering file for ``model`` atomically (see :func:`make_steering`); returns the spec."""
+    """Write a steering file for ``model`` atomically (see :func:`make_steering`); returns the spec.
+    A top-any edit's gates go first to ``<stem>.gates.safetensors`` beside it."""
     spec = make_steering(model, edits, made=made, ranking=ranking)
+    spec = SteeringSpec(edits=tuple(write_gates(e, Path(path)) if isinstance(e, CountEdit) else e
+                                    for e in spec.edits),
+                        fingerprint=spec.fingerprint, made=spec.made, ranking=spec.ranking)
     atomic_write_text(Path(path), json.dumps(spec.to_dict(), indent=1) + "\n")
     return SteeringSpec(edits=spec.edits, fingerprint=spec.fingerprint, made=spec.made, ranking=spec.ranking,
                         path=str(path))
@@ -151,6 +168,12 @@ def check_fits(spec: SteeringSpec, view: Any, where: str) -> None:
     """Raise :class:`SteeringFileError` (prefixed ``where``) unless every edit fits the model."""
     blocks = {b.layer: b for b in view.blocks}
     for edit in spec.edits:
+        if isinstance(edit, CountEdit):
+            try:
+                check_count_fits(edit, view, where)
+            except MoelabError as err:
+                raise SteeringFileError(str(err)) from None
+            continue
         for layer, ids in edit.experts.items():
             if layer not in blocks:
                 raise SteeringFileError(f"{where}: {edit.mode}: layer {layer} is not an MoE layer of the model "
@@ -181,7 +204,8 @@ def load_steering(path: str | os.PathLike, model: Any) -> SteeringSpec:
     if doc.get("version") != VERSION:
         raise SteeringFileError(f"steering file {path}: version {doc.get('version')!r}, this moelab reads {VERSION}")
     try:
-        edits = tuple(SteeringEdit(mode=e["mode"], experts=e["experts"], strength=e.get("strength"))
+        edits = tuple(count_edit_from_dict(e, path.parent) if e["mode"] in COUNT_MODES else
+                      SteeringEdit(mode=e["mode"], experts=e["experts"], strength=e.get("strength"))
                       for e in doc["edits"])
         fp = doc["model"]
         spec = SteeringSpec(edits=edits, fingerprint=fp, made=doc.get("made") or {},
@@ -226,11 +250,13 @@ def apply_steering(model: Any, spec: SteeringSpec) -> EditHandle:
     return parts[0] if len(parts) == 1 else _SteeringHandle(parts)
 
 
-def _merged(edits: tuple[SteeringEdit, ...]) -> list[tuple[str, Any, float | None]]:
+def _merged(edits: tuple[SteeringEdit | CountEdit, ...]) -> list[tuple[str, Any, float | None]]:
     """``(kind, payload, strength)`` per edit to install; soft edits of one strength merged."""
     out: list[tuple[str, Any, float | None]] = []
     for e in edits:
-        if e.mode in ("soft-on", "soft-off"):
+        if isinstance(e, CountEdit):
+            out.append(("count", e, None))
+        elif e.mode in ("soft-on", "soft-off"):
             side = "on" if e.mode == "soft-on" else "off"
             prev = next((x for x in out if x[0] == "switch" and x[2] == e.strength
                          and not set(x[1][side]) & set(e.experts)), None)
@@ -245,6 +271,8 @@ def _merged(edits: tuple[SteeringEdit, ...]) -> list[tuple[str, Any, float | Non
 
 def _install_edit(view: Any, edit: tuple[str, Any, float | None]) -> EditHandle:
     kind, experts, strength = edit
+    if kind == "count":
+        return install_count_edit(view, experts)
     if kind == "switch":
         return switch_experts(view, on=experts["on"], off=experts["off"], strength=strength)
     if kind == "off":

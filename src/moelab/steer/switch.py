@@ -53,6 +53,8 @@ from moelab.steer.edits import (
     edit_view,
     expert_flags,
     install_edit,
+    tokens_choosing,
+    weights_ignore_unchosen,
 )
 
 STEERMOE_DELTA = 0.01  # the delta of SteerMoE's released vLLM patches
@@ -109,6 +111,9 @@ def switch_experts(model: ModelView | MoEBlockView | nn.Module,
                               f"{block.num_experts} experts leaves fewer than top_k={block.top_k}")
 
         flags: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}  # per device, made once
+        # off only, where the family's weights ignore unchosen logits: a token that chose no switched-off
+        # expert keeps its routing (as with experts_off), so a decode step usually skips the re-selection
+        shortcut = not ons and weights_ignore_unchosen(block)
 
         def body(block: MoEBlockView, hidden_TH: Tensor, routing: Routing):
             logits = routing.logits_TE
@@ -118,8 +123,13 @@ def switch_experts(model: ModelView | MoEBlockView | nn.Module,
                 flags[logits.device] = (expert_flags(block, ons, logits) if ons else None,
                                         expert_flags(block, offs, logits) if offs else None)
             on_E, off_E = flags[logits.device]
+            extra = {}
+            if shortcut:
+                extra["affected"] = tokens_choosing(off_E, routing, block.num_experts)
+                if extra["affected"] == 0:
+                    return routing, extra
             edited = switched_logits(logits, on_E, off_E, strength)
-            return reselect(block, routing.replace(logits_TE=edited), forced_E=on_E, barred_E=off_E), {}
+            return reselect(block, routing.replace(logits_TE=edited), forced_E=on_E, barred_E=off_E), extra
 
         return body
 

@@ -150,12 +150,13 @@ def check_experts(
 def flat_routing(logits: Tensor | None, ids: Tensor, weights: Tensor) -> Routing:
     """A family's routing flattened to ``[T, E]`` / ``[T, K]`` (ids int64); not detached, so edits
     can differentiate through the logits and weights."""
-    K = ids.shape[-1]
-    return Routing(
-        None if logits is None else logits.reshape(-1, logits.shape[-1]),
-        ids.reshape(-1, K).to(torch.int64),
-        weights.reshape(-1, K),
-    )
+    # NOTE: a decode step calls this once per MoE layer: tensors already [T, E] / [T, K] int64 (most
+    # families' routers flatten the batch) pass through without even a reshape
+    if logits is not None and logits.dim() != 2:
+        logits = logits.reshape(-1, logits.shape[-1])
+    if ids.dim() != 2:
+        ids, weights = ids.reshape(-1, ids.shape[-1]), weights.reshape(-1, ids.shape[-1])
+    return Routing(logits, ids if ids.dtype == torch.int64 else ids.to(torch.int64), weights)
 
 
 _STD_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
@@ -179,15 +180,17 @@ def experts_prehook_installer(
             seen["logits"] = out[logits_index] if isinstance(out, tuple) else out
 
         def on_experts(_mod, args, kwargs):
-            hidden, ids, weights = _merge_args(args, kwargs, arg_names)[:3]
+            hidden, ids, weights = args if len(args) == 3 else _merge_args(args, kwargs, arg_names)[:3]
             logits, seen["logits"] = seen["logits"], None
-            H = hidden.shape[-1]
-            new = run(hidden.reshape(-1, H), flat_routing(logits, ids, weights))
+            new = run(hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1]),
+                      flat_routing(logits, ids, weights))
             if new is None:
                 return None
             new_ids, new_w = for_experts(new, block.num_experts)
-            lead = ids.shape[:-1]  # the family's own layout (DBRX: [T, K] beside a [B, S, H] input)
-            values = (new_ids.to(ids.dtype).reshape(*lead, -1), new_w.to(weights.dtype).reshape(*lead, -1))
+            if ids.dim() != 2:  # the family's own layout (DBRX: [T, K] beside a [B, S, H] input)
+                new_ids, new_w = new_ids.reshape(*ids.shape[:-1], -1), new_w.reshape(*ids.shape[:-1], -1)
+            values = (new_ids if new_ids.dtype == ids.dtype else new_ids.to(ids.dtype),
+                      new_w if new_w.dtype == weights.dtype else new_w.to(weights.dtype))
             return _replace_args(args, kwargs, arg_names[1:3], values)
 
         return [
