@@ -91,7 +91,7 @@ def test_recorder_counts_the_experts_selection_including_the_bias():
 
 def test_training_step_updates_the_bias_from_that_steps_counts(tiny_corpus):
     from moelab.data.streams import encode_split
-    from moelab.train.loop import train_step, make_optimizer
+    from moelab.train.loop import make_optimizer, train_step
 
     cfg = make_config("tiny-fine", corpus=tiny_corpus)
     model = build_model(cfg, vocab_size=600, eos=0)
