@@ -15,7 +15,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+import torch
+from torch import nn
 
 from moelab.errors import MoelabError
 from moelab.models.view import ModelView
@@ -48,4 +52,49 @@ def analysis_view(model: Any, expert_budget: int | float | str | None = None,
         experts.close()
 
 
-__all__ = ["analysis_view"]
+@torch.no_grad()
+def load_by_offset(path: str | os.PathLike, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """The whole checkpoint at ``path`` as ``from_pretrained`` would load it, in one copy.
+
+    ``from_pretrained`` maps the safetensors files and stacks per-expert tensors into new ones, so
+    the mapped pages (still resident after loading, counted in RSS) and the stacked experts are two
+    copies. Here every tensor is read by offset (:class:`~moelab.offload.ExpertStore`) straight into
+    the parameter it becomes, one expert at a time: peak memory is the model plus one expert.
+    Raises what :func:`~moelab.offload.offload_model` raises when opening (CheckpointError for a
+    truncated file or a missing tensor, UnsupportedModelError for a layout the store cannot read).
+    """
+    from moelab.models.checkpoint import load_meta_model
+    from moelab.models.open import view_model
+    from moelab.offload.model import _generation_config, _load_resident
+    from moelab.offload.store import ExpertStore
+
+    model = load_meta_model(Path(path), dtype=dtype)
+    store = ExpertStore(path, model, view_model(model))
+    try:
+        _load_resident(model, store, None)
+        _load_experts(model, store)
+    finally:
+        store.close()
+    _generation_config(model, Path(path))
+    return model.eval()
+
+
+def _load_experts(model: nn.Module, store: Any) -> None:
+    """Allocate every expert parameter and fill it expert by expert (rows ``[e r, (e + 1) r)``)."""
+    full = {}
+    for key, p in store.params.items():
+        full[key] = torch.empty(p.shape, dtype=p.dtype)
+    for layer in store.layers:
+        mine = {k: p for k, p in store.params.items() if p.layer == layer}
+        for e in range(store.num_experts(layer)):
+            rows = store.read(layer, e)
+            for key, p in mine.items():
+                r = p.shape[0] // p.num_experts
+                full[key][e * r:(e + 1) * r].copy_(rows[p.name])
+    for key, t in full.items():
+        mod_path, _, attr = key.rpartition(".")
+        mod = model.get_submodule(mod_path)
+        mod._parameters[attr] = nn.Parameter(t, requires_grad=mod._parameters[attr].requires_grad)
+
+
+__all__ = ["analysis_view", "load_by_offset"]
