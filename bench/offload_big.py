@@ -75,21 +75,22 @@ def write_checkpoint(path: Path, scale: float, seed: int = 0) -> dict:
     from transformers import AutoModelForCausalLM
 
     from moelab.data import default_corpus
-    from moelab.models.open import _LAYER_RE
-    from moelab.models.writer import SafetensorsWriter, save_config_files, savable_state, saved_layout
+    from moelab.models.writer import (
+        SafetensorsWriter,
+        layer_chunks,
+        savable_state,
+        save_config_files,
+        saved_layout,
+    )
 
     path.mkdir(parents=True)
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(big_config(scale))
     state = savable_state(model)
-    groups: dict[str, list[str]] = {}
-    for k in state:
-        m = _LAYER_RE.match(k)
-        groups.setdefault(m.group(0) if m else k, []).append(k)
     gen = torch.Generator().manual_seed(seed)
     with SafetensorsWriter(path / "model.safetensors", saved_layout(model)) as w:
-        for keys in groups.values():
+        for keys in layer_chunks(list(state)):
             chunk = {}
             for k in keys:
                 t = state[k]

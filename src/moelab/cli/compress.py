@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
-from moelab.cli._options import CORPUS_FORMATS, LazyHelp, expert_budget_options, no_progress_option, planner_list
+from moelab.cli._options import (
+    CORPUS_FORMATS,
+    LazyHelp,
+    expert_budget_options,
+    no_progress_option,
+    planner_list,
+)
 from moelab.cli.steer import steer_option
 from moelab.errors import MoelabError
 

@@ -26,8 +26,8 @@ from moelab.compress.apply import CompressWarning, apply_plan, view_expert
 from moelab.compress.calib import Calibration, calibration_batches
 from moelab.compress.plan import Plan
 from moelab.compress.registry import OUT_OF_CORE, check_method, get_planner
-from moelab.compress.stream import store_expert, write_plan
 from moelab.compress.spec import CompressSpec
+from moelab.compress.stream import store_expert, write_plan
 from moelab.errors import MoelabError
 from moelab.models import ModelView
 from moelab.offload.outofcore import analysis_view
@@ -128,7 +128,7 @@ def compress(model: str | os.PathLike | nn.Module, method: str, spec: CompressSp
             else:
                 rows = view_expert if experts is None else store_expert(experts.store)
                 out, params_after = write_plan(view, plan, out, expert_rows=rows, overwrite=overwrite,
-                                               tokenizer_from=_tokenizer_source(model, view))
+                                               tokenizer_from=_tokenizer_source(model, view), progress=progress)
                 new = None
         notes = [str(w.message) for w in caught if issubclass(w.category, CompressWarning)]
     if new is not None:

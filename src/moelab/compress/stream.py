@@ -46,8 +46,15 @@ from moelab.compress.apply import (
 from moelab.compress.plan import Plan, PlanError
 from moelab.data.atomic import atomic_dir
 from moelab.models import ModelView, MoEBlockView
-from moelab.models.open import _LAYER_RE, view_model
-from moelab.models.writer import SafetensorsWriter, save_config_files, savable_state, saved_layout
+from moelab.models.open import view_model
+from moelab.models.writer import (
+    SafetensorsWriter,
+    layer_chunks,
+    savable_state,
+    save_config_files,
+    saved_layout,
+)
+from moelab.trace.progress import token_progress
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -67,39 +74,30 @@ def store_expert(store: Any) -> ExpertRows:
 
 def write_plan(view: ModelView, plan: Plan, out_dir: str | os.PathLike, *,
                expert_rows: ExpertRows = view_expert, tokenizer_from: Any = None,
-               overwrite: bool = False, progress: Any = None) -> tuple[Path, int]:
+               overwrite: bool = False, progress: bool = False) -> tuple[Path, int]:
     """Write ``plan`` applied to ``view``'s model as a stock checkpoint in ``out_dir``: ``(out, params)``,
     ``params`` the compressed model's parameter count.
 
     The folder (``model.safetensors``, ``config.json``, ``generation_config.json``, ``plan.json``,
     the tokenizer files of ``tokenizer_from``) is written under a temporary name and renamed when
-    complete. ``progress(done, total)`` is called after each chunk (a decoder layer). Raises
+    complete. ``progress``: a bar over the chunks written (a decoder layer each). Raises
     PlanError / MoelabError as :func:`~moelab.compress.apply.apply_plan` and
     :func:`~moelab.compress.apply.save_compressed` do.
     """
     out = check_out_dir(out_dir, overwrite)
     new_model = meta_like_old(view.model, plan_config(view, plan))
     new_model.tie_weights()
-    chunks = _chunks(list(savable_state(new_model)))
+    chunks = layer_chunks(list(savable_state(new_model)))
     old = _tensors(view.model)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, token_progress(len(chunks), enabled=progress, label="writing",
+                                                unit="tensor groups") as advance:
         with SafetensorsWriter(tmp / WEIGHTS_NAME, saved_layout(new_model)) as writer:
-            for i, keys in enumerate(chunks):
+            for keys in chunks:
                 writer.write_model_chunk(new_model, _chunk(view, new_model, plan, keys, old, expert_rows))
-                if progress is not None:
-                    progress(i + 1, len(chunks))
+                advance(1)
         save_config_files(new_model, tmp)
         write_extras(tmp, plan, tokenizer_from)
     return out, sum(p.numel() for p in new_model.parameters())
-
-
-def _chunks(keys: list[str]) -> list[list[str]]:
-    """Keys grouped by decoder layer (``model.layers.3.``...), every other key alone, in order."""
-    groups: dict[str, list[str]] = {}
-    for k in keys:
-        m = _LAYER_RE.match(k)
-        groups.setdefault(m.group(0) if m else k, []).append(k)
-    return list(groups.values())
 
 
 def _chunk(view: ModelView, new_model: nn.Module, plan: Plan, keys: list[str], old: dict[str, Tensor],

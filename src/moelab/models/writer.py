@@ -65,6 +65,18 @@ def revert_names(model: nn.Module, chunk: dict[str, Tensor]) -> dict[str, Tensor
     return revert_weight_conversion(model, dict(chunk))
 
 
+def layer_chunks(keys: list[str]) -> list[list[str]]:
+    """State-dict keys grouped by numbered layer (``model.layers.3.``...: every conversion of
+    transformers' mapping stays within one), every other key alone, in first-seen order."""
+    from moelab.models.open import _LAYER_RE
+
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        m = _LAYER_RE.match(k)
+        groups.setdefault(m.group(0) if m else k, []).append(k)
+    return list(groups.values())
+
+
 def saved_layout(model: nn.Module) -> Layout:
     """Every tensor ``save_pretrained`` would write for ``model`` (on the meta device or not), by
     saved name: ``(dtype, shape)``. Nothing is allocated for a meta model."""
@@ -162,5 +174,5 @@ def save_config_files(model: nn.Module, directory: str | os.PathLike) -> None:
         model.generation_config.save_pretrained(directory)
 
 
-__all__ = ["SAFETENSORS_DTYPES", "Layout", "SafetensorsWriter", "revert_names", "save_config_files",
+__all__ = ["SAFETENSORS_DTYPES", "Layout", "SafetensorsWriter", "layer_chunks", "revert_names", "save_config_files",
            "saved_layout", "savable_state"]
