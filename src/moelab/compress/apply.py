@@ -202,9 +202,10 @@ def write_block(new: MoEBlockView, old: MoEBlockView, lp: LayerPlan,
             getattr(new, name)[o].copy_(t)
 
 
-def _storage_ptrs(view: ModelView) -> set[int]:
+def block_storages(blocks: list[MoEBlockView]) -> set[int]:
+    """Storage pointers of the blocks' router and expert tensors (what :func:`write_block` writes)."""
     ptrs = set()
-    for b in view.blocks:
+    for b in blocks:
         for t in (b.router_weight, b.router_bias, b.correction_bias, b.gate, b.up, b.down,
                   b.gate_bias, b.up_bias, b.down_bias):
             if t is not None:
@@ -278,7 +279,7 @@ def apply_plan(model: nn.Module | ModelView, plan: Plan) -> nn.Module:
     old_model = view.model
     new_model = _empty_like_old(old_model, config)
     new_view = open_model(new_model)
-    _copy_rest(old_model, new_model, _storage_ptrs(new_view))
+    _copy_rest(old_model, new_model, block_storages(new_view.blocks))
     for nb in new_view.blocks:
         ob = view.block(nb.layer)
         write_block(nb, ob, layer_plan(plan, ob))

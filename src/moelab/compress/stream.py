@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from moelab.compress.apply import (
     ExpertRows,
     _tensors,
+    block_storages,
     check_out_dir,
     layer_plan,
     meta_like_old,
@@ -133,9 +134,7 @@ def _block_tensors(view: ModelView, new_model: nn.Module, new_meta: MoEBlockView
     module.to_empty(device=view.blocks[0].router_weight.device)
     try:
         nb = next(b for b in view_model(new_model).blocks if b.path == new_meta.path)
-        written = {t.untyped_storage().data_ptr() for t in (
-            nb.router_weight, nb.router_bias, nb.correction_bias, nb.gate, nb.up, nb.down, nb.gate_bias,
-            nb.up_bias, nb.down_bias) if t is not None}
+        written = block_storages([nb])
         mine = {f"{nb.path}.{n}": t for n, t in _tensors(module).items()}
         for key, t in mine.items():
             if t.untyped_storage().data_ptr() not in written:
