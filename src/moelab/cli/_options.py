@@ -99,5 +99,5 @@ def expert_budget_options(f):
                      help="Expert cache policy with --expert-budget (lru, lfu, lrfu, activation).")(f)
     return click.option("--expert-budget", default=None, metavar="SIZE",
                         help="Offload the experts: read them from the checkpoint by offset into a cache of "
-                             "at most SIZE bytes (e.g. 2GiB, 25%%), so a model whose experts exceed memory "
+                             "at most SIZE bytes (e.g. 2GiB, 25%), so a model whose experts exceed memory "
                              "runs; non-expert weights stay resident.")(f)
