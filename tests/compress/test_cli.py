@@ -113,7 +113,7 @@ def test_help_lists_every_planner_and_a_wrong_method_fails_before_loading(monkey
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was opened before the method was checked")
 
-    monkeypatch.setattr(pipeline, "open_model", no_loading)
+    monkeypatch.setattr(pipeline, "analysis_view", no_loading)
     model = tmp_path / "model"  # never read: the method is refused first
     model.mkdir()
     assert_error(run("prune", model, "--method", "reapp", "--ratio", 0.5, "--out", tmp_path / "o"),

@@ -90,3 +90,14 @@ def stage_bar(label: str, steps: int, enabled: bool) -> Iterator[Callable[[str],
 
         yield stage
         bar.update(task, completed=steps, description="done")
+
+
+def expert_budget_options(f):
+    """``--expert-budget SIZE`` and ``--policy NAME``: open the checkpoint with its experts offloaded
+    (see :mod:`moelab.offload.outofcore`), for a model whose experts do not fit in memory."""
+    f = click.option("--policy", default="lru", show_default=True,
+                     help="Expert cache policy with --expert-budget (lru, lfu, lrfu, activation).")(f)
+    return click.option("--expert-budget", default=None, metavar="SIZE",
+                        help="Offload the experts: read them from the checkpoint by offset into a cache of "
+                             "at most SIZE bytes (e.g. 2GiB, 25%), so a model whose experts exceed memory "
+                             "runs; non-expert weights stay resident.")(f)

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
-from moelab.cli._options import CORPUS_FORMATS, LazyHelp, no_progress_option, planner_list
+from moelab.cli._options import (
+    CORPUS_FORMATS,
+    LazyHelp,
+    expert_budget_options,
+    no_progress_option,
+    planner_list,
+)
 from moelab.cli.steer import steer_option
 from moelab.errors import MoelabError
 
@@ -46,6 +52,7 @@ def _compress_options(command: str):
         click.option("--out", required=True, type=click.Path(path_type=Path),
                      help="Folder for the compressed checkpoint (written atomically)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing --out folder."),
+        expert_budget_options,
         no_progress_option,
     ]
 
@@ -59,7 +66,7 @@ def _compress_options(command: str):
 
 def _run(kind: str, model: Path | None, method: str, ratio: float, budget: str, calib: Path | None,
          calib_tokens: int, calib_label: str | None, seq_len: int, seed: int, out: Path, overwrite: bool,
-         no_progress: bool) -> None:
+         expert_budget: str | None, policy: str, no_progress: bool) -> None:
     from moelab.compress.pipeline import compress
     from moelab.compress.spec import CompressSpec
 
@@ -67,7 +74,7 @@ def _run(kind: str, model: Path | None, method: str, ratio: float, budget: str, 
     model = model or _default("default_model", "MODEL")
     res = compress(model, method, spec, kind=kind, out=out, overwrite=overwrite, calib_corpus=calib,
                    calib_tokens=calib_tokens, calib_label=calib_label, seq_len=seq_len,
-                   progress=not no_progress)
+                   progress=not no_progress, expert_budget=expert_budget, policy=policy)
     for note in res.warnings:
         click.echo(f"warning: {note}", err=True)
     info = res.plan.meta.get("apply", {})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from moelab.cli._options import CORPUS_FORMATS, no_progress_option
+from moelab.cli._options import CORPUS_FORMATS, expert_budget_options, no_progress_option
 from moelab.cli.steer import steer_option
 from moelab.errors import MoelabError
 
@@ -46,11 +46,12 @@ def _default(name: str, what: str) -> Path:
               help="Directory with tokenizer.json (default: MODEL).")
 @click.option("--overwrite", is_flag=True, help="Replace a different trace already in --out.")
 @steer_option
+@expert_budget_options
 @no_progress_option
 def trace_command(model: Path | None, corpus: Path | None, out: Path, max_tokens: int | None, seq_len: int,
                   batch_size: int, logits: bool, expert_norms: bool, act_max: bool, hidden_norm: bool,
                   weights_dtype: str, shard_tokens: int, tokenizer: Path | None, overwrite: bool,
-                  steer: Path | None, no_progress: bool) -> None:
+                  steer: Path | None, expert_budget: str | None, policy: str, no_progress: bool) -> None:
     """Record which experts every token chose, with their weights, in every MoE layer of MODEL
     (a checkpoint directory; default: the embedded model)."""
     from moelab.trace import TraceInterrupted, record
@@ -65,7 +66,8 @@ def trace_command(model: Path | None, corpus: Path | None, out: Path, max_tokens
         trace = record(str(model), corpus, out, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens,
                        logits=logits, expert_norms=expert_norms, act_max=act_max, hidden_norm=hidden_norm,
                        weights_dtype=weights_dtype, shard_tokens=shard_tokens, tokenizer=tokenizer,
-                       overwrite=overwrite, progress=not no_progress, on_resume=resuming, steering=steer)
+                       overwrite=overwrite, progress=not no_progress, on_resume=resuming, steering=steer,
+                       expert_budget=expert_budget, policy=policy)
     except TraceInterrupted as stop:
         click.echo(f"interrupted: {stop.tokens:,} of {stop.total:,} tokens are saved in complete shards in {out}; "
                    "rerun the same command to resume from the last complete shard", err=True)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,21 +146,35 @@ def _coef(c: float | Tensor, I: int) -> Tensor:  # noqa: E741
     return c.to(torch.float64).cpu() if isinstance(c, Tensor) else torch.full((I,), float(c), dtype=torch.float64)
 
 
-def build_expert(block: MoEBlockView, out: OutExpert) -> dict[str, Tensor]:
-    """Weight-space tensors of one output expert (float64): gate/up ``[I, H]``, down ``[H, I]``, biases."""
+_EXPERT_TENSORS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
+
+# expert_rows(block, e) -> expert e's tensors in the view's convention: gate/up [I, H], down [H, I],
+# biases [I] / [H] or None. The default reads the view; out of core they come from the safetensors.
+ExpertRows = Callable[[MoEBlockView, int], dict[str, Tensor | None]]
+
+
+def view_expert(block: MoEBlockView, e: int) -> dict[str, Tensor | None]:
+    """The default :data:`ExpertRows`: expert ``e``'s tensors from the block view (no copy)."""
+    return {n: (None if getattr(block, n) is None else getattr(block, n)[e]) for n in _EXPERT_TENSORS}
+
+
+def build_expert(block: MoEBlockView, out: OutExpert, expert_rows: ExpertRows = view_expert) -> dict[str, Tensor]:
+    """Weight-space tensors of one output expert (float64): gate/up ``[I, H]``, down ``[H, I]``, biases.
+
+    ``expert_rows`` gives each member's tensors (default: the view's own)."""
     I = block.intermediate_size  # noqa: E741
-    f64 = {n: (None if getattr(block, n) is None else getattr(block, n).detach().to(torch.float64).cpu())
-           for n in ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")}
     res: dict[str, Tensor] = {}
     for m in out.members:
+        f64 = {n: (None if t is None else t.detach().to(torch.float64).cpu())
+               for n, t in expert_rows(block, m.expert).items()}
         p, c = _perm(m.perm, I), _coef(m.coef, I)
-        parts = {"gate": f64["gate"][m.expert][p] * c[:, None], "up": f64["up"][m.expert][p] * c[:, None],
-                 "down": f64["down"][m.expert][:, p] * c[None, :]}
+        parts = {"gate": f64["gate"][p] * c[:, None], "up": f64["up"][p] * c[:, None],
+                 "down": f64["down"][:, p] * c[None, :]}
         for n in ("gate_bias", "up_bias"):
             if f64[n] is not None:
-                parts[n] = f64[n][m.expert][p] * c
+                parts[n] = f64[n][p] * c
         if f64["down_bias"] is not None:
-            parts["down_bias"] = f64["down_bias"][m.expert] * c.mean()
+            parts["down_bias"] = f64["down_bias"] * c.mean()
         for n, t in parts.items():
             res[n] = t if n not in res else res[n] + t
     if out.neuron_mask is not None:
@@ -174,20 +189,23 @@ def build_expert(block: MoEBlockView, out: OutExpert) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def _write_block(new: MoEBlockView, old: MoEBlockView, lp: LayerPlan) -> None:
+def write_block(new: MoEBlockView, old: MoEBlockView, lp: LayerPlan,
+                expert_rows: ExpertRows = view_expert) -> None:
+    """Write the routers and experts of ``lp`` into ``new`` (a view of the compressed model's block)."""
     src = torch.tensor(lp.sources(), dtype=torch.long)
     new.router_weight.copy_(old.router_weight.detach().cpu()[src])
     for name in ("router_bias", "correction_bias"):
         if getattr(new, name) is not None:
             getattr(new, name).copy_(getattr(old, name).detach().cpu()[src])
     for o, out in enumerate(lp.experts):
-        for name, t in build_expert(old, out).items():
+        for name, t in build_expert(old, out, expert_rows).items():
             getattr(new, name)[o].copy_(t)
 
 
-def _storage_ptrs(view: ModelView) -> set[int]:
+def block_storages(blocks: list[MoEBlockView]) -> set[int]:
+    """Storage pointers of the blocks' router and expert tensors (what :func:`write_block` writes)."""
     ptrs = set()
-    for b in view.blocks:
+    for b in blocks:
         for t in (b.router_weight, b.router_bias, b.correction_bias, b.gate, b.up, b.down,
                   b.gate_bias, b.up_bias, b.down_bias):
             if t is not None:
@@ -205,14 +223,17 @@ def _tensors(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def _empty_like_old(old_model: nn.Module, config: Any) -> nn.Module:
-    """A model of the old class built from ``config`` on the meta device (no random init), then
-    allocated with each tensor's dtype and device taken from the same-named old tensor."""
+def meta_like_old(old_model: nn.Module, config: Any) -> nn.Module:
+    """A model of the old class built from ``config`` on the meta device (nothing allocated), each
+    floating tensor in the dtype of the same-named old tensor (the first parameter's otherwise)."""
     with torch.device("meta"):
         new_model = type(old_model)(config)
+    _match_dtypes(old_model, new_model)
+    return new_model
+
+
+def _match_dtypes(old_model: nn.Module, new_model: nn.Module) -> None:
     first = next(old_model.parameters())
-    new_model.to_empty(device=first.device)
-    new_model.tie_weights()  # to_empty allocates tied parameters separately: tie them again per config
     old = _tensors(old_model)
     for prefix, mod in new_model.named_modules():
         for store in (mod._parameters, mod._buffers):
@@ -224,6 +245,13 @@ def _empty_like_old(old_model: nn.Module, config: Any) -> nn.Module:
                         t.data = t.data.to(dtype)
                     else:
                         store[name] = t.to(dtype)
+
+
+def _empty_like_old(old_model: nn.Module, config: Any) -> nn.Module:
+    """:func:`meta_like_old`, allocated (uninitialised) on the old model's device."""
+    new_model = meta_like_old(old_model, config)
+    new_model.to_empty(device=next(old_model.parameters()).device)
+    new_model.tie_weights()  # to_empty allocates tied parameters separately: tie them again per config
     return new_model
 
 
@@ -247,21 +275,28 @@ def apply_plan(model: nn.Module | ModelView, plan: Plan) -> nn.Module:
     (experts, top-k, groups) and every change beyond removing experts; each change is also warned.
     """
     view = model if isinstance(model, ModelView) else open_model(model)
+    config = plan_config(view, plan)
+    old_model = view.model
+    new_model = _empty_like_old(old_model, config)
+    new_view = open_model(new_model)
+    _copy_rest(old_model, new_model, block_storages(new_view.blocks))
+    for nb in new_view.blocks:
+        ob = view.block(nb.layer)
+        write_block(nb, ob, layer_plan(plan, ob))
+    new_model.train(old_model.training)
+    return new_model
+
+
+def plan_config(view: ModelView, plan: Plan) -> Any:
+    """Check ``plan`` against ``view`` and return the compressed model's config; records the
+    compressed routing in ``plan.meta["apply"]`` and warns (CompressWarning) each change."""
     check_plan(view, plan)
     rs = routing_settings(view, plan)
     for note in rs.notes:
-        warnings.warn(f"{plan.method}: {note}", CompressWarning, stacklevel=2)
-    old_model = view.model
-    new_model = _empty_like_old(old_model, compressed_config(view, rs))
-    new_view = open_model(new_model)
-    _copy_rest(old_model, new_model, _storage_ptrs(new_view))
-    for nb in new_view.blocks:
-        ob = view.block(nb.layer)
-        _write_block(nb, ob, layer_plan(plan, ob))
-    new_model.train(old_model.training)
+        warnings.warn(f"{plan.method}: {note}", CompressWarning, stacklevel=3)
     plan.meta["apply"] = {"num_experts": rs.num_experts, "top_k": rs.top_k, "n_group": rs.n_group,
                           "topk_group": rs.topk_group, "changes": rs.notes}
-    return new_model
+    return compressed_config(view, rs)
 
 
 def save_compressed(model: nn.Module, plan: Plan, out_dir: str | Path, *,
@@ -273,17 +308,28 @@ def save_compressed(model: nn.Module, plan: Plan, out_dir: str | Path, *,
     when complete, so an interrupted write leaves nothing under ``out_dir``. An existing ``out_dir``
     is refused unless ``overwrite``. The result loads with ``AutoModelForCausalLM.from_pretrained``.
     """
+    out = check_out_dir(out_dir, overwrite)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        write_extras(tmp, plan, tokenizer_from)
+    return out
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    """``out_dir`` as a Path, after refusing an existing one (unless ``overwrite``) or a file."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise MoelabError(f"out: {out} already exists; choose another folder or pass overwrite=True "
                           f"(--overwrite)")
     if out.exists() and not out.is_dir():
         raise MoelabError(f"out: {out} is a file; expected a folder to write the checkpoint into")
-    with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        _copy_tokenizer(tokenizer_from, tmp)
-        (tmp / "plan.json").write_text(plan.to_json() + "\n", encoding="utf-8")
     return out
+
+
+def write_extras(tmp: Path, plan: Plan, tokenizer_from: str | Path | Any | None) -> None:
+    """The tokenizer files and ``plan.json`` beside a compressed checkpoint's weights."""
+    _copy_tokenizer(tokenizer_from, tmp)
+    (tmp / "plan.json").write_text(plan.to_json() + "\n", encoding="utf-8")
 
 
 def _copy_tokenizer(src: str | Path | Any | None, tmp: Path) -> None:

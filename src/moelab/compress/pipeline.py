@@ -22,26 +22,39 @@ from typing import Any
 
 from torch import nn
 
-from moelab.compress.apply import CompressWarning, apply_plan, save_compressed
+from moelab.compress.apply import CompressWarning, apply_plan, view_expert
 from moelab.compress.calib import Calibration, calibration_batches
 from moelab.compress.plan import Plan
-from moelab.compress.registry import check_method, get_planner
+from moelab.compress.registry import OUT_OF_CORE, check_method, get_planner
 from moelab.compress.spec import CompressSpec
+from moelab.compress.stream import store_expert, write_plan
 from moelab.errors import MoelabError
-from moelab.models import ModelView, open_model
+from moelab.models import ModelView
+from moelab.offload.outofcore import analysis_view
 
 
 @dataclass
 class CompressResult:
-    """What :func:`compress` made: the plan, the compressed model, where it went, what changed."""
+    """What :func:`compress` made: the plan, the compressed model, where it went, what changed.
+
+    ``model``: the compressed model; when it was written straight to ``out`` (not built in memory),
+    it is loaded from there on first use."""
 
     plan: Plan
-    model: nn.Module
+    built: nn.Module | None
     out: Path | None
     params_before: int
     params_after: int
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def model(self) -> nn.Module:
+        if self.built is None:
+            from moelab.models.checkpoint import load_checkpoint
+
+            self.built = load_checkpoint(self.out)
+        return self.built
 
 
 def _tokenizer_source(model: Any, view: ModelView) -> Path | None:
@@ -85,34 +98,66 @@ def compress(model: str | os.PathLike | nn.Module, method: str, spec: CompressSp
              out: str | os.PathLike | None = None, overwrite: bool = False,
              calib_corpus: str | os.PathLike | None = None, calib_tokens: int = 16384,
              calib_label: str | None = None, seq_len: int = 256, progress: bool = False,
+             expert_budget: int | float | str | None = None, policy: str = "lru",
              **options: Any) -> CompressResult:
     """Open ``model``, calibrate (if the method needs it), plan, apply, and save to ``out`` (if given).
 
     ``calib_corpus`` defaults to the embedded corpus. ``out`` is checked before any work is done.
     Warnings of :func:`apply_plan` (clamped top-k, groups switched off) are returned, not printed.
+
+    With ``out``, the checkpoint is written layer by layer (:func:`moelab.compress.stream.write_plan`),
+    so the model is held once; ``result.model`` is then loaded from ``out`` when first asked for.
+    ``expert_budget`` (with a checkpoint directory and ``out``): open it with its experts offloaded
+    into a cache of that many bytes under ``policy`` (:mod:`moelab.offload.outofcore`), for the
+    planners that read no expert weights directly (:data:`moelab.compress.registry.OUT_OF_CORE`).
     """
     t0 = time.perf_counter()
     check_method(method, kind)  # before loading anything: a misspelt method fails at once
     if out is not None and Path(out).exists() and not overwrite:
         raise MoelabError(f"out: {out} already exists; choose another folder or pass --overwrite")
-    view = open_model(model)
-    _, _, needs_calib = get_planner(method)
-    calib = None
-    if needs_calib:
-        if calib_corpus is None:
-            from moelab.data import default_corpus
+    if expert_budget is not None:
+        check_out_of_core(method, out)
+    with analysis_view(model, expert_budget, policy) as (view, experts):
+        calib = _calibration(view, model, method, spec, calib_corpus, calib_tokens, calib_label, seq_len)
+        plan = make_plan(view, method, spec, kind=kind, calib=calib, progress=progress, **options)
+        params_before = sum(p.numel() for p in view.model.parameters())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if out is None:
+                new, params_after = apply_plan(view, plan), None
+            else:
+                rows = view_expert if experts is None else store_expert(experts.store)
+                out, params_after = write_plan(view, plan, out, expert_rows=rows, overwrite=overwrite,
+                                               tokenizer_from=_tokenizer_source(model, view), progress=progress)
+                new = None
+        notes = [str(w.message) for w in caught if issubclass(w.category, CompressWarning)]
+    if new is not None:
+        params_after = sum(p.numel() for p in new.parameters())
+    return CompressResult(plan, new, Path(out) if out is not None else None, params_before, params_after,
+                          notes, time.perf_counter() - t0)
 
-            calib_corpus = default_corpus()
-        tok_dir = model if isinstance(model, (str, os.PathLike)) else None
-        calib = calibration_batches(view, Path(calib_corpus), tokens=calib_tokens, seq_len=seq_len,
-                                    seed=spec.seed, label=calib_label, tokenizer=tok_dir)
-    plan = make_plan(view, method, spec, kind=kind, calib=calib, progress=progress, **options)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        new = apply_plan(view, plan)
-    notes = [str(w.message) for w in caught if issubclass(w.category, CompressWarning)]
-    if out is not None:
-        save_compressed(new, plan, out, tokenizer_from=_tokenizer_source(model, view), overwrite=overwrite)
-    return CompressResult(plan, new, Path(out) if out is not None else None,
-                          sum(p.numel() for p in view.model.parameters()),
-                          sum(p.numel() for p in new.parameters()), notes, time.perf_counter() - t0)
+
+def check_out_of_core(method: str, out: Any) -> None:
+    """MoelabError unless ``method`` runs with offloaded experts and there is an ``out`` to write to."""
+    if method not in OUT_OF_CORE:
+        raise MoelabError(f"expert_budget: method {method!r} reads every expert's weights, which an "
+                          f"offloaded model does not hold; without a budget it runs on the whole model. "
+                          f"Methods that run offloaded: {', '.join(OUT_OF_CORE)}")
+    if out is None:
+        raise MoelabError("expert_budget: needs out (the folder to write the compressed checkpoint to): "
+                          "an offloaded model is compressed straight into a checkpoint")
+
+
+def _calibration(view: ModelView, model: Any, method: str, spec: CompressSpec, corpus: Any, tokens: int,
+                 label: str | None, seq_len: int) -> Calibration | None:
+    """The calibration batches ``method`` needs (None if it needs none), drawn from ``corpus``
+    (default: the embedded corpus) with the model's tokenizer."""
+    if not get_planner(method)[2]:
+        return None
+    if corpus is None:
+        from moelab.data import default_corpus
+
+        corpus = default_corpus()
+    tok_dir = model if isinstance(model, (str, os.PathLike)) else None
+    return calibration_batches(view, Path(corpus), tokens=tokens, seq_len=seq_len, seed=spec.seed,
+                               label=label, tokenizer=tok_dir)

@@ -25,6 +25,9 @@ PLANNERS: dict[str, tuple[str, str, bool]] = {
     "m-smoe": ("merge", "moelab.compress.msmoe:plan_msmoe", True),
 }
 
+# planners that read no expert weight directly (routing, and expert output norms observed inside the
+# experts' forward), so they run on a model with offloaded experts (``--expert-budget``)
+OUT_OF_CORE: tuple[str, ...] = ("random", "frequency", "weighted-frequency", "reap")
 
 # the planner kinds each command runs: `moelab prune` also takes atomic (neuron-level) planners
 COMMAND_KINDS: dict[str, tuple[str, ...]] = {"prune": ("prune", "atomic"), "merge": ("merge",)}

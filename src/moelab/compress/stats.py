@@ -10,7 +10,8 @@ REAP's rule: its ``main.py`` renormalises only when ``model.config.norm_topk_pro
 ``renormalize_router_weights``, default on), else it uses the raw softmax probability. Dividing out
 the scaling factor (DeepSeek's 2.5, a constant per model) changes no ranking and keeps ``g`` a
 probability. ``||E_e(x_t)||_2`` is the norm of expert e's output on the input it received, before its weight
-(:func:`moelab.trace.collect.expert_stats`; Llama4 scales inputs, so there it is ``E_e(w x)``).
+(observed inside the experts' forward, :func:`moelab.trace.collect.observe_experts`; Llama4 scales
+inputs, so there it is ``E_e(w x)``).
 
 Per layer, float64 arrays ``[E]``::
 
@@ -23,6 +24,7 @@ Per layer, float64 arrays ``[E]``::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,7 +32,7 @@ from torch import Tensor
 from moelab.compress.calib import Calibration, routing_pass
 from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView, RoutingEvent
-from moelab.trace.collect import expert_stats
+from moelab.trace.collect import observe_experts, slot_stats
 
 
 @dataclass
@@ -83,7 +85,10 @@ def accumulate(stats: ExpertStats, ids_TK: Tensor, gates_TK: Tensor, norm_TK: Te
 def expert_statistics(view: ModelView, calib: Calibration, *, norms: bool = True) -> dict[int, ExpertStats]:
     """``layer -> ExpertStats`` over the calibration batches (one forward pass of the model).
 
-    ``norms=False`` skips running the experts a second time (counts and gate sums only).
+    ``norms``: also the expert output norms, observed inside the experts' own forward
+    (:func:`moelab.trace.collect.observe_experts`: moelab's experts backend, equal to eager, with
+    whatever weights provider the model has, e.g. an offloaded model's cache); ``norms=False`` needs
+    routing only.
     """
     if calib is None:
         raise MoelabError("calib: these statistics need calibration data (see calibration_batches)")
@@ -91,12 +96,29 @@ def expert_statistics(view: ModelView, calib: Calibration, *, norms: bool = True
     for b in view.blocks:
         z = torch.zeros(b.num_experts, dtype=torch.float64)
         out[b.layer] = ExpertStats(b.layer, 0, z.clone(), z.clone(), z.clone(), z.clone())
+    pending: dict[int, tuple[Tensor, Tensor]] = {}  # layer -> this forward's (ids, gates), until observed
 
     def on_event(ev: RoutingEvent) -> None:
-        norm_TK = None
-        if norms:
-            norm_TK = expert_stats(ev.block, ev.hidden_TH, ev.ids_TK, ev.weights_TK)[0]
-        accumulate(out[ev.block.layer], ev.ids_TK, gates(ev.block, ev.weights_TK), norm_TK)
+        if not norms:
+            accumulate(out[ev.block.layer], ev.ids_TK, gates(ev.block, ev.weights_TK), None)
+        else:
+            pending[ev.block.layer] = (ev.ids_TK.detach(), gates(ev.block, ev.weights_TK))
 
-    routing_pass(view, calib, on_event)
+    def on_experts(st: Any) -> None:
+        layer = st.block.layer
+        if layer not in pending:
+            raise MoelabError(f"{st.block.path}: the experts ran without a routing event")
+        ids_TK, g_TK = pending.pop(layer)
+        ids_TK = ids_TK.reshape(st.ids_TK.shape).long().cpu()
+        norm_TK = slot_stats(st, ids_TK, st.block.num_experts)[0]
+        accumulate(out[layer], ids_TK, g_TK, norm_TK)
+
+    handles = observe_experts(view, on_experts) if norms else []
+    try:
+        routing_pass(view, calib, on_event)
+    finally:
+        for h in handles:
+            h.remove()
+    if pending:
+        raise MoelabError(f"layers {sorted(pending)}: routed but their experts did not run")
     return out

@@ -31,15 +31,22 @@ def load_checkpoint(
     experts_implementation: str | None = None,
     dense_ok: bool = False,
 ) -> nn.Module:
-    """Load a local safetensors checkpoint directory with ``AutoModelForCausalLM`` after checking it.
+    """Load a local safetensors checkpoint directory as ``AutoModelForCausalLM`` after checking it.
 
-    ``dense_ok``: also load a dense model (no experts in its config), e.g. a dense twin to evaluate;
+    A supported MoE family is read tensor by tensor by offset into its parameters, so it is held
+    once (``from_pretrained`` would also keep the mapped files resident: two copies); the others
+    go through ``from_pretrained``. ``dense_ok``: also load a dense model (no experts in its config), e.g. a dense twin to evaluate;
     otherwise only the MoE families moelab supports are loaded."""
     config = checked_config(path, trust_remote_code=trust_remote_code)
     from transformers import AutoModelForCausalLM
 
     if not (dense_ok and _is_dense(config)):
         _check_family(config, path)
+        model = _load_one_copy(path, config, trust_remote_code, dtype)
+        if model is not None:
+            if experts_implementation is not None:
+                model.set_experts_implementation(experts_implementation)
+            return model
     kwargs: dict[str, Any] = {
         "config": config,
         "trust_remote_code": trust_remote_code,
@@ -62,6 +69,25 @@ def load_checkpoint(
         ) from err
     _check_loading_info(path, info)
     return model.eval()
+
+
+def _load_one_copy(path: Path, config: Any, trust_remote_code: bool,
+                   dtype: torch.dtype | str | None) -> nn.Module | None:
+    """The model read by offset, one copy in memory (:func:`moelab.offload.outofcore.load_by_offset`),
+    or None where ``from_pretrained`` must load it: remote code, a config without a dtype (then
+    ``from_pretrained`` guesses it from the weights), a layout the expert store cannot read."""
+    if trust_remote_code or (dtype in (None, "auto") and getattr(config, "dtype", None) is None):
+        return None
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype, None)
+        if not isinstance(dtype, torch.dtype):
+            return None  # from_pretrained names the bad dtype
+    from moelab.offload.outofcore import load_by_offset
+
+    try:
+        return load_by_offset(path, dtype=None if dtype == "auto" else dtype)
+    except UnsupportedModelError:
+        return None
 
 
 def load_meta_model(

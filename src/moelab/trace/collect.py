@@ -52,16 +52,54 @@ def expert_stats(block: Any, hidden_TH: Tensor, ids_TK: Tensor, weights_TK: Tens
     return norm_TK, in_TK, out_TK
 
 
+class _BackendOff:
+    """A handle whose ``remove()`` turns moelab's experts backend off again on ``view``."""
+
+    def __init__(self, view: Any) -> None:
+        self.view: Any = view
+
+    def remove(self) -> None:
+        if self.view is not None:
+            from moelab.models.backend import disable_experts_backend
+
+            view, self.view = self.view, None
+            disable_experts_backend(view)
+
+
+def observe_experts(view: Any, fn: Any) -> list[Any]:
+    """Call ``fn(stats)`` with every block's :class:`moelab.models.backend.ExpertStats` (per-slot
+    expert output norms and activation maxima, computed inside the experts' forward).
+
+    The blocks run through moelab's experts backend (equal to eager): where it is off it is turned
+    on with the model's own parameters; where it is on (e.g. an offloaded model's, with its weights
+    provider) it is kept as it is. Returns handles; removing them all takes the observers off and
+    turns off a backend this call turned on."""
+    from moelab.models.backend import enable_experts_backend, experts_backend
+
+    handles: list[Any] = []
+    off = None
+    if any(experts_backend(b) is None for b in view.blocks):
+        enable_experts_backend(view)
+        off = _BackendOff(view)
+    try:
+        for b in view.blocks:
+            handles.append(experts_backend(b).add_observer(fn))
+    except BaseException:
+        for h in (*handles, *([off] if off else [])):
+            h.remove()
+        raise
+    return handles + ([off] if off else [])  # the backend goes off after its observers
+
+
 class Collector:
     """Routing hooks on every block of a view, collecting one forward's worth of fields per layer.
 
     ``fields``: the optional fields to compute (``logits``, ``expert_norms``, ``act_max``,
     ``hidden_norm``); ids and weights are always kept. ``weights_dtype``: ``float32`` or ``float16``.
 
-    Expert norms and activation maxima come from inside the experts' own forward: the blocks run
-    through moelab's experts backend (:mod:`moelab.models.backend`, equal to eager; turned on for
-    the recording if the model is not already on it) and an observer keeps each slot's statistics,
-    so the chosen experts are not run a second time. :func:`expert_stats` is the slow reference.
+    Expert norms and activation maxima come from inside the experts' own forward
+    (:func:`observe_experts`), so the chosen experts are not run a second time and an offloaded
+    model's experts are never needed outside its cache. :func:`expert_stats` is the slow reference.
     """
 
     def __init__(self, view: Any, fields: tuple[str, ...], weights_dtype: str):
@@ -71,7 +109,6 @@ class Collector:
         self._seen: dict[int, dict[str, Tensor]] = {}
         self._slots: dict[int, Any] = {}  # layer -> the backend's ExpertStats of this forward
         self._handles: list[Any] = []
-        self._enabled: Any = None  # the view whose backend this collector turned on
         try:
             if "expert_norms" in fields or "act_max" in fields:
                 self._observe_experts(view)
@@ -82,27 +119,16 @@ class Collector:
             raise
 
     def _observe_experts(self, view: Any) -> None:
-        from moelab.models.backend import enable_experts_backend, experts_backend
+        def keep(st: Any) -> None:
+            self._slots[st.block.layer] = st
 
-        if any(experts_backend(b) is None for b in self.blocks):
-            enable_experts_backend(view)
-            self._enabled = view
-        for b in self.blocks:
-            def keep(st: Any, layer: int = b.layer) -> None:
-                self._slots[layer] = st
-
-            self._handles.append(experts_backend(b).add_observer(keep))
+        self._handles += observe_experts(view, keep)
 
     def remove(self) -> None:
         """Take every hook off the model (safe to call twice)."""
         for h in self._handles:
             h.remove()
         self._handles = []
-        if self._enabled is not None:
-            from moelab.models.backend import disable_experts_backend
-
-            view, self._enabled = self._enabled, None
-            disable_experts_backend(view)
 
     def _hook_for(self, block: Any):
         def hook(event: Any) -> None:
@@ -132,7 +158,7 @@ class Collector:
         st = self._slots.pop(block.layer, None)
         if st is None:
             raise TraceError(f"{block.path}: the experts backend did not report this forward")
-        norm, act_in, act_out = _aligned(st, ids_TK.long(), block.num_experts)
+        norm, act_in, act_out = slot_stats(st, ids_TK.long(), block.num_experts)
         i, out = block.layer, {}
         if "expert_norms" in self.fields:
             out[column("expert_norm", i)] = norm
@@ -159,7 +185,7 @@ class Collector:
         return cols
 
 
-def _aligned(st: Any, ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+def slot_stats(st: Any, ids_TK: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
     """``(norm, act_in_max, act_out_max)`` ``[T, K]`` float32 (CPU) of the backend's statistics
     ``st`` at the slots ``ids_TK`` (-1: none, 0 there), matched by (token, expert): the backend may
     list a token's experts in another order than the routing event."""

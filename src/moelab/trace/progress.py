@@ -19,18 +19,25 @@ from rich.text import Text
 
 
 class _RateColumn(ProgressColumn):
+    def __init__(self, unit: str = "tok") -> None:
+        super().__init__()
+        self.unit = unit
+
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text("-- tok/s" if speed is None else f"{speed:,.0f} tok/s")
+        return Text(f"-- {self.unit}/s" if speed is None else f"{speed:,.{0 if self.unit == 'tok' else 2}f} {self.unit}/s")
 
 
 @contextmanager
-def token_progress(total: int, *, enabled: bool, label: str = "tracing") -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n_tokens)``; shows a bar on stderr when ``enabled``."""
+def token_progress(total: int, *, enabled: bool, label: str = "tracing",
+                   unit: str = "tokens") -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(n)``; shows a bar on stderr when ``enabled``. ``unit``: what is counted
+    (``"tokens"``, or e.g. ``"layers"``), shown beside the count and in the rate."""
     if not enabled:
         yield lambda n: None
         return
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"), _RateColumn(),
+    short = {"tokens": "tok", "tensor groups": "groups"}.get(unit, unit)
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn(unit), _RateColumn(short),
                TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total)

@@ -35,7 +35,7 @@ from moelab import __version__
 from moelab.errors import TraceError
 from moelab.run.runner import evaluating
 from moelab.trace.collect import Collector
-from moelab.trace.fingerprint import as_view, describe_differences, model_fingerprint
+from moelab.trace.fingerprint import describe_differences, model_fingerprint
 from moelab.trace.inputs import CorpusInput, prepare_input
 from moelab.trace.progress import token_progress
 from moelab.trace.reader import Trace, open_trace
@@ -120,7 +120,8 @@ def record(model: Any, texts_or_token_ids: Any, out_dir: str | os.PathLike, *,
            labels: list[str | None] | None = None, tokenizer: str | os.PathLike | None = None,
            overwrite: bool = False, resume: bool = True, progress: bool = True,
            on_resume: Callable[[int, int], None] | None = None,
-           steering: str | os.PathLike | None = None) -> Trace:
+           steering: str | os.PathLike | None = None, expert_budget: int | float | str | None = None,
+           policy: str = "lru") -> Trace:
     """Record the routing of every MoE layer of ``model`` over a corpus into ``out_dir``.
 
     Args:
@@ -139,43 +140,49 @@ def record(model: Any, texts_or_token_ids: Any, out_dir: str | os.PathLike, *,
             interrupted run is continued (not for a fresh or an already complete trace).
         steering: a steering file (:func:`moelab.steer.load_steering`) applied while recording, so
             the trace holds the steered routing; its edits go into the trace's identity.
+        expert_budget: open the checkpoint ``model`` with its experts offloaded into a cache of this
+            many bytes (``"2GiB"``, ``"25%"``, a fraction; see :func:`moelab.offload.offload_model`),
+            under cache ``policy``: a model whose experts exceed memory is traced, giving the same
+            trace (same identity, so either resumes the other).
 
     Returns the :class:`Trace`. Raises :class:`TraceError` / :class:`CorpusError` on bad input, and
     :class:`TraceInterrupted` on a KeyboardInterrupt while recording.
     """
-    view = as_view(model)
-    spec = None
-    if steering is not None:
-        from moelab.steer import load_steering
+    from moelab.offload.outofcore import analysis_view
 
-        spec = load_steering(steering, view)
-    cfg = RecordConfig(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, logits=logits,
-                       expert_norms=expert_norms, act_max=act_max, hidden_norm=hidden_norm,
-                       weights_dtype=weights_dtype, shard_tokens=shard_tokens,
-                       steering=None if spec is None else {"edits": [e.to_dict() for e in spec.edits]})
-    data = prepare_input(texts_or_token_ids, view, cfg.seq_len, cfg.max_tokens, labels, tokenizer)
-    layers = [LayerInfo(b.layer, b.path, b.num_experts, b.top_k) for b in view.blocks]
-    identity = json.loads(json.dumps({
-        "model": model_fingerprint(view), "tokenizer": data.tokenizer, "corpus": data.corpus,
-        "record": cfg.identity()}))
-    shards = plan_shards(data.packed.starts_S1, cfg.shard_tokens)
-    manifest = Manifest(identity=identity, layers=layers, label_names=data.packed.label_names,
-                        num_tokens=data.packed.num_tokens, num_sequences=data.packed.num_sequences,
-                        num_shards=len(shards), moelab_version=__version__)
-    out = Path(out_dir)
-    manifest.shards = _prepare_out_dir(out, manifest, overwrite=overwrite, resume=resume)
-    todo = [i for i in range(len(shards)) if i not in {_shard_index(s) for s in manifest.shards}]
-    if todo and manifest.shards and on_resume is not None:
-        on_resume(_stored_tokens(manifest), manifest.num_tokens)
-    try:
+    with analysis_view(model, expert_budget, policy) as (view, _experts):
+        spec = None
+        if steering is not None:
+            from moelab.steer import load_steering
+
+            spec = load_steering(steering, view)
+        cfg = RecordConfig(seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, logits=logits,
+                           expert_norms=expert_norms, act_max=act_max, hidden_norm=hidden_norm,
+                           weights_dtype=weights_dtype, shard_tokens=shard_tokens,
+                           steering=None if spec is None else {"edits": [e.to_dict() for e in spec.edits]})
+        data = prepare_input(texts_or_token_ids, view, cfg.seq_len, cfg.max_tokens, labels, tokenizer)
+        layers = [LayerInfo(b.layer, b.path, b.num_experts, b.top_k) for b in view.blocks]
+        identity = json.loads(json.dumps({
+            "model": model_fingerprint(view), "tokenizer": data.tokenizer, "corpus": data.corpus,
+            "record": cfg.identity()}))
+        shards = plan_shards(data.packed.starts_S1, cfg.shard_tokens)
+        manifest = Manifest(identity=identity, layers=layers, label_names=data.packed.label_names,
+                            num_tokens=data.packed.num_tokens, num_sequences=data.packed.num_sequences,
+                            num_shards=len(shards), moelab_version=__version__)
+        out = Path(out_dir)
+        manifest.shards = _prepare_out_dir(out, manifest, overwrite=overwrite, resume=resume)
+        todo = [i for i in range(len(shards)) if i not in {_shard_index(s) for s in manifest.shards}]
+        if todo and manifest.shards and on_resume is not None:
+            on_resume(_stored_tokens(manifest), manifest.num_tokens)
+        try:
+            write_manifest(out, manifest)
+            if todo:
+                _record_steered(view, spec, data, cfg, manifest, shards, todo, out, progress)
+        except KeyboardInterrupt:
+            raise TraceInterrupted(out, _stored_tokens(manifest), manifest.num_tokens) from None
+        manifest.complete = True
         write_manifest(out, manifest)
-        if todo:
-            _record_steered(view, spec, data, cfg, manifest, shards, todo, out, progress)
-    except KeyboardInterrupt:
-        raise TraceInterrupted(out, _stored_tokens(manifest), manifest.num_tokens) from None
-    manifest.complete = True
-    write_manifest(out, manifest)
-    return open_trace(out)
+        return open_trace(out)
 
 
 def _stored_tokens(manifest: Manifest) -> int:
