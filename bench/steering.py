@@ -247,7 +247,8 @@ def _markdown(result: dict) -> str:
         f"# Steering on the shipped {a['model']} model",
         "",
         f"Command: `{result['command']}`. Machine: {result['machine']['platform']}, "
-        f"{result['machine']['cpus']} CPUs (shared). Date: {result['date']}.",
+        f"{result['machine']['cpus']} CPUs (shared), {result['machine']['threads']} torch thread(s), load average "
+        f"{result['machine']['load_average'][0]:.2f} at the end. Date: {result['date']}.",
         "",
         f"Detection: {a['detect_tokens']:,} train-split tokens each of drama (positive) and code (negative). "
         f"RICE markers: the {a['markers']} most drama-indicative tokens of a naive Bayes classifier trained on "
