@@ -18,6 +18,17 @@ CORPUS_FORMATS = ("Text file (.txt), folder of text files (file/subfolder name =
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
+def embedded_default(name: str, what: str) -> Path:
+    """``moelab.<name>()`` (``default_model`` / ``default_corpus``): the embedded default, or an error
+    naming the argument ``what`` to give instead."""
+    import moelab
+
+    try:
+        return Path(getattr(moelab, name)())
+    except (MoelabError, AttributeError, ImportError) as err:
+        raise MoelabError(f"{what} is required: there is no embedded default ({err})") from None
+
+
 def into_package_option(what: str):
     """``--into-package``: the explicit consent to replace the ``what`` shipped inside moelab."""
     return click.option("--into-package", is_flag=True,

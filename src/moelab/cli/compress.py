@@ -10,22 +10,12 @@ import click
 from moelab.cli._options import (
     CORPUS_FORMATS,
     LazyHelp,
+    embedded_default,
     expert_budget_options,
     no_progress_option,
     planner_list,
 )
 from moelab.cli.steer import steer_option
-from moelab.errors import MoelabError
-
-
-def _default(name: str, what: str) -> Path:
-    """The embedded default model or corpus, or an error saying which argument to give instead."""
-    import moelab
-
-    try:
-        return Path(getattr(moelab, name)())
-    except (MoelabError, AttributeError, ImportError) as err:
-        raise MoelabError(f"{what} is required: there is no embedded default ({err})") from None
 
 
 def _compress_options(command: str):
@@ -71,7 +61,7 @@ def _run(kind: str, model: Path | None, method: str, ratio: float, budget: str, 
     from moelab.compress.spec import CompressSpec
 
     spec = CompressSpec(ratio=ratio, budget=budget, seed=seed)
-    model = model or _default("default_model", "MODEL")
+    model = model or embedded_default("default_model", "MODEL")
     res = compress(model, method, spec, kind=kind, out=out, overwrite=overwrite, calib_corpus=calib,
                    calib_tokens=calib_tokens, calib_label=calib_label, seq_len=seq_len,
                    progress=not no_progress, expert_budget=expert_budget, policy=policy)
@@ -123,8 +113,8 @@ def eval_command(model: Path | None, corpus: Path | None, reference: Path | None
 
     from moelab.compress.evaluate import evaluate_path
 
-    model = model or _default("default_model", "MODEL")
-    corpus = corpus or _default("default_corpus", "--corpus")
+    model = model or embedded_default("default_model", "MODEL")
+    corpus = corpus or embedded_default("default_corpus", "--corpus")
     res = evaluate_path(model, corpus, reference_dir=reference, tokens=tokens, seq_len=seq_len,
                         progress=not no_progress, steer=steer)
     table = Table(title=f"{model} ({res.params:,} parameters)" + (f", steered by {steer}" if steer else ""))

@@ -85,13 +85,13 @@ def generate_command(model: Path | None, prompt: str, max_new_tokens: int, tempe
                      policy: str, stats: bool) -> None:
     """Continue PROMPT with MODEL (a checkpoint directory; default: the embedded model), printing
     tokens as they are generated."""
-    from moelab.cli.trace import _default
+    from moelab.cli._options import embedded_default
     from moelab.data.tokenizer import load_tokenizer
     from moelab.models import open_model
     from moelab.run.generate import GenerationConfig, generate
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    model = model or _default("default_model", "MODEL")
+    model = model or embedded_default("default_model", "MODEL")
     tokenizer = load_tokenizer(model, "the model directory must hold the tokenizer it was trained with")
     offloaded = None
     if expert_budget is not None:

@@ -38,12 +38,12 @@ def bench_command(model: Path | None, budget: str, policy: str, tokens: int, cor
     from rich.console import Console
     from rich.table import Table
 
-    from moelab.cli.trace import _default
+    from moelab.cli._options import embedded_default
     from moelab.data.atomic import atomic_write_text
     from moelab.offload.cache import human_bytes
     from moelab.offload.runtime import DecodeBenchConfig, decode_bench
 
-    model = model or _default("default_model", "MODEL")
+    model = model or embedded_default("default_model", "MODEL")
     cfg = DecodeBenchConfig(budget=_budget(budget), policy=policy, tokens=tokens, prefetch=prefetch,
                             resident=resident)
     r = decode_bench(model, cfg, corpus=corpus, progress=not no_progress)

@@ -61,7 +61,7 @@ def quantize_command(model: Path | None, method: str, act_bits: str | None, alph
 
     Routers, shared experts, dense layers, attention and the LM head stay in full precision.
     """
-    from moelab.cli.compress import _default
+    from moelab.cli._options import embedded_default
     from moelab.compress.quant import CalibPolicy, QuantConfig, QuantSpec
     from moelab.compress.quant.act import ActQuantConfig
     from moelab.compress.quant.eaquant import EAQuantConfig
@@ -73,7 +73,7 @@ def quantize_command(model: Path | None, method: str, act_bits: str | None, alph
     act = None if act_bits is None else ActQuantConfig(int(act_bits))
     ea = EAQuantConfig(alpha=alpha) if method == "eaquant" else None
     pmq = PMQConfig(avg_bits) if avg_bits is not None else None
-    model = model or _default("default_model", "MODEL")
+    model = model or embedded_default("default_model", "MODEL")
     run = quantize_checkpoint(model, spec, out=out, format=fmt, overwrite=overwrite, calib_corpus=calib,
                               calib_tokens=calib_tokens, calib_label=calib_label, seq_len=seq_len, seed=seed,
                               pmq=pmq, allocate=allocate, eaquant=ea, act=act, progress=not no_progress)

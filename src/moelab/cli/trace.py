@@ -6,19 +6,13 @@ from pathlib import Path
 
 import click
 
-from moelab.cli._options import CORPUS_FORMATS, expert_budget_options, no_progress_option
+from moelab.cli._options import (
+    CORPUS_FORMATS,
+    embedded_default,
+    expert_budget_options,
+    no_progress_option,
+)
 from moelab.cli.steer import steer_option
-from moelab.errors import MoelabError
-
-
-def _default(name: str, what: str) -> Path:
-    """The embedded default model or corpus, or an error saying which argument to give instead."""
-    import moelab
-
-    try:
-        return Path(getattr(moelab, name)())
-    except (MoelabError, AttributeError, ImportError) as err:
-        raise MoelabError(f"{what} is required: there is no embedded default ({err})") from None
 
 
 @click.command("trace")
@@ -56,8 +50,8 @@ def trace_command(model: Path | None, corpus: Path | None, out: Path, max_tokens
     (a checkpoint directory; default: the embedded model)."""
     from moelab.trace import TraceInterrupted, record
 
-    model = model or _default("default_model", "MODEL")
-    corpus = corpus or _default("default_corpus", "--corpus")
+    model = model or embedded_default("default_model", "MODEL")
+    corpus = corpus or embedded_default("default_corpus", "--corpus")
 
     def resuming(done: int, total: int) -> None:
         click.echo(f"resuming from {done:,} tokens (of {total:,}) already recorded in {out}", err=True)
