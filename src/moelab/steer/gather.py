@@ -78,14 +78,14 @@ def _prompt_batches(view: ModelView, items: list, seq_len: int, tokens: int,
                     tokenizer: str | os.PathLike | None) -> list[torch.Tensor]:
     """One ``[1, S]`` batch per prompt (texts tokenized with the model's tokenizer), ``tokens`` in all."""
     from moelab.trace.corpus import TextTokenizer
-    from moelab.trace.inputs import _as_token_docs, _check_vocab, _tokenizer_dir
+    from moelab.trace.inputs import as_token_docs, check_vocab, tokenizer_dir
 
-    docs = _as_token_docs(items)
+    docs = as_token_docs(items)
     if docs is None:
         if not all(isinstance(t, str) for t in items):
             raise CorpusError("expected a corpus path, a trace, a list of prompts (texts) or of token-id lists")
-        docs = [np.asarray(x, dtype=np.int64) for x in TextTokenizer(_tokenizer_dir(view, tokenizer)).encode(items)]
-    _check_vocab(docs, getattr(view.config, "vocab_size", None))
+        docs = [np.asarray(x, dtype=np.int64) for x in TextTokenizer(tokenizer_dir(view, tokenizer)).encode(items)]
+    check_vocab(docs, getattr(view.config, "vocab_size", None))
     out, left = [], tokens
     for d in docs:
         row = np.asarray(d, dtype=np.int64)[: min(seq_len, left)]

@@ -45,7 +45,7 @@ def marker_token_ids(model: Any, markers: Iterable[str | int], tokenizer: str | 
                      ) -> np.ndarray:
     """Sorted unique token ids of ``markers`` (ids kept, strings tokenized; see the module docstring)."""
     from moelab.trace.corpus import TextTokenizer
-    from moelab.trace.inputs import _tokenizer_dir
+    from moelab.trace.inputs import tokenizer_dir
 
     view = as_view(model)
     markers = list(markers)
@@ -57,7 +57,7 @@ def marker_token_ids(model: Any, markers: Iterable[str | int], tokenizer: str | 
     if len(ids) + len(texts) != len(markers):
         raise MoelabError("markers: expected token ids (int) or strings")
     if texts:
-        tok = TextTokenizer(_tokenizer_dir(view, tokenizer))
+        tok = TextTokenizer(tokenizer_dir(view, tokenizer))
         for enc in tok.encode(texts + [" " + t for t in texts]):
             ids += enc
     bad = [i for i in ids if i < 0 or (vocab is not None and i >= vocab)]

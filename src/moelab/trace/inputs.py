@@ -27,7 +27,9 @@ class CorpusInput:
     corpus: dict[str, Any]
 
 
-def _tokenizer_dir(view: Any, tokenizer: str | os.PathLike | None) -> Path:
+def tokenizer_dir(view: Any, tokenizer: str | os.PathLike | None) -> Path:
+    """The folder whose ``tokenizer.json`` encodes texts for ``view``: ``tokenizer`` if given, else
+    the directory the model was loaded from; a :class:`CorpusError` when neither exists."""
     if tokenizer is not None:
         return Path(tokenizer)
     name = getattr(view.config, "_name_or_path", "") or ""
@@ -37,7 +39,7 @@ def _tokenizer_dir(view: Any, tokenizer: str | os.PathLike | None) -> Path:
                       "tokenizer=<model directory with tokenizer.json>, or token ids instead of texts")
 
 
-def _as_token_docs(obj: Any) -> list[np.ndarray] | None:
+def as_token_docs(obj: Any) -> list[np.ndarray] | None:
     """Token-id documents from a 2-D/1-D array or tensor or a list of int sequences; None otherwise."""
     if isinstance(obj, torch.Tensor):
         obj = obj.detach().cpu().numpy()
@@ -56,7 +58,8 @@ def _as_token_docs(obj: Any) -> list[np.ndarray] | None:
     return None
 
 
-def _check_vocab(docs: list[np.ndarray], vocab_size: int | None) -> None:
+def check_vocab(docs: list[np.ndarray], vocab_size: int | None) -> None:
+    """A :class:`CorpusError` naming the first document with an id outside ``[0, vocab_size)``."""
     for i, d in enumerate(docs):
         if d.size and (d.min() < 0 or (vocab_size is not None and d.max() >= vocab_size)):
             raise CorpusError(f"token-id document {i}: ids must lie in [0, {vocab_size}), found "
@@ -114,12 +117,12 @@ def _encode_needed(tok: TextTokenizer, docs: list[Document], max_tokens: int | N
 def prepare_input(obj: Any, view: Any, seq_len: int, max_tokens: int | None,
                   labels: list[str | None] | None, tokenizer: str | os.PathLike | None) -> CorpusInput:
     """Tokenize (if needed) and pack the input of :func:`moelab.trace.record`."""
-    token_docs = _as_token_docs(obj)
+    token_docs = as_token_docs(obj)
     vocab = getattr(view.config, "vocab_size", None)
     if token_docs is not None:
         if labels is not None and len(labels) != len(token_docs):
             raise CorpusError(f"labels: {len(labels)} labels for {len(token_docs)} token-id documents")
-        _check_vocab(token_docs, vocab)
+        check_vocab(token_docs, vocab)
         labs = list(labels) if labels is not None else [None] * len(token_docs)
         h = hashlib.sha256()
         for d, lab in zip(token_docs, labs, strict=True):
@@ -128,9 +131,9 @@ def prepare_input(obj: Any, view: Any, seq_len: int, max_tokens: int | None,
         packed = pack(token_docs, [None if x is None else str(x) for x in labs], seq_len, max_tokens)
         return CorpusInput(packed, None, corpus)
     docs, source = _documents(obj, labels)
-    tok = TextTokenizer(_tokenizer_dir(view, tokenizer))
+    tok = TextTokenizer(tokenizer_dir(view, tokenizer))
     used, token_arrays = _encode_needed(tok, docs, max_tokens)
-    _check_vocab(token_arrays, vocab)
+    check_vocab(token_arrays, vocab)
     corpus = {"kind": "path" if source else "texts", "source": source, "documents": len(docs),
               "sha256": fingerprint_documents(docs)}
     packed = pack(token_arrays, [d.label for d in used], seq_len, max_tokens, tok.eos_id)
