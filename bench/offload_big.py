@@ -165,16 +165,16 @@ def child_decode(path: Path, budget: str, prompt: int, tokens: int, cold: bool) 
     if cold:
         drop_pages(path)
     out = model(ids, use_cache=True)
-    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    past, nxt = out.cache, out.logits[:, -1:].argmax(-1)
     before = experts.stats() if experts else None
     dt = 0.0
     for _ in range(tokens):
         if cold:
             drop_pages(path)
         t = time.perf_counter()
-        out = model(nxt, past_key_values=past, use_cache=True)
+        out = model(nxt, cache=past, use_cache=True)
         dt += time.perf_counter() - t
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, nxt = out.cache, out.logits[:, -1:].argmax(-1)
     res = {"budget": budget, "cold": cold, "load_s": load_s, "decode_s": dt, "tokens_per_s": tokens / dt,
            "peak_rss": vm_hwm()}
     if experts is not None:
