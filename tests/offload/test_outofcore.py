@@ -215,3 +215,44 @@ def test_cli_trace_and_prune_take_an_expert_budget(tok_dirs, tmp_path):
     res = run(main, ["prune", path, "--method", "frequency", "--ratio", "0.5", "--out", str(tmp_path / "q"),
                      "--expert-budget", "1KiB", "--no-progress"])
     assert res.exit_code == 2 and "the minimum is" in res.output
+
+
+@pytest.mark.parametrize("family", ["Qwen3-MoE", "GPT-OSS"])
+def test_a_saved_plan_applied_out_of_core_equals_the_in_memory_checkpoint(tok_dirs, family, tmp_path):
+    from moelab.compress.pipeline import apply_saved_plan
+
+    path = tok_dirs[family]
+    view = open_model(path, experts_implementation="moelab")
+    plan = _mixed_plan(view)
+    save_compressed(apply_plan(view, plan), plan, tmp_path / "ref")
+    res = apply_saved_plan(path, tmp_path / "ref" / "plan.json", tmp_path / "o", expert_budget="30%")
+    assert res.out == tmp_path / "o" and res.params_after < res.params_before
+    _files_equal(tmp_path / "ref", tmp_path / "o")
+    res = apply_saved_plan(path, plan, tmp_path / "m")  # in memory, from a Plan object
+    _files_equal(tmp_path / "ref", tmp_path / "m")
+
+
+def test_apply_plan_cli_and_its_bad_input(tok_dirs, tmp_path):
+    from click.testing import CliRunner
+
+    from moelab.cli import main
+
+    path = tok_dirs["Qwen3-MoE"]
+    view = open_model(path)
+    plan = _mixed_plan(view)
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    run = CliRunner().invoke
+    res = run(main, ["apply-plan", str(tmp_path / "plan.json"), str(path), "--out", str(tmp_path / "o"),
+                     "--expert-budget", "25%", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "mixed plan:" in res.output
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "o").config.num_local_experts == len(plan.layers[1].experts)
+    res = run(main, ["apply-plan", str(tmp_path / "plan.json"), str(path), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "already exists" in res.output
+    (tmp_path / "bad.json").write_text('{"method": "x"}')
+    res = run(main, ["apply-plan", str(tmp_path / "bad.json"), str(path), "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "bad.json is not a moelab plan.json" in res.output
+    other = Plan("wide", {b.layer: LayerPlan.keep(b.layer, [0, b.num_experts]) for b in view.blocks})
+    (tmp_path / "wide.json").write_text(other.to_json())
+    res = run(main, ["apply-plan", str(tmp_path / "wide.json"), str(path), "--out", str(tmp_path / "w")])
+    assert res.exit_code == 2 and "outside [0, " in res.output and not (tmp_path / "w").exists()

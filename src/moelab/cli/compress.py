@@ -92,6 +92,29 @@ def merge_command(**kwargs) -> None:
     _run("merge", **kwargs)
 
 
+@click.command("apply-plan")
+@click.argument("plan", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder of the stock checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@expert_budget_options
+@no_progress_option
+def apply_plan_command(plan: Path, model: Path | None, out: Path, overwrite: bool, expert_budget: str | None,
+                       policy: str, no_progress: bool) -> None:
+    """Apply the saved PLAN (the plan.json beside a compressed checkpoint) to MODEL (default: the
+    embedded model) and write a stock checkpoint to --out, without calibrating."""
+    from moelab.compress.pipeline import apply_saved_plan
+
+    model = model or embedded_default("default_model", "MODEL")
+    res = apply_saved_plan(model, plan, out, overwrite=overwrite, expert_budget=expert_budget, policy=policy,
+                           progress=not no_progress)
+    for note in res.warnings:
+        click.echo(f"warning: {note}", err=True)
+    info = res.plan.meta.get("apply", {})
+    click.echo(f"{res.plan.method} plan: {info.get('num_experts')} experts per MoE layer, top-{info.get('top_k')}, "
+               f"{res.params_before:,} -> {res.params_after:,} parameters -> {res.out} ({res.seconds:.1f} s)")
+
+
 @click.command("eval")
 @click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--corpus", type=click.Path(exists=True, path_type=Path), default=None,
@@ -128,4 +151,4 @@ def eval_command(model: Path | None, corpus: Path | None, reference: Path | None
     Console().print(table)
 
 
-COMMANDS = [prune_command, merge_command, eval_command]
+COMMANDS = [prune_command, merge_command, apply_plan_command, eval_command]

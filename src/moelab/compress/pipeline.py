@@ -24,7 +24,7 @@ from torch import nn
 
 from moelab.compress.apply import CompressWarning, apply_plan, view_expert
 from moelab.compress.calib import Calibration, calibration_batches
-from moelab.compress.plan import Plan
+from moelab.compress.plan import Plan, PlanError
 from moelab.compress.registry import OUT_OF_CORE, check_method, get_planner
 from moelab.compress.spec import CompressSpec
 from moelab.compress.stream import store_expert, write_plan
@@ -120,17 +120,51 @@ def compress(model: str | os.PathLike | nn.Module, method: str, spec: CompressSp
     with analysis_view(model, expert_budget, policy) as (view, experts):
         calib = _calibration(view, model, method, spec, calib_corpus, calib_tokens, calib_label, seq_len)
         plan = make_plan(view, method, spec, kind=kind, calib=calib, progress=progress, **options)
-        params_before = sum(p.numel() for p in view.model.parameters())
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if out is None:
-                new, params_after = apply_plan(view, plan), None
-            else:
-                rows = view_expert if experts is None else store_expert(experts.store)
-                out, params_after = write_plan(view, plan, out, expert_rows=rows, overwrite=overwrite,
-                                               tokenizer_from=_tokenizer_source(model, view), progress=progress)
-                new = None
-        notes = [str(w.message) for w in caught if issubclass(w.category, CompressWarning)]
+        return _apply(view, experts, model, plan, out, overwrite, progress, t0)
+
+
+def read_plan(path: str | os.PathLike) -> Plan:
+    """The plan in ``path`` (the ``plan.json`` written beside every compressed checkpoint); a
+    PlanError naming the file when it cannot be read or is not a moelab plan."""
+    path = Path(path)
+    try:
+        return Plan.from_json(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise PlanError(f"plan: cannot read {path}: {err.strerror or err}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise PlanError(f"plan: {path} is not a moelab plan.json ({type(err).__name__}: {err})") from None
+
+
+def apply_saved_plan(model: str | os.PathLike | nn.Module, plan: Plan | str | os.PathLike,
+                     out: str | os.PathLike, *, overwrite: bool = False,
+                     expert_budget: int | float | str | None = None, policy: str = "lru",
+                     progress: bool = False) -> CompressResult:
+    """Apply a saved ``plan`` (a :class:`Plan` or its ``plan.json``) to ``model`` and write the stock
+    checkpoint to ``out``, without calibrating. ``expert_budget`` (with a checkpoint directory):
+    the experts stay on disk and the kept ones are copied from its safetensors by offset, so the
+    model is never loaded whole. Raises PlanError when the plan does not fit the model."""
+    t0 = time.perf_counter()
+    plan = plan if isinstance(plan, Plan) else read_plan(plan)
+    if Path(out).exists() and not overwrite:
+        raise MoelabError(f"out: {out} already exists; choose another folder or pass --overwrite")
+    with analysis_view(model, expert_budget, policy) as (view, experts):
+        return _apply(view, experts, model, plan, out, overwrite, progress, t0)
+
+
+def _apply(view: ModelView, experts: Any, model: Any, plan: Plan, out: Any, overwrite: bool, progress: bool,
+           t0: float) -> CompressResult:
+    """Build (``out`` None) or write ``plan`` applied to ``view``; the :class:`CompressResult`."""
+    params_before = sum(p.numel() for p in view.model.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if out is None:
+            new, params_after = apply_plan(view, plan), None
+        else:
+            rows = view_expert if experts is None else store_expert(experts.store)
+            out, params_after = write_plan(view, plan, out, expert_rows=rows, overwrite=overwrite,
+                                           tokenizer_from=_tokenizer_source(model, view), progress=progress)
+            new = None
+    notes = [str(w.message) for w in caught if issubclass(w.category, CompressWarning)]
     if new is not None:
         params_after = sum(p.numel() for p in new.parameters())
     return CompressResult(plan, new, Path(out) if out is not None else None, params_before, params_after,
