@@ -10,7 +10,8 @@ experts backend (:mod:`moelab.models.backend`) runs every MoE block with an
 :class:`OffloadProvider` as its weights provider, which asks the :class:`~moelab.offload.cache.ExpertCache`
 for the n experts a forward routes to and hands their rows to the family's
 ``ExpertsSpec.from_params``. The outputs equal those of the resident model run through moelab's
-backend bit for bit (same dtype, same kernels): only where the weights come from changes.
+backend bit for bit (same dtype, same kernels) for forwards of two or more tokens; a one-token
+float32 forward can differ by rounding: only where the weights come from changes.
 """
 
 from __future__ import annotations
