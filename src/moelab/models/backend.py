@@ -325,14 +325,9 @@ def _placed_forward(x_TH: Tensor, w_TK: Tensor, plan: _dispatch.Plan, needed: li
         dev = w.up.device
         tok_e = plan.tok_R[s:s + n]
         x_e = x_TH.index_select(0, tok_e).to(dev)
-        h_up = _dispatch._linear(x_e, w.up[j], None if w.up_bias is None else w.up_bias[j])
-        h_gate = None if w.gate is None else _dispatch._linear(
-            x_e, w.gate[j], None if w.gate_bias is None else w.gate_bias[j])
+        h_gate, h_up = _dispatch.project_in(x_e, j, w.gate, w.up, w.gate_bias, w.up_bias)
         w_e = w_R[s:s + n, None].to(dev)
-        a_w = _dispatch._gated(act, h_gate, h_up).mul_(w_e)
-        o_e = torch.mm(a_w, w.down[j].t())
-        if w.down_bias is not None:
-            o_e.addmm_(w_e, w.down_bias[j][None])
+        o_e = _dispatch.weighted_out(act, h_gate, h_up, w_e, w.down[j], None if w.down_bias is None else w.down_bias[j])
         y_TH.index_add_(0, tok_e, o_e.to(y_TH.device))
     return y_TH
 

@@ -85,6 +85,26 @@ def scatter_tokens(v_RH: Tensor, plan: Plan) -> Tensor:
     return y_TH.index_add_(0, plan.tok_R, v_RH) if plan.num_real else y_TH
 
 
+def _at(t: Tensor | None, e: int) -> Tensor | None:
+    return None if t is None else t[e]
+
+
+def project_in(x_e: Tensor, e: int, gate, up, b_gate, b_up) -> tuple[Tensor | None, Tensor]:
+    """``(h_gate, h_up)`` of expert ``e`` on its rows ``x_e`` ``[n, H]`` (``h_gate`` None when ungated)."""
+    h_up = _linear(x_e, up[e], _at(b_up, e))
+    return (None if gate is None else _linear(x_e, gate[e], _at(b_gate, e))), h_up
+
+
+def weighted_out(act: Act, h_gate: Tensor | None, h_up: Tensor, w_e: Tensor, down_e: Tensor,
+                 b_down_e: Tensor | None) -> Tensor:
+    """``w * (down(act(h_gate, h_up)) + b_down)`` for one expert's rows; ``w_e`` ``[n, 1]``."""
+    a_w = _gated(act, h_gate, h_up).mul_(w_e)
+    o_e = torch.mm(a_w, down_e.t())
+    if b_down_e is not None:
+        o_e.addmm_(w_e, b_down_e[None])  # + w_r * b_D
+    return o_e
+
+
 def ffn_forward(x_TH, w_R, plan, gate, up, down, b_gate, b_up, b_down, act, keep: bool,
                 stats: SlotStats | None = None):
     """y_TH = sum over real slots of w * expert(x); optionally each expert's pre-activations.
@@ -99,16 +119,12 @@ def ffn_forward(x_TH, w_R, plan, gate, up, down, b_gate, b_up, b_down, act, keep
     for e, s, n in _rows(plan):
         tok_e, w_e = plan.tok_R[s : s + n], w_R[s : s + n, None]
         x_e = x_TH.index_select(0, tok_e)
-        h_up = _linear(x_e, up[e], None if b_up is None else b_up[e])
-        h_gate = None if gate is None else _linear(x_e, gate[e], None if b_gate is None else b_gate[e])
+        h_gate, h_up = project_in(x_e, e, gate, up, b_gate, b_up)
         if stats is not None:
             o_e = _observed_expert(_gated(act, h_gate, h_up), down[e], b_down, e, s, n, stats)
             o_e.mul_(w_e)
         else:
-            a_w = _gated(act, h_gate, h_up).mul_(w_e)
-            o_e = torch.mm(a_w, down[e].t())
-            if b_down is not None:
-                o_e.addmm_(w_e, b_down[e][None])  # + w_r * b_D
+            o_e = weighted_out(act, h_gate, h_up, w_e, down[e], _at(b_down, e))
         y_TH.index_add_(0, tok_e, o_e)
         if keep:
             gs.append(h_gate)
