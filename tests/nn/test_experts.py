@@ -214,3 +214,48 @@ def test_few_rows_grouped_mm_on_fused_gate_up_equals_the_reference():
             e = int(ids[t, k])
             want[t] += w[t, k] * (F.silu(x[t] @ gate[e].T) * (x[t] @ up[e].T)) @ down[e].T
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("dtype", "T", "fused"), [
+    (torch.float32, 2, False),  # few rows: grouped_mm over the slot buffer, regrouped by row
+    (torch.float32, 2, True),  # the same on the halves of one [S, 2I, H] buffer
+    (torch.float32, 40, False),  # many rows: the per-expert loop, indexing rows
+    (F64, 5, False),  # float64: the loop
+])
+def test_weights_at_slot_rows_equal_weights_in_expert_order(dtype, T, fused):
+    """``Plan.rows`` (an offloading cache's slot buffer: expert e at row slot[e] of S > E rows)
+    gives the same output bit for bit as the experts stacked in order, and the same slot
+    statistics: each token's outputs are summed in expert order either way."""
+    from moelab.nn._dispatch import Plan, SlotStats, make_plan
+    from moelab.nn.experts import make_activation, run_experts
+
+    g = torch.Generator().manual_seed(3)
+    E, S, I, H, K = 6, 9, 16, 32, 3
+    gate_up = torch.randn(E, 2 * I, H, generator=g, dtype=dtype)
+    down = torch.randn(E, H, I, generator=g, dtype=dtype)
+    slot = torch.randperm(S, generator=g)[:E]
+    buf_gu = torch.randn(S, 2 * I, H, generator=g, dtype=dtype)  # other slots: other data
+    buf_down = torch.randn(S, H, I, generator=g, dtype=dtype)
+    buf_gu[slot], buf_down[slot] = gate_up, down
+    x = torch.randn(T, H, generator=g, dtype=dtype)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g, dtype=dtype)
+    mask = torch.rand(T, K, generator=g) > 0.2
+
+    def halves(gu):
+        return (gu[:, :I], gu[:, I:]) if fused else (gu[:, :I].contiguous(), gu[:, I:].contiguous())
+
+    act = make_activation("swiglu")
+    plan = make_plan(ids, mask, E)
+    needed = [e for e, n in enumerate(plan.counts) if n]
+    at_rows = Plan(plan.slot_R, plan.tok_R, [plan.counts[e] for e in needed], plan.num_real,
+                   plan.T, plan.K, rows=[int(slot[e]) for e in needed])
+    with torch.no_grad():
+        s_want, s_got = SlotStats.empty(plan, x), SlotStats.empty(plan, x)
+        want = run_experts(x, w, plan, (*halves(gate_up), down, None, None, None), act, stats=s_want)
+        got = run_experts(x, w, at_rows, (*halves(buf_gu), buf_down, None, None, None), act,
+                          stats=s_got)
+    assert torch.equal(got, want)
+    assert all(torch.equal(getattr(s_got, f), getattr(s_want, f)) for f in s_want.__dict__)
+    with pytest.raises(RoutingError, match="no gradients"):
+        run_experts(x, w, at_rows, (*halves(buf_gu.requires_grad_()), buf_down, None, None, None), act)

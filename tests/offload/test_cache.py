@@ -125,3 +125,48 @@ def test_a_hit_is_not_evicted_within_its_step():
         res = cache.access(["b", "a"], 2)  # a is the least recent: b would evict it
         assert res.hits == [False, True]
         assert loads == (["a", "c", "b"] if protect else ["a", "c", "b", "a"])
+
+
+def test_the_slot_pool_holds_the_experts_and_a_step_that_overflows_it_gets_copies(tiny_dirs):
+    """The cache keeps experts in slot buffers; a step needing more experts than there are slots
+    hands out copies of the ones it had to evict again, equal to the store's rows."""
+    from moelab.offload.model import min_budget_bytes
+
+    _, probe = offload_model(tiny_dirs["Qwen3-MoE"], budget=1.0)
+    budget = min_budget_bytes(probe.store, probe.view)
+    probe.close()
+    _, ex = offload_model(tiny_dirs["Qwen3-MoE"], budget=budget)
+    cache, store = ex.cache, ex.store
+    layer, slots_n = store.layers[0], len(cache.pool.free)
+    assert slots_n == budget // store.expert_bytes(layer) >= 2
+
+    def same(rows, e):
+        return all(torch.equal(rows[n], t) for n, t in store.read(layer, e).items())
+
+    rows, slots = cache.fetch_slots(layer, [0, 1])
+    assert slots is not None and len(set(slots)) == 2
+    assert all(same(cache.pool.view(s), e) for s, e in zip(slots, [0, 1], strict=True))
+    many = list(range(slots_n + 2))  # more than fit: some are evicted within the step
+    rows, slots = cache.fetch_slots(layer, many)
+    assert slots is None and all(same(r, e) for r, e in zip(rows, many, strict=True))
+    rows, slots = cache.fetch_slots(layer, many[-2:])  # slots freed and reused, still right
+    assert slots is not None and all(same(cache.pool.view(s), e) for s, e in zip(slots, many[-2:],
+                                                                                  strict=True))
+    assert cache.stats().peak_resident_bytes <= budget
+    ex.close()
+
+
+def test_no_slot_pool_where_layers_differ():
+    """Experts of different shapes in different layers: no pool, the rows are concatenated."""
+    from types import SimpleNamespace
+
+    from moelab.offload.cache import SlotPool
+    from moelab.offload.store import ExpertParam
+
+    params = {f"l{i}": ExpertParam(f"l{i}", i, "up", 4, (4 * w, 8), torch.float32)
+              for i, w in ((1, 16), (2, 32))}
+    store = SimpleNamespace(params=params, layers=[1, 2], expert_bytes=lambda layer: 16 * 8 * 4)
+    assert SlotPool.for_store(store, 10_000, torch.device("cpu")) is None
+    store.params = {k: p for k, p in params.items() if p.layer == 1}
+    pool = SlotPool.for_store(store, 10_000, torch.device("cpu"))
+    assert pool.buffers["up"].shape == (19 * 16, 8) and len(pool.free) == 19

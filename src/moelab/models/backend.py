@@ -96,11 +96,23 @@ class PlacedWeights:
     parts: list[tuple[ExpertWeights, list[int]]]
 
 
-class WeightsProvider(Protocol):
-    """``provider(block, expert_ids_n) -> ExpertWeights | PlacedWeights``; ``expert_ids_n``: sorted
-    int64 ids of the experts with at least one real slot in this call."""
+@dataclass(eq=False)
+class SlotWeights:
+    """Expert weights held in a buffer of S slots (an offloading cache's fast tier): ``weights``
+    has S rows, expert ``expert_ids_n[j]`` is row ``rows_n[j]``. The experts run on the buffer
+    itself (no copy of the needed rows); each token's outputs are summed in expert order, so the
+    result equals that of the same weights in expert order bit for bit."""
 
-    def __call__(self, block: MoEBlockView, expert_ids_n: Tensor) -> ExpertWeights | PlacedWeights: ...
+    weights: ExpertWeights
+    rows_n: list[int]
+
+
+class WeightsProvider(Protocol):
+    """``provider(block, expert_ids_n) -> ExpertWeights | SlotWeights | PlacedWeights``;
+    ``expert_ids_n``: sorted int64 ids of the experts with at least one real slot in this call."""
+
+    def __call__(self, block: MoEBlockView, expert_ids_n: Tensor
+                 ) -> ExpertWeights | SlotWeights | PlacedWeights: ...
 
 
 @dataclass(frozen=True)
@@ -271,7 +283,10 @@ class ExpertsBackend:
                                       f"placed on several devices (PlacedWeights)")
                 y_TH = _placed_forward(d.x_MH, d.weights_MK, plan, needed, w, self.act)
                 return self.dispatcher.combine(y_TH, d), None
-            plan = self._plan_for(w, plan, needed)
+            if isinstance(w, SlotWeights):
+                w, plan = w.weights, self._plan_for(w.weights, plan, needed, w.rows_n)
+            else:
+                plan = self._plan_for(w, plan, needed)
         x_MH, act = d.x_MH, self.act
         if self.inputs is not None:
             inputs = self.inputs
@@ -280,21 +295,28 @@ class ExpertsBackend:
         y_MH = run_experts(x_MH, d.weights_MK, plan, w.as_tuple(), act, stats=stats)
         return self.dispatcher.combine(y_MH, d), _flat_stats(stats, plan)
 
-    def _plan_for(self, w: ExpertWeights, plan: _dispatch.Plan, needed: list[int]):
-        """The plan over the provider's rows: all E experts, or only the n needed ones."""
+    def _plan_for(self, w: ExpertWeights, plan: _dispatch.Plan, needed: list[int],
+                  rows_n: list[int] | None = None):
+        """The plan over the provider's rows: all E experts, only the n needed ones in order, or
+        (``rows_n``, :class:`SlotWeights`) the needed ones at those rows of a slot buffer."""
         E, n = self.block.num_experts, len(needed)
         rows = w.up.shape[0]
         want_i, H = self.block.intermediate_size, self.block.hidden_size
-        if rows not in (E, n) or w.up.shape[1:] != (want_i, H) or w.down.shape[1:] != (H, want_i):
+        slots_ok = rows_n is None or (len(rows_n) == n and all(0 <= r < rows for r in rows_n)
+                                      and len(set(rows_n)) == n)
+        if (rows_n is None and rows not in (E, n)) or not slots_ok or (
+                w.up.shape[1:] != (want_i, H) or w.down.shape[1:] != (H, want_i)):
             raise MoelabError(
                 f"{self.block.path}: the weights provider returned up {tuple(w.up.shape)}, down "
-                f"{tuple(w.down.shape)}; expected [{E} or {n}, {want_i}, {H}] and [.., {H}, {want_i}]"
-                f" (all experts, or the {n} asked for, in order)"
+                f"{tuple(w.down.shape)}, slot rows {rows_n}; expected [{E} or {n}, {want_i}, {H}] "
+                f"and [.., {H}, {want_i}] (all experts, or the {n} asked for, in order), or "
+                f"SlotWeights with {n} distinct rows of its buffer"
             )
-        if rows == E:
+        if rows == E and rows_n is None:
             return plan
         counts = [plan.counts[e] for e in needed]
-        return _dispatch.Plan(plan.slot_R, plan.tok_R, counts, plan.num_real, plan.T, plan.K)
+        return _dispatch.Plan(plan.slot_R, plan.tok_R, counts, plan.num_real, plan.T, plan.K,
+                              rows=rows_n)
 
     def _notify(self, ids_TK, mask_TK, norm_N, amax_N, omax_N) -> None:
         shape = ids_TK.shape
@@ -467,6 +489,7 @@ __all__ = [
     "InputsTransform",
     "Observer",
     "PlacedWeights",
+    "SlotWeights",
     "WeightsProvider",
     "disable_experts_backend",
     "enable_experts_backend",

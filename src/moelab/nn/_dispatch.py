@@ -39,10 +39,13 @@ class Plan:
 
     slot_R: Tensor  # flat slot index (t*K + k) of each real slot, sorted by expert
     tok_R: Tensor  # token of each real slot (slot_R // K)
-    counts: list[int]  # real slots per expert, length E
+    counts: list[int]  # real slots per group (expert), in slot order; length E
     num_real: int
     T: int
     K: int
+    # weight row of each group; None: group g is row g. Set when the weights are a buffer whose
+    # rows are not in expert order (an offloading cache's slots): the slots stay in expert order.
+    rows: list[int] | None = None
 
 
 def make_plan(ids_TK: Tensor, mask_TK: Tensor | None, num_experts: int) -> Plan:
@@ -66,11 +69,12 @@ def _linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 def _rows(plan: Plan):
-    """(expert, first row, row count) for every expert that received rows."""
-    start = 0
-    for e, n in enumerate(plan.counts):
+    """(weight row, first slot, slot count) for every group (expert) that received slots, in slot
+    order; the weight row is the group's index unless ``plan.rows`` maps it."""
+    start, rows = 0, plan.rows
+    for g, n in enumerate(plan.counts):
         if n:
-            yield e, start, n
+            yield (g if rows is None else rows[g]), start, n
         start += n
 
 

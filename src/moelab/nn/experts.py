@@ -269,6 +269,9 @@ def run_experts(
         or any(p is not None and p.requires_grad for p in weights)
     )
     if needs_grad:
+        if plan.rows is not None:
+            raise RoutingError("run_experts: a plan whose groups map to weight rows (plan.rows, an "
+                               "offloading cache's slots) is for inference; no gradients")
         return _dispatch.GroupedExperts.apply(x_TH, w_TK, *weights, plan, act, stats)
     if _few_rows_grouped_ok(x_TH, plan, gate, up, down, has_bias):
         return _grouped_mm_forward(x_TH, w_TK, plan, weights, act, stats)
@@ -323,24 +326,35 @@ def _grouped_mm_forward(x_TH: Tensor, w_TK: Tensor, plan, weights, act, stats=No
             "ExpertsConfig.impl='grouped_mm' does not support biases; use impl='loop'"
         )
     xs_RH = x_TH.index_select(0, plan.tok_R)
-    offs = torch.tensor(plan.counts, device=x_TH.device).cumsum(0).to(torch.int32)
+    offs = None if plan.rows is not None else (
+        torch.tensor(plan.counts, device=x_TH.device).cumsum(0).to(torch.int32))
     fused = _fused_gate_up(gate, up)
     if fused is not None:  # one call on the dense [E, 2I, H] storage beats two on its strided halves
         i = up.shape[1]
-        h_gu = F.grouped_mm(xs_RH, fused.transpose(1, 2), offs=offs)
+        h_gu = _gmm(xs_RH, fused, plan, offs)
         a = act(h_gu[:, :i], h_gu[:, i:])
     elif gate is None:
-        a = act(F.grouped_mm(xs_RH, up.transpose(1, 2), offs=offs))
+        a = act(_gmm(xs_RH, up, plan, offs))
     else:
-        h_up = F.grouped_mm(xs_RH, up.transpose(1, 2), offs=offs)
-        a = act(F.grouped_mm(xs_RH, gate.transpose(1, 2), offs=offs), h_up)
-    o_RH = F.grouped_mm(a, down.transpose(1, 2), offs=offs)
+        h_up = _gmm(xs_RH, up, plan, offs)
+        a = act(_gmm(xs_RH, gate, plan, offs), h_up)
+    o_RH = _gmm(a, down, plan, offs)
     if stats is not None:
         stats.act_max_R.copy_(a.detach().abs().amax(dim=1))
         stats.out_norm_R.copy_(torch.linalg.vector_norm(o_RH.detach(), dim=1))
         stats.out_max_R.copy_(o_RH.detach().abs().amax(dim=1))
     w_R = _dispatch.slot_weights(w_TK, plan, x_TH.dtype)
     return _dispatch.scatter_tokens(o_RH * w_R[:, None], plan)
+
+
+def _gmm(x_RI: Tensor, w_GOI: Tensor, plan, offs: Tensor | None) -> Tensor:
+    """``x_r w_g^T`` for each slot row r of group g: one ``grouped_mm`` over the plan's groups, or,
+    with ``plan.rows`` (a slot buffer of many rows, most unused: ``grouped_mm``'s cost grows with
+    the groups, empty ones included), one ``mm`` per group on its weight row. ``grouped_mm`` on the
+    CPU computes each group as that ``mm`` does, so the two give the same bits (tested)."""
+    if offs is not None:
+        return F.grouped_mm(x_RI, w_GOI.transpose(1, 2), offs=offs)
+    return torch.cat([torch.mm(x_RI[s:s + n], w_GOI[r].t()) for r, s, n in _dispatch._rows(plan)])
 
 
 def split_experts(experts: Experts, m: int) -> Experts:

@@ -98,13 +98,58 @@ class CacheStats:
         return d
 
 
+class SlotPool:
+    """Fixed slots for experts' rows in the fast tier: one buffer per expert parameter,
+    ``[S * r, ...]`` like the model's ``[E * r, ...]`` parameter, slot s holding one expert's rows
+    ``[s r, (s + 1) r)``. A forward then runs on the buffers (``SlotWeights``) instead of a fresh
+    concatenation of its experts' rows, and a miss overwrites a freed slot instead of allocating.
+    Only where every MoE layer's experts have the same parameters, shapes and dtypes
+    (:meth:`for_store` gives None otherwise); the buffers are allocated empty (on the CPU, pages
+    are touched as slots fill)."""
+
+    def __init__(self, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], slots: int,
+                 device: torch.device) -> None:
+        self.rows = {n: shape[0] for n, (shape, _) in layout.items()}
+        self.buffers = {n: torch.empty((slots * shape[0], *shape[1:]), dtype=dt, device=device)
+                        for n, (shape, dt) in layout.items()}
+        self.free = list(range(slots - 1, -1, -1))  # pop() takes the lowest slot first
+
+    @classmethod
+    def for_store(cls, store: ExpertStore, budget_bytes: int, device: torch.device) -> SlotPool | None:
+        layouts = {}
+        for p in store.params.values():
+            r = p.shape[0] // p.num_experts
+            layouts.setdefault(p.layer, {})[p.name] = ((r, *p.shape[1:]), p.dtype)
+        first = next(iter(layouts.values()), None)
+        if first is None or any(lay != first for lay in layouts.values()):
+            return None
+        return cls(first, budget_bytes // store.expert_bytes(store.layers[0]), device)
+
+    def take(self) -> int:
+        if not self.free:
+            raise MoelabError("internal: the expert cache holds more experts than its slots")
+        return self.free.pop()
+
+    def write(self, slot: int, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Copy one expert's rows into ``slot``; its rows as views of the buffers."""
+        views = self.view(slot)
+        for n, v in views.items():
+            v.copy_(rows[n])
+        return views
+
+    def view(self, slot: int) -> dict[str, Tensor]:
+        return {n: b[slot * self.rows[n]:(slot + 1) * self.rows[n]] for n, b in self.buffers.items()}
+
+
 class ExpertCache:
     """Experts of ``store`` kept within ``budget`` bytes under ``policy`` (``"lru"``, ``"lfu"``,
     ``"lrfu"``, ``"activation"``, ``"predictive"`` (fed by :meth:`hint`); ``"belady"`` / ``"lrc"``
     with ``future``, the steps, as bounds).
 
-    ``fetch(layer, experts) -> [rows of each expert]`` is one step; ``min_bytes``: the smallest
-    budget accepted (one layer's top-k experts), named in the error. ``device``: where rows live.
+    ``fetch(layer, experts) -> [rows of each expert]`` is one step (:meth:`fetch_slots` also
+    gives the experts' slots in :attr:`pool`, a :class:`SlotPool`, where there is one); the rows
+    stay valid until the next fetch. ``min_bytes``: the smallest budget accepted (one layer's top-k
+    experts), named in the error. ``device``: where rows live.
     """
 
     def __init__(self, store: ExpertStore, budget: int | float | str, policy: str = "lru", *,
@@ -127,6 +172,9 @@ class ExpertCache:
         self.keys = KeyCache(self.budget_bytes, pol, size=lambda k: store.expert_bytes(k[0]),
                              on_evict=self._drop, protect_step=True)
         self._rows: dict[Key, dict[str, Tensor] | Future] = {}
+        self.pool = SlotPool.for_store(store, self.budget_bytes, self.device)
+        self._slot: dict[Key, int] = {}  # with a pool: the slot of each key held or being read
+        self._held: dict | None = None  # during a fetch: the rows it hands out
         self._prefetched: set[Key] = set()
         self._lock = threading.Lock()
         self.step = 0
@@ -136,6 +184,12 @@ class ExpertCache:
     def fetch(self, layer: int, experts: Sequence[int]) -> list[dict[str, Tensor]]:
         """The rows (``{param: [r, ...]}``) of each of ``experts`` of MoE ``layer``, in order, as
         one cache step: misses are read from the store (or waited for, if being prefetched)."""
+        return self.fetch_slots(layer, experts)[0]
+
+    def fetch_slots(self, layer: int, experts: Sequence[int]
+                    ) -> tuple[list[dict[str, Tensor]], list[int] | None]:
+        """:meth:`fetch`, and the slot of each expert in :attr:`pool` (None without a pool, or when
+        a step needs more experts than fit: then some rows are copies outside the slots)."""
         keys = [(layer, int(e)) for e in experts]
         with self._lock:
             held = {k: self._rows[k] for k in keys if k in self.keys}
@@ -143,18 +197,21 @@ class ExpertCache:
             def load(k: Key) -> None:  # in order: a later key may evict an earlier one
                 held[k] = self._put(k, self.store.read(*k))
 
-            self.keys.on_load = load
+            self.keys.on_load, self._held = load, held
             try:
                 res = self.keys.access(keys, self.step)
             finally:
-                self.keys.on_load = None
+                self.keys.on_load, self._held = None, None
             self.step += 1
             for k, hit in zip(keys, res.hits, strict=True):
                 self._n["hits" if hit else "misses"] += 1
                 if hit and k in self._prefetched:
                     self._prefetched.discard(k)
                     self._n["prefetch_used"] += 1
-            return [self._ready(k, held[k]) for k in keys]
+            rows = [self._ready(k, held[k]) for k in keys]
+            in_slots = self.pool is not None and all(
+                k in self._slot and self._rows.get(k) is r for k, r in zip(keys, rows, strict=True))
+            return rows, [self._slot[k] for k in keys] if in_slots else None
 
     def prefetch(self, layer: int, experts: Sequence[int],
                  submit: Callable[..., Future]) -> None:
@@ -173,6 +230,8 @@ class ExpertCache:
                     self.keys.on_load = None
                 if reserved:
                     self._rows[k] = submit(self.store.read, *k)
+                    if self.pool is not None:
+                        self._slot[k] = self.pool.take()  # written when the read is waited for
                     self._resident += self.store.expert_bytes(layer)
                     self._peak = max(self._peak, self._resident)
                     self._prefetched.add(k)
@@ -201,13 +260,21 @@ class ExpertCache:
             return v
         # cancelled: evicted by a later key of this same step before its read began
         got = self.store.read(*k) if v.cancelled() else v.result()
-        rows = {n: t.to(self.device) for n, t in got.items()}
-        if isinstance(self._rows.get(k), Future) and self._rows[k] is v:
+        if isinstance(self._rows.get(k), Future) and self._rows[k] is v:  # still held
+            if self.pool is not None:
+                rows = self.pool.write(self._slot[k], got)
+            else:
+                rows = {n: t.to(self.device) for n, t in got.items()}
             self._rows[k] = rows  # same bytes as reserved at admission
-        return rows
+            return rows
+        return {n: t.to(self.device) for n, t in got.items()}
 
     def _put(self, k: Key, rows: dict[str, Tensor]) -> dict[str, Tensor]:
-        rows = {n: t.to(self.device) for n, t in rows.items()}
+        if self.pool is not None:
+            self._slot[k] = self.pool.take()
+            rows = self.pool.write(self._slot[k], rows)
+        else:
+            rows = {n: t.to(self.device) for n, t in rows.items()}
         self._rows[k] = rows
         self._resident += sum(t.nbytes for t in rows.values())
         self._peak = max(self._peak, self._resident)
@@ -221,3 +288,9 @@ class ExpertCache:
             self._resident -= self.store.expert_bytes(k[0])
         else:
             self._resident -= sum(t.nbytes for t in v.values())
+            if self._held is not None and self._held.get(k) is v and k in self._slot:
+                # evicted by a later expert of the same step: what it handed out must outlive
+                # the slot, which that expert is about to overwrite
+                self._held[k] = {n: t.clone() for n, t in v.items()}
+        if k in self._slot:
+            self.pool.free.append(self._slot.pop(k))

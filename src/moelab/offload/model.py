@@ -9,7 +9,9 @@ and the experts' parameters stay on the meta device: no expert is ever materiali
 experts backend (:mod:`moelab.models.backend`) runs every MoE block with an
 :class:`OffloadProvider` as its weights provider, which asks the :class:`~moelab.offload.cache.ExpertCache`
 for the n experts a forward routes to and hands their rows to the family's
-``ExpertsSpec.from_params``. The outputs equal those of the resident model run through moelab's
+``ExpertsSpec.from_params`` — where every MoE layer's experts have one shape, the cache keeps them
+in slot buffers (:class:`~moelab.offload.cache.SlotPool`) and the provider hands the buffers over
+with each expert's slot (``SlotWeights``), so no forward copies its experts' rows. The outputs equal those of the resident model run through moelab's
 backend bit for bit (same dtype, same kernels) for forwards of two or more tokens; a one-token
 float32 forward can differ by rounding: only where the weights come from changes.
 """
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.errors import CheckpointError, MoelabError, UnsupportedModelError
-from moelab.models.backend import ExpertWeights, enable_experts_backend, spec_for
+from moelab.models.backend import ExpertWeights, SlotWeights, enable_experts_backend, spec_for
 from moelab.models.checkpoint import load_meta_model
 from moelab.models.view import ModelView, MoEBlockView
 from moelab.offload.cache import CacheStats, ExpertCache
@@ -38,10 +40,12 @@ class OffloadProvider:
         self.cache = cache
         self.after_fetch = after_fetch  # after_fetch(block, expert_ids_n) once a block's experts are in
 
-    def __call__(self, block: MoEBlockView, expert_ids_n: Tensor) -> ExpertWeights:
-        rows = self.cache.fetch(block.layer, expert_ids_n.tolist())
+    def __call__(self, block: MoEBlockView, expert_ids_n: Tensor) -> ExpertWeights | SlotWeights:
+        rows, slots = self.cache.fetch_slots(block.layer, expert_ids_n.tolist())
         if self.after_fetch is not None:
             self.after_fetch(block, expert_ids_n)
+        if slots is not None:  # the experts run on the cache's slot buffers: nothing is copied
+            return SlotWeights(spec_for(block).from_params(block, self.cache.pool.buffers), slots)
         return rows_to_weights(block, rows, block.router_weight.device)
 
 
