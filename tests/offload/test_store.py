@@ -35,10 +35,17 @@ def test_rows_equal_resident_parameters(tiny_dirs, family):
             before = store.bytes_read
             rows = store.read(block.layer, e)
             assert store.bytes_read - before == store.expert_bytes(block.layer)  # only its bytes
+            # into given tensors (a cache slot): read in place where stored whole, else copied
+            out = {n: torch.full_like(t, float("nan")) for n, t in rows.items()}
+            assert store.read(block.layer, e, out=out) == out
+            if family in ("Mixtral", "Qwen3-MoE", "GPT-OSS"):  # per-expert pieces / stacked
+                assert all(store._read_into(store.sources[(block.layer, n)][e], t) is not None
+                           for n, t in out.items())
             for name in spec_for(block).params:
                 p = block.module.get_parameter(name)
                 r = p.shape[0] // block.num_experts
                 assert torch.equal(rows[name], p.detach()[e * r:(e + 1) * r]), (name, e)
+                assert torch.equal(out[name], rows[name]), (name, e)
     assert store.total_expert_bytes() == sum(b.expert_params() for b in resident.blocks) * 4
     store.close()
 
@@ -51,6 +58,10 @@ def test_index_reads_row_ranges_by_offset(tiny_dirs):
     assert index.bytes_read == whole.nbytes * (1 + 2 / whole.shape[0])
     with pytest.raises(CheckpointError, match="rows"):
         index.read(name, (2, 99))
+    into = torch.empty_like(whole[1:3])
+    assert index.read(name, (1, 3), out=into) is into and torch.equal(into, whole[1:3])
+    with pytest.raises(ValueError, match="expected a contiguous CPU"):
+        index.read(name, (1, 3), out=torch.empty_like(whole[1:4]))
     index.close()
 
 

@@ -195,7 +195,7 @@ class ExpertCache:
             held = {k: self._rows[k] for k in keys if k in self.keys}
 
             def load(k: Key) -> None:  # in order: a later key may evict an earlier one
-                held[k] = self._put(k, self.store.read(*k))
+                held[k] = self._load(k)
 
             self.keys.on_load, self._held = load, held
             try:
@@ -269,12 +269,14 @@ class ExpertCache:
             return rows
         return {n: t.to(self.device) for n, t in got.items()}
 
-    def _put(self, k: Key, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _load(self, k: Key) -> dict[str, Tensor]:
+        """Read a missed expert: into a free slot of the pool (on the CPU straight from the file,
+        so a miss allocates nothing), or as new rows on the cache's device."""
         if self.pool is not None:
             self._slot[k] = self.pool.take()
-            rows = self.pool.write(self._slot[k], rows)
+            rows = self.store.read(*k, out=self.pool.view(self._slot[k]))
         else:
-            rows = {n: t.to(self.device) for n, t in rows.items()}
+            rows = {n: t.to(self.device) for n, t in self.store.read(*k).items()}
         self._rows[k] = rows
         self._resident += sum(t.nbytes for t in rows.values())
         self._peak = max(self._peak, self._resident)

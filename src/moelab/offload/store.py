@@ -21,6 +21,7 @@ tensor saved as is (possibly renamed), whose expert e is the row range ``[e r, (
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -80,8 +81,9 @@ class SafetensorsIndex:
         self._lock = threading.Lock()
         self.bytes_read = 0
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> Tensor:
-        """Rows ``[lo, hi)`` of tensor ``name`` (the whole tensor without ``rows``), on the CPU."""
+    def read(self, name: str, rows: tuple[int, int] | None = None, out: Tensor | None = None) -> Tensor:
+        """Rows ``[lo, hi)`` of tensor ``name`` (the whole tensor without ``rows``), on the CPU;
+        into ``out`` (a contiguous CPU tensor of that shape and dtype) if given."""
         ent = self.entries.get(name)
         if ent is None:
             raise CheckpointError(f"{self.directory}: no tensor {name!r} in its safetensors files")
@@ -92,7 +94,12 @@ class SafetensorsIndex:
                 raise CheckpointError(f"{ent.file}: rows {rows} of {name!r} {list(shape)} do not exist")
             row_bytes = (ent.end - ent.start) // max(shape[0], 1)
             shape, offset = (hi - lo, *shape[1:]), ent.start + lo * row_bytes
-        out = torch.empty(shape, dtype=ent.dtype)
+        if out is None:
+            out = torch.empty(shape, dtype=ent.dtype)
+        elif (tuple(out.shape) != tuple(shape) or out.dtype != ent.dtype or out.device.type != "cpu"
+              or not out.is_contiguous()):
+            raise ValueError(f"read {name!r}: out is {out.dtype} {list(out.shape)} on {out.device}; "
+                             f"expected a contiguous CPU {ent.dtype} {list(shape)}")
         buf = out.reshape(-1).view(torch.uint8).numpy()
         if buf.size:
             got = os.preadv(self._fd(ent.file), [buf], offset)
@@ -203,21 +210,50 @@ class ExpertStore:
     def total_expert_bytes(self) -> int:
         return sum(self._bytes[layer] * self.num_experts(layer) for layer in self.layers)
 
-    def read(self, layer: int, expert: int) -> dict[str, Tensor]:
+    def read(self, layer: int, expert: int, out: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """Expert ``expert`` of MoE layer ``layer``: ``{param name: rows [r, ...]}`` (see
-        ``ExpertsSpec.params``), each contiguous, in the model parameter's dtype."""
+        ``ExpertsSpec.params``), each contiguous, in the model parameter's dtype. With ``out``
+        (tensors of those shapes, e.g. a cache's slot), written into it: a tensor stored whole, in
+        that dtype, is read straight into its destination, without a temporary."""
         if layer not in self._names or not 0 <= expert < self.num_experts(layer):
             raise CheckpointError(f"{self.path}: no expert {expert} in MoE layer {layer}")
-        out = {}
+        got = {}
         for name in self._names[layer]:
             src = self.sources[(layer, name)][expert]
-            parts = [self.index.read(n, rows) for n, rows in src.pieces]
+            dtype = self.params[_key(self.params, layer, name)].dtype
+            dst = None if out is None else out[name]
+            parts = None if dst is None else self._read_into(src, dst)
+            if parts is None:
+                parts = [self.index.read(n, rows) for n, rows in src.pieces]
             with self._read_lock:
                 self._expert_bytes_read += sum(t.nbytes for t in parts)
+            if dst is not None and parts[0].data_ptr() == dst.data_ptr():
+                got[name] = dst  # read in place
+                continue
             t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=src.cat_dim)
-            dtype = self.params[_key(self.params, layer, name)].dtype
-            out[name] = t.reshape(src.shape).to(dtype).contiguous()
-        return out
+            t = t.reshape(src.shape).to(dtype)
+            got[name] = t.contiguous() if dst is None else dst.copy_(t)
+        return got
+
+    def _read_into(self, src: ExpertSource, dst: Tensor) -> list[Tensor] | None:
+        """Read ``src``'s pieces straight into ``dst`` where they fill it in order (a contiguous CPU
+        tensor of their dtype, pieces concatenated along a dim with only size-1 dims before it,
+        e.g. gate then up of one expert); None where they don't (the caller copies)."""
+        shapes = []
+        for n, rows in src.pieces:
+            shape = self.index.entries[n].shape
+            shapes.append(tuple(shape) if rows is None else (rows[1] - rows[0], *shape[1:]))
+        if (dst.device.type != "cpu" or not dst.is_contiguous()
+                or any(self.index.entries[n].dtype != dst.dtype for n, _ in src.pieces)
+                or sum(math.prod(s) for s in shapes) != dst.numel()
+                or (len(shapes) > 1 and math.prod(shapes[0][:src.cat_dim]) != 1)):
+            return None
+        flat, at, parts = dst.view(-1), 0, []
+        for (n, rows), shape in zip(src.pieces, shapes, strict=True):
+            k = math.prod(shape)
+            parts.append(self.index.read(n, rows, out=flat[at:at + k].view(shape)))
+            at += k
+        return parts
 
     def close(self) -> None:
         self.index.close()
