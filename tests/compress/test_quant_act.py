@@ -92,3 +92,26 @@ def test_backend_inputs_transform_matches_slow_reference(family):
     with install_act_quant(model, ActQuantConfig(16)):
         q16 = model(input_ids=ids).logits
     torch.testing.assert_close(q16, ref, rtol=1e-4, atol=1e-4)  # 16 bits: practically the identity
+
+
+@torch.no_grad()
+def test_act_quant_on_an_offloaded_model_keeps_its_weights_provider(tmp_path):
+    """On a model whose experts are offloaded, act quant sets the backend's inputs transform and
+    leaves the offloading provider in place: the same logits as act quant on the resident model."""
+    from moelab.offload import offload_model
+
+    model = make_strong("Qwen3-MoE").float()
+    model.save_pretrained(tmp_path)
+    offloaded, experts = offload_model(tmp_path, budget=1.0)
+    resident = open_model(tmp_path, experts_implementation="moelab").model
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(1))
+    plain = offloaded(input_ids=ids).logits
+    with install_act_quant(resident, ActQuantConfig(4)):
+        want = resident(input_ids=ids).logits
+    misses = experts.stats().misses
+    with install_act_quant(offloaded, ActQuantConfig(4)):
+        got = offloaded(input_ids=ids).logits
+    assert torch.equal(got, want) and not torch.equal(got, plain)
+    assert experts.stats().hits > 0 and experts.stats().misses == misses  # still through the cache
+    assert torch.equal(offloaded(input_ids=ids).logits, plain)  # removed: the provider stays
+    experts.close()

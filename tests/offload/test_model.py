@@ -39,6 +39,19 @@ def test_offloaded_equals_resident_at_the_smallest_budget(tiny_dirs, family):
     experts.close()
 
 
+@pytest.mark.parametrize("family", ["Qwen3-MoE", "Mixtral", "GPT-OSS"])
+def test_one_token_forwards_equal_the_resident_model(tiny_dirs, family):
+    """Decode-sized forwards (one token, the experts on the cache's slot buffers): bit for bit."""
+    path = tiny_dirs[family]
+    backend = open_model(path, experts_implementation="moelab").model
+    model, experts = offload_model(path, budget=0.5)
+    for seed in range(20):
+        ids = torch.randint(0, 64, (1, 1), generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(logits(model, ids), logits(backend, ids)), seed
+    assert experts.stats().hits > 0
+    experts.close()
+
+
 def test_default_model_generates_as_the_resident_model():
     path = default_model()
     resident = open_model(path, experts_implementation="moelab").model

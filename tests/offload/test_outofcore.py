@@ -256,3 +256,37 @@ def test_apply_plan_cli_and_its_bad_input(tok_dirs, tmp_path):
     (tmp_path / "wide.json").write_text(other.to_json())
     res = run(main, ["apply-plan", str(tmp_path / "wide.json"), str(path), "--out", str(tmp_path / "w")])
     assert res.exit_code == 2 and "outside [0, " in res.output and not (tmp_path / "w").exists()
+
+
+def test_streamed_checkpoint_in_shards_loads_as_the_in_memory_one(tiny_dirs, tmp_path):
+    """With a shard size, write_plan writes shards of at most that many bytes of tensors (one too
+    big alone) and the index save_pretrained writes; transformers loads it to the same tensors."""
+    from moelab.models.writer import INDEX_NAME, shard_layout
+
+    view = open_model(tiny_dirs["Qwen3-MoE"])
+    plan = _mixed_plan(view)
+    limit = 8_000  # bytes: several shards of the tiny model (32 KB)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        built = apply_plan(view, plan)
+        write_plan(view, plan, tmp_path / "streamed", max_shard_bytes=limit)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed")
+    index = json.loads((tmp_path / "streamed" / INDEX_NAME).read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files[-1] == f"model-{len(files):05d}-of-{len(files):05d}.safetensors"
+    stored = {}
+    for file in files:
+        part = load_file(tmp_path / "streamed" / file)
+        assert sum(t.nbytes for t in part.values()) <= limit or len(part) == 1, file
+        assert all(index["weight_map"][k] == file for k in part)
+        stored.update(part)
+    assert sorted(stored) == sorted(index["weight_map"])
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in stored.values())
+    assert not (tmp_path / "streamed" / "model.safetensors").exists()
+    assert sorted(loaded.state_dict()) == sorted(built.state_dict())
+    assert all(torch.equal(v, built.state_dict()[k]) for k, v in loaded.state_dict().items())
+    big = {"a": (torch.float32, (4,)), "b": (torch.float32, (100,)), "c": (torch.float32, (5,)),
+           "d": (torch.float32, (5,))}  # 16, 400, 20, 20 bytes
+    assert [list(s) for s in shard_layout(big, 40)] == [["b"], ["a", "c"], ["d"]]  # b: alone
+    with pytest.raises(MoelabError, match="max_shard_bytes"):
+        shard_layout(big, 0)

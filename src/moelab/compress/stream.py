@@ -49,7 +49,8 @@ from moelab.data.atomic import atomic_dir
 from moelab.models import ModelView, MoEBlockView
 from moelab.models.open import view_model
 from moelab.models.writer import (
-    SafetensorsWriter,
+    SHARD_BYTES,
+    ShardedWriter,
     layer_chunks,
     savable_state,
     save_config_files,
@@ -75,11 +76,13 @@ def store_expert(store: Any) -> ExpertRows:
 
 def write_plan(view: ModelView, plan: Plan, out_dir: str | os.PathLike, *,
                expert_rows: ExpertRows = view_expert, tokenizer_from: Any = None,
-               overwrite: bool = False, progress: bool = False) -> tuple[Path, int]:
+               overwrite: bool = False, progress: bool = False,
+               max_shard_bytes: int = SHARD_BYTES) -> tuple[Path, int]:
     """Write ``plan`` applied to ``view``'s model as a stock checkpoint in ``out_dir``: ``(out, params)``,
     ``params`` the compressed model's parameter count.
 
-    The folder (``model.safetensors``, ``config.json``, ``generation_config.json``, ``plan.json``,
+    The folder (``model.safetensors``, or shards of at most ``max_shard_bytes`` with their index as
+    ``save_pretrained`` writes them, ``config.json``, ``generation_config.json``, ``plan.json``,
     the tokenizer files of ``tokenizer_from``) is written under a temporary name and renamed when
     complete. ``progress``: a bar over the chunks written (a decoder layer each). Raises
     PlanError / MoelabError as :func:`~moelab.compress.apply.apply_plan` and
@@ -92,7 +95,7 @@ def write_plan(view: ModelView, plan: Plan, out_dir: str | os.PathLike, *,
     old = _tensors(view.model)
     with atomic_dir(out) as tmp, token_progress(len(chunks), enabled=progress, label="writing",
                                                 unit="tensor groups") as advance:
-        with SafetensorsWriter(tmp / WEIGHTS_NAME, saved_layout(new_model)) as writer:
+        with ShardedWriter(tmp, saved_layout(new_model), max_shard_bytes) as writer:
             for keys in chunks:
                 writer.write_model_chunk(new_model, _chunk(view, new_model, plan, keys, old, expert_rows))
                 advance(1)

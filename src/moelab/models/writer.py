@@ -19,7 +19,9 @@ than memory is written here instead:
    chunks may come in any order; ``close`` checks every tensor was written exactly once.
 
 The file is a plain safetensors file (``metadata={"format": "pt"}`` as transformers writes it);
-``AutoModelForCausalLM.from_pretrained`` and ``safetensors.safe_open`` read it.
+``AutoModelForCausalLM.from_pretrained`` and ``safetensors.safe_open`` read it. :class:`ShardedWriter`
+splits a layout into shards as ``save_pretrained`` does (its ``max_shard_size``, 50 GB by default)
+with the ``model.safetensors.index.json`` that names each tensor's file.
 """
 
 from __future__ import annotations
@@ -98,9 +100,7 @@ class SafetensorsWriter:
         header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
         self.layout, self._ranges, pos = dict(layout), {}, 0
         for name, (dt, shape) in layout.items():
-            n = dt.itemsize
-            for s in shape:
-                n *= s
+            n = _nbytes(dt, shape)
             header[name] = {"dtype": _NAMES[dt], "shape": list(shape), "data_offsets": [pos, pos + n]}
             self._ranges[name] = (pos, n)
             pos += n
@@ -162,6 +162,94 @@ class SafetensorsWriter:
             self.abort()
 
 
+SHARD_BYTES = 50 * 10**9  # save_pretrained's default max_shard_size ("50GB") in transformers 5
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def shard_layout(layout: Layout, max_shard_bytes: int = SHARD_BYTES) -> list[Layout]:
+    """``layout`` cut in order into shards of at most ``max_shard_bytes`` of tensor data, by
+    huggingface_hub's rule (``split_torch_state_dict_into_shards``, what ``save_pretrained`` uses): a
+    tensor that would overflow the current shard starts the next; one bigger than the limit gets a
+    shard of its own. (The hub also keeps tensors sharing one storage together, so its cut of a
+    model whose saved tensors are views of one parameter can differ; both load the same.)"""
+    if max_shard_bytes < 1:
+        raise MoelabError(f"max_shard_bytes: expected a positive number of bytes, got {max_shard_bytes}")
+    shards: list[Layout] = []
+    current: Layout = {}
+    used = 0
+    for name, (dt, shape) in layout.items():
+        n = _nbytes(dt, shape)
+        if n > max_shard_bytes:
+            shards.append({name: (dt, shape)})
+            continue
+        if current and used + n > max_shard_bytes:
+            shards.append(current)
+            current, used = {}, 0
+        current[name] = (dt, shape)
+        used += n
+    return [*shards, current] if current or not shards else shards
+
+
+class ShardedWriter:
+    """A checkpoint of ``layout`` in ``directory``, as ``save_pretrained`` lays it out: one
+    ``model.safetensors``, or shards ``model-0000i-of-0000N.safetensors`` of at most
+    ``max_shard_bytes`` with ``model.safetensors.index.json`` (``total_size``, ``weight_map``).
+    The same calls as :class:`SafetensorsWriter` (each tensor goes to its shard's file)."""
+
+    def __init__(self, directory: str | os.PathLike, layout: Layout,
+                 max_shard_bytes: int = SHARD_BYTES) -> None:
+        self.directory = Path(directory)
+        shards = shard_layout(layout, max_shard_bytes)
+        n = len(shards)
+        names = ["model.safetensors"] if n == 1 else [
+            f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.writers: list[SafetensorsWriter] = []
+        try:
+            for file, part in zip(names, shards, strict=True):
+                self.writers.append(SafetensorsWriter(self.directory / file, part))
+        except BaseException:
+            self.abort()
+            raise
+        self._of = {name: w for w in self.writers for name in w.layout}
+        if n > 1:
+            index = {"metadata": {"total_size": sum(_nbytes(*v) for v in layout.values())},
+                     "weight_map": {name: w.path.name for name, w in self._of.items()}}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    def write(self, name: str, t: Tensor) -> None:
+        w = self._of.get(name)
+        if w is None:
+            raise MoelabError(f"{self.directory}: {name!r} is not a tensor of this checkpoint's layout")
+        w.write(name, t)
+
+    def write_model_chunk(self, model: nn.Module, chunk: dict[str, Tensor]) -> None:
+        """As :meth:`SafetensorsWriter.write_model_chunk`."""
+        for name, t in revert_names(model, chunk).items():
+            self.write(name, t)
+
+    def close(self) -> None:
+        for w in self.writers:
+            w.close()
+
+    def abort(self) -> None:
+        for w in self.writers:
+            w.abort()
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _nbytes(dt: torch.dtype, shape: tuple[int, ...]) -> int:
+    n = dt.itemsize
+    for s in shape:
+        n *= s
+    return n
 
 
 def save_config_files(model: nn.Module, directory: str | os.PathLike) -> None:
@@ -174,5 +262,5 @@ def save_config_files(model: nn.Module, directory: str | os.PathLike) -> None:
         model.generation_config.save_pretrained(directory)
 
 
-__all__ = ["SAFETENSORS_DTYPES", "Layout", "SafetensorsWriter", "layer_chunks", "revert_names", "save_config_files",
-           "saved_layout", "savable_state"]
+__all__ = ["INDEX_NAME", "SAFETENSORS_DTYPES", "SHARD_BYTES", "Layout", "SafetensorsWriter", "ShardedWriter",
+           "layer_chunks", "revert_names", "save_config_files", "saved_layout", "savable_state", "shard_layout"]

@@ -12,8 +12,8 @@ for the n experts a forward routes to and hands their rows to the family's
 ``ExpertsSpec.from_params`` — where every MoE layer's experts have one shape, the cache keeps them
 in slot buffers (:class:`~moelab.offload.cache.SlotPool`) and the provider hands the buffers over
 with each expert's slot (``SlotWeights``), so no forward copies its experts' rows. The outputs equal those of the resident model run through moelab's
-backend bit for bit (same dtype, same kernels) for forwards of two or more tokens; a one-token
-float32 forward can differ by rounding: only where the weights come from changes.
+backend bit for bit (same dtype, same kernels: on slot buffers one ``mm`` per expert, which is what
+``grouped_mm`` computes per group): only where the weights come from changes.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from moelab.errors import MoelabError
 from moelab.models import ModelView, open_model
-from moelab.models.backend import disable_experts_backend, enable_experts_backend
+from moelab.models.backend import disable_experts_backend, enable_experts_backend, experts_backend
 
 ACT_BITS = (4, 8, 16)
 WHERE = ("gate_up", "down")
@@ -77,13 +77,19 @@ class ActQuant:
 
 
 class ActQuantHandle:
-    """Undoes :func:`install_act_quant` (``remove()``, or a ``with`` block)."""
+    """Undoes :func:`install_act_quant` (``remove()``, or a ``with`` block): the inputs transform
+    each backend had before, or moelab's backend off where it installed it."""
 
-    def __init__(self, view: ModelView) -> None:
+    def __init__(self, view: ModelView, previous: list | None = None) -> None:
         self.view = view
+        self.previous = previous  # [(backend, its earlier inputs)], or None: it enabled the backend
 
     def remove(self) -> None:
-        disable_experts_backend(self.view)
+        if self.previous is None:
+            disable_experts_backend(self.view)
+        else:
+            for backend, inputs in self.previous:
+                backend.inputs = inputs
 
     def __enter__(self) -> ActQuantHandle:
         return self
@@ -94,10 +100,15 @@ class ActQuantHandle:
 
 def install_act_quant(model: nn.Module | ModelView, config: ActQuantConfig) -> ActQuantHandle:
     """Run every MoE block's routed experts through moelab's experts backend with per-token fake
-    quantised inputs; ``handle.remove()`` restores the experts implementation the model had.
-
-    NOTE: this replaces any moelab backend already on the model (e.g. an offloading provider)."""
+    quantised inputs; ``handle.remove()`` undoes it. Where moelab's backend already runs every
+    block (e.g. an offloading provider), only its inputs transform is set, so the provider stays."""
     view = model if isinstance(model, ModelView) else open_model(model)
+    backends = [experts_backend(b) for b in view.blocks]
+    if backends and all(b is not None for b in backends):
+        previous = [(b, b.inputs) for b in backends]
+        for b in backends:
+            b.inputs = ActQuant(config)
+        return ActQuantHandle(view, previous)
     enable_experts_backend(view, inputs=ActQuant(config))
     return ActQuantHandle(view)
 
