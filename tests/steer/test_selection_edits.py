@@ -182,3 +182,16 @@ def test_removing_the_edit_restores_the_router():
             assert not torch.equal(view.model(ids).logits, plain)
         assert "forward" not in vars(b.router_module)
         assert torch.equal(view.model(ids).logits, plain)
+
+
+def test_a_router_call_the_experts_never_saw_leaves_nothing_behind():
+    """A direct router call under a selection edit, then a one-token block call (which keeps the
+    family's selection): the block routes its own token, not the earlier call's."""
+    view = _view("DeepSeek-V3", n_group=1, topk_group=1)
+    b = view.blocks[-1]
+    torch.manual_seed(9)
+    x = torch.randn(1, 1, b.hidden_size, dtype=torch.float64)
+    with torch.no_grad(), experts_off(view, {b.layer: _off(b)}):
+        want = native_block_output(b, x)
+        b.router_module(torch.randn(6, b.hidden_size, dtype=torch.float64))
+        torch.testing.assert_close(native_block_output(b, x), want, rtol=0, atol=0)

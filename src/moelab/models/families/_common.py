@@ -254,7 +254,7 @@ def _stand_in(block: MoEBlockView, selection_edit: Callable, router_logits: Rout
     own = router.forward  # the bound forward of the router's class (or one installed before)
 
     def forward(hidden_states, *args, **kwargs):
-        first = selection_edit()
+        seen["pre"], first = None, selection_edit()  # never one left from a call the experts missed
         if first is None or args or kwargs or \
                 hidden_states.numel() < first[1].min_tokens * hidden_states.shape[-1]:
             return own(hidden_states, *args, **kwargs)
