@@ -188,7 +188,7 @@ def markdown(result: dict) -> list[str]:
     gen_rows, rows = result["generation_overhead"], result["overhead"]
     lines = ["", "## Overhead of a steering edit", "",
              f"Command: `{run['command']}`. Machine: {m['platform']}, {m['cpus']} CPUs (shared with other "
-             f"jobs), {m['threads']} torch thread(s), nice 10, load average {m['load_average'][0]:.2f} "
+             f"jobs), {m['threads']} torch thread(s), nice {m.get('nice', '?')}, load average {m['load_average'][0]:.2f} "
              f"(1 min) at the end. Date: {run['date']}.", "",
              f"CPU seconds (`time.process_time` of this process), median of {a['gen_repeat']} (generation) "
              f"and {a['repeat']} (forward) rounds after a warm-up round, each round running every setting back "

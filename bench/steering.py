@@ -213,7 +213,7 @@ def _run_meta(args, keys: tuple[str, ...] | None = None) -> dict:
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                         "torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "load_average": list(os.getloadavg())}}
+                        "load_average": list(os.getloadavg()), "nice": os.nice(0)}}
 
 
 def _print_overhead(console: Console, rows: list[dict], gen_rows: list[dict], args) -> None:
