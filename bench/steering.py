@@ -3,6 +3,7 @@ test perplexity, and time a steering edit on a plain forward.
 
     python bench/steering.py                  # the default (fine-grained DeepSeek-V3) model
     python bench/steering.py --model coarse   # the coarse Qwen3-MoE model
+    python bench/steering.py --part overhead  # only the overhead part (step 5), on the saved selections
 
 Steps:
 1. the routing of ``--detect-tokens`` train-split tokens each of drama and code (one pass per side);
@@ -20,12 +21,11 @@ Steps:
    10 most code-linked experts of each layer off; judged by the naive Bayes classifier (the share
    judged drama, also with whitespace-only tokens dropped), with the continuation's perplexity on
    its own under the unsteered model as a fluency check;
-5. the CPU time (``time.process_time``) of one forward (``--batch`` x 256 tokens, ``--repeat``
-   rounds) and of a greedy generation (``--new-tokens`` tokens, ``--gen-repeat`` rounds) with no
-   edit, the identity edit (the seam alone) and each steering edit, each round running them back
-   to back in rotating order after a warm-up round; the overhead is the median of each round's
-   ratio to the run without an edit; and the time spent inside each edit, timed by edits
-   registered just before and after it in the same run.
+5. the overhead of a steering edit (``bench/_steering_overhead.py``): the CPU time of one forward
+   (``--batch`` x 256 tokens, ``--repeat`` paired rounds) and of a greedy generation
+   (``--new-tokens`` tokens, ``--gen-repeat`` rounds) with no edit, the identity edit (the seam
+   alone) and each steering edit, with the torch ops dispatched and the CPU time spent routing.
+   ``--part overhead`` reruns only this step, on the selections the last full run saved in ``--out``.
 
 Writes ``bench/results/steering.json`` and ``docs/results/steering.md``.
 """
@@ -42,7 +42,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import _steering_overhead as overhead  # bench/_steering_overhead.py: the script's folder is on sys.path
 import torch
+from _steering_overhead import Edits
 from rich.console import Console
 from rich.table import Table
 
@@ -58,19 +60,6 @@ from moelab.steer.classify import domain_windows, train_domain_classifier
 from moelab.steer.detect import gather_pair, rank_risk_difference
 from moelab.steer.rice import RICE_FACTOR, concat_routed, rank_npmi
 
-GEN_PROMPT = "def read_config(path):\n    "
-
-
-class _Edits:
-    """Several edit handles removed as one."""
-
-    def __init__(self, *handles) -> None:
-        self.handles = handles
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
 
 def _push(view, on: dict, factor: float, off: dict | None):
     """Force ``on`` into every token's top-k, multiply their weights by ``factor`` and switch ``off``
@@ -80,7 +69,7 @@ def _push(view, on: dict, factor: float, off: dict | None):
         handles.append(experts_on(view, on))
         if factor != 1:
             handles.append(scale_weights(view, {layer: dict.fromkeys(e, factor) for layer, e in on.items()}))
-        return _Edits(*handles)
+        return Edits(*handles)
 
     return install
 
@@ -92,112 +81,6 @@ def _perplexity(view, streams, edit=None) -> dict[str, float]:
     finally:
         if handle is not None:
             handle.remove()
-
-
-def _overhead(run, edits: dict, repeat: int) -> list[dict]:
-    """CPU seconds (``time.process_time``: this process only) of ``run()`` with no edit and with each
-    edit, in ``repeat`` rounds after a warm-up round, each round running them back to back in
-    rotating order (no setting always runs first)."""
-    runs: dict[str, list[float]] = {"no edit": [], **{k: [] for k in edits}}
-    names = list(runs)
-
-    def once(name: str) -> float:
-        handle = edits[name]() if name in edits else None
-        try:
-            t0 = time.process_time()
-            run()
-            return time.process_time() - t0
-        finally:
-            if handle is not None:
-                handle.remove()
-
-    with torch.no_grad():
-        for rep in range(repeat + 1):
-            order = names[rep % len(names):] + names[:rep % len(names)]
-            for name in order:
-                t = once(name)
-                if rep:  # the first round is the warm-up
-                    runs[name].append(t)
-    plain = runs["no edit"]
-    # the median of per-round ratios: each edit's run against the plain run of the same round, so a
-    # slow stretch of a shared machine hits both sides of a ratio
-    return [{"edit": k, "median_s": statistics.median(v), "min_s": min(v), "runs_s": v,
-             "overhead": statistics.median(a / b for a, b in zip(v, plain, strict=True)) - 1,
-             "overhead_min": min(v) / min(plain) - 1} for k, v in runs.items()]
-
-
-def _op_counts(run, edits: dict) -> dict[str, int]:
-    """Torch ops dispatched by ``run()`` with no edit and with each edit: a count no other job on the
-    machine can disturb (on this small model a decode step's time is mostly per-op dispatch)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += 1
-            return func(*args, **(kwargs or {}))
-
-    out = {}
-    with torch.no_grad():
-        for name, make in {"no edit": None, **edits}.items():
-            handle = make() if make is not None else None
-            run()  # the edit's constants are made on its first call
-            with Count() as c:
-                run()
-            out[name] = c.n
-            if handle is not None:
-                handle.remove()
-    return out
-
-
-def _forward_run(view, batch: int, vocab: int):
-    ids = torch.randint(0, vocab, (batch, 256), generator=torch.Generator().manual_seed(0))
-    return lambda: view.model(input_ids=ids, use_cache=False)
-
-
-def _generate_run(view, tokenizer, new_tokens: int):
-    from moelab.run.generate import GenerationConfig, generate
-
-    cfg = GenerationConfig(max_new_tokens=new_tokens, stop_at_eos=False)
-    return lambda: generate(view.model, tokenizer, GEN_PROMPT, cfg)
-
-
-def _edit_share(view, run, edits: dict, repeat: int) -> dict[str, float]:
-    """Median share of ``run()`` (a forward, a generation) spent in each steering edit, timed inside
-    the same run: a timer edit registered before the steering edit and one after it on every block
-    (edits run in registration order), so a slow stretch of a shared machine slows both sides of the
-    ratio."""
-    spent = [0.0]
-
-    def start(block, hidden, routing):
-        spent.append(-time.perf_counter())
-        return routing
-
-    def stop(block, hidden, routing):
-        spent.append(spent.pop() + time.perf_counter())
-        return routing
-
-    out = {}
-    with torch.no_grad():
-        for name, make in {"timers only": None, **edits}.items():
-            handles = [b.register_routing_edit(start) for b in view.blocks]
-            steer = make() if make is not None else None
-            handles += [b.register_routing_edit(stop) for b in view.blocks]
-            shares, inside, whole = [], [], []
-            for i in range(repeat + 1):
-                spent[:] = [0.0]
-                t0 = time.perf_counter()
-                run()
-                if i:  # the first is a warm-up
-                    whole.append(time.perf_counter() - t0)
-                    inside.append(sum(spent))
-                    shares.append(inside[-1] / whole[-1])
-            for h in handles + ([steer] if steer is not None else []):
-                h.remove()
-            out[name] = {"share_median": statistics.median(shares), "edit_s_min": min(inside),
-                         "edit_s_median": statistics.median(inside), "forward_s_min": min(whole)}
-    return out
 
 
 def _generation_rates(view, nb, tokenizer, prompts: list[list[int]], conditions: dict, new_tokens: int) -> list[dict]:
@@ -312,42 +195,69 @@ def _markdown(result: dict) -> str:
                   "the stronger the push, the more drama-like and the less fluent. RICE's selection does worse than "
                   "the risk difference here. The classifier judges 64-token windows at 94 % but short broken text is "
                   "easy to misjudge, so read the rates with the fluency column."]
-    lines += ["", f"Overhead of a steering edit, in CPU seconds (`time.process_time` of this process, median of "
-              f"{a['gen_repeat']} (generation) and {a['repeat']} (forward) rounds after a warm-up round, each round running every setting back to back in "
-              "rotating order; overhead: the median of each round's ratio to the run without an edit). "
-              f"Greedy generation of {a['new_tokens']} new tokens from `{GEN_PROMPT!r}` with the KV cache:", "",
-              "| edit | CPU s | tokens/s | overhead | min s | overhead (min) | in edit ms (min) | edit / generation "
-              "| torch ops | more ops |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    gen_ops = result["generation_overhead"][0]["ops"]
-    for r in result["generation_overhead"]:
-        lines.append(f"| {r['edit']} | {r['median_s']:.4f} | {r['tokens_per_s']:.1f} | {r['overhead']:+.1%} | "
-                     f"{r['min_s']:.4f} | {r['overhead_min']:+.1%} | {1e3 * r['edit_s_min']:.2f} | {r['share_min']:.2%} "
-                     f"| {r['ops']:,} | {r['ops'] / gen_ops - 1:+.1%} |")
-    lines += ["", f"One forward ({a['batch']} x 256 tokens):", "",
-              "| edit | median s | overhead | min s | overhead (min) | in edit ms (min) | edit / forward | torch ops |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["overhead"]:
-        lines.append(f"| {r['edit']} | {r['median_s']:.4f} | {r['overhead']:+.1%} | {r['min_s']:.4f} | "
-                     f"{r['overhead_min']:+.1%} | {1e3 * r['edit_s_min']:.2f} | {r['share_min']:.2%} | {r['ops']:,} |")
-    load = result["machine"]["load_average"]
-    off = next(r for r in result["generation_overhead"] if r["edit"].startswith("off"))
-    lines += ["", f"Goal of issue 14: a steering edit costs at most 3 %. Measured on generation, `experts_off` of "
-              f"{a['top'][0]} experts: {off['overhead']:+.1%} CPU time (median of the paired rounds), "
-              f"{off['share_min']:.1%} of the run spent inside the edit, {off['ops'] / gen_ops - 1:+.1%} torch ops. "
-              f"Load average during the run: {load[0]:.1f} "
-              f"(1 min) on {result['machine']['cpus']} CPUs, so timings vary by a few per cent between runs. The "
-              "\"in edit\" columns time the edit itself inside the same forward (edits registered just before and "
-              "after it; \"no edit\": those timers alone) over the least time of a plain run; \"torch ops\" counts "
-              "the ops dispatched (a count no other job disturbs). The routing seam "
-              "costs two torch hooks and a `Routing` per MoE layer call; `experts_off` adds a 3-op check and, on "
-              "the steps where a token chose a switched-off expert, one re-selection by the family's rule (about "
-              "15 small ops), which on this 128-wide model's decode step is a visible share."]
     lines += ["", "Top of the risk-difference ranking:", "",
               "| layer | expert | rate drama | rate code | risk diff | z |", "|---:|---:|---:|---:|---:|---:|"]
     for r in result["ranking"][:10]:
         lines.append(f"| {r['layer']} | {r['expert']} | {r['rate_pos']:.3f} | {r['rate_neg']:.3f} | "
                      f"{r['score']:+.3f} | {r['z']:+.1f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + overhead.markdown(result)) + "\n"
+
+
+def _run_meta(args, keys: tuple[str, ...] | None = None) -> dict:
+    """``command`` (the arguments ``keys``, default all but the outputs), ``date`` and ``machine``."""
+    argv = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                    for k, v in vars(args).items()
+                    if v is not None and k not in ("out", "md", "part") and (keys is None or k in keys))
+    part = " --part overhead" if keys is not None else ""
+    return {"command": f"python bench/steering.py{part} {argv}",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                        "torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "load_average": list(os.getloadavg()), "nice": os.nice(0)}}
+
+
+def _print_overhead(console: Console, rows: list[dict], gen_rows: list[dict], args) -> None:
+    for title, rows_ in ((f"one forward, {args.batch} x 256 tokens (median of {args.repeat})", rows),
+                         (f"greedy generation, {args.new_tokens} new tokens (median of {args.gen_repeat})", gen_rows)):
+        table = Table(title=title)
+        for col in ("edit", "median s", "overhead", "overhead (min)", "routing ms", "edit / run", "torch ops"):
+            table.add_column(col, justify="left" if col == "edit" else "right")
+        for r in rows_:
+            table.add_row(r["edit"], f"{r['median_s']:.4f}", f"{r['overhead']:+.1%}", f"{r['overhead_min']:+.1%}",
+                          f"{1e3 * r['routing_s_median']:.2f}", f"{r['edit_share']:+.2%}", f"{r['ops']:,}")
+        console.print(table)
+
+
+_OVERHEAD_ARGS = ("model", "top", "new_tokens", "batch", "repeat", "gen_repeat")
+
+
+def _overhead_only(args, console: Console) -> None:
+    """``--part overhead``: rerun the overhead part on the selections of the saved full run, replace
+    it in ``--out`` and rewrite ``--md`` (the rest as the full run left it)."""
+    from moelab.errors import MoelabError
+
+    if not args.out.exists():
+        raise MoelabError(f"--part overhead: {args.out} not found; run the whole benchmark first")
+    result = json.loads(args.out.read_text())
+    saved = result["args"]
+    if args.top[0] != saved["top"][0] or Path(default_model(args.model)).name != saved["model"]:
+        raise MoelabError(f"--part overhead: {args.out} holds a run of model {saved['model']} with --top "
+                          f"{saved['top'][0]} first; rerun with the same or run the whole benchmark")
+    rows = result["perplexity"]
+    sel = next(r["selected"] for r in rows if r["selection"] == "risk diff" and r["edit"] == "off")
+    scaled = next(r["selected"] for r in rows if r["edit"].startswith("scale"))
+    view = open_model(str(default_model(args.model)))
+    tokenizer = load_tokenizer(default_model(args.model))
+    sel = {int(k): v for k, v in sel.items()}
+    factors = {int(k): dict.fromkeys(e, RICE_FACTOR) for k, e in scaled.items()}
+    result["overhead"], result["generation_overhead"] = overhead.measure(view, tokenizer, sel, factors, args)
+    for k in ("new_tokens", "batch", "repeat", "gen_repeat"):
+        result["args"][k] = getattr(args, k)
+    result["overhead_run"] = _run_meta(args, _OVERHEAD_ARGS)
+    _print_overhead(console, result["overhead"], result["generation_overhead"], args)
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.md, _markdown(result))
+    console.print(f"wrote {args.out} and {args.md}")
 
 
 def main() -> None:
@@ -365,8 +275,12 @@ def main() -> None:
     ap.add_argument("--gen-repeat", type=int, default=41, help="timed generations per edit (median reported)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/steering.json"), help="JSON output")
     ap.add_argument("--md", type=Path, default=Path("docs/results/steering.md"), help="markdown output")
+    ap.add_argument("--part", choices=("all", "overhead"), default="all",
+                    help="overhead: rerun only the overhead part, on the selections saved in --out")
     args = ap.parse_args()
     console = Console()
+    if args.part == "overhead":
+        return _overhead_only(args, console)
     t_start, cpu_start = time.perf_counter(), time.process_time()
     corpus = default_corpus()
     view = open_model(str(default_model(args.model)))
@@ -428,56 +342,20 @@ def main() -> None:
         if r["selected"]:
             r["selected"] = {str(k): v for k, v in r["selected"].items()}
 
-    sel = det.select(args.top[0], "off")
-    timed = {"identity (seam only)": lambda: _Edits(*[b.register_routing_edit(lambda b, h, r: r) for b in view.blocks]),
-             f"off ({args.top[0]} experts)": lambda: experts_off(view, sel),
-             f"soft-off ({args.top[0]} experts)": lambda: switch_experts(view, off=sel),
-             "scale (RICE)": lambda: scale_weights(view, factors)}
-    forward, gen = _forward_run(view, args.batch, view.model.config.vocab_size), _generate_run(view, tokenizer, args.new_tokens)
-    overhead, gen_overhead = _overhead(forward, timed, args.repeat), _overhead(gen, timed, args.gen_repeat)
-    for r in gen_overhead:
-        r["tokens_per_s"] = args.new_tokens / r["median_s"]
-    for rows_, run, n in ((overhead, forward, args.repeat), (gen_overhead, gen, args.gen_repeat)):
-        ops = _op_counts(run, timed)
-        for r in rows_:
-            r["ops"] = ops[r["edit"]]
-        share = _edit_share(view, run, timed, n)
-        plain_min = min(r["min_s"] for r in rows_ if r["edit"] == "no edit")
-        for r in rows_:
-            r.update(share["timers only" if r["edit"] == "no edit" else r["edit"]])
-            r["share_min"] = r["edit_s_min"] / plain_min  # the edit's least time over the plain run's
-
+    overhead_rows, gen_overhead = overhead.measure(view, tokenizer, det.select(args.top[0], "off"), factors, args)
     console.print(_rows_table(rows, f"{Path(view.config._name_or_path).name}: drama-linked experts off",
                               args.eval_tokens))
-    ot = Table(title=f"one forward, {args.batch} x 256 tokens (median of {args.repeat})")
-    for col in ("edit", "median s", "overhead", "min s", "overhead (min)", "in edit ms (min)", "edit/forward"):
-        ot.add_column(col, justify="left" if col == "edit" else "right")
-    for r in overhead:
-        ot.add_row(r["edit"], f"{r['median_s']:.4f}", f"{r['overhead']:+.1%}", f"{r['min_s']:.4f}",
-                   f"{r['overhead_min']:+.1%}", f"{1e3 * r['edit_s_min']:.2f}", f"{r['share_min']:.2%}")
-    console.print(ot)
-    gt = Table(title=f"greedy generation, {args.new_tokens} new tokens (median of {args.repeat})")
-    for col in ("edit", "CPU s", "tokens/s", "overhead"):
-        gt.add_column(col, justify="left" if col == "edit" else "right")
-    for r in gen_overhead:
-        gt.add_row(r["edit"], f"{r['median_s']:.4f}", f"{r['tokens_per_s']:.1f}", f"{r['overhead']:+.1%}")
-    console.print(gt)
+    _print_overhead(console, overhead_rows, gen_overhead, args)
     console.print(f"naive Bayes held-out accuracy {classifier['test_accuracy']:.1%}")
     wall, cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
-    argv = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                    for k, v in vars(args).items() if v is not None and k not in ("out", "md"))
     result = {
-        "command": f"python bench/steering.py {argv}",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "load_average": list(os.getloadavg())},
+        **_run_meta(args),
         "args": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                  "model": Path(view.config._name_or_path).name},
         "classifier": classifier, "markers": markers,
         "tokens": {"detect_per_side": {"drama": pos.num_tokens, "code": neg.num_tokens},
                    "eval_per_domain": {d: int(s.numel()) for d, s in streams.items()}},
-        "perplexity": rows, "generation": generation, "overhead": overhead, "generation_overhead": gen_overhead, "experts_per_layer": [b.num_experts for b in view.blocks],
+        "perplexity": rows, "generation": generation, "overhead": overhead_rows, "generation_overhead": gen_overhead, "experts_per_layer": [b.num_experts for b in view.blocks],
         "ranking": [r.to_dict() for r in det.rows[:40]], "rice_ranking": [r.to_dict() for r in rice.rows[:40]],
         "wall_s": wall, "cpu_s": cpu,
     }

@@ -13,10 +13,22 @@ may also call :func:`reselect` itself (e.g. with forced experts). Slots an edit 
 (``mask_TK`` False) reach the family's experts with weight 0.
 
 Where it attaches is family knowledge: each adapter's ``hook_installer(block, run)`` installs torch
-hooks that build a ``Routing`` from the family's own call, hand it to ``run(hidden_TH, routing)``
-and, when ``run`` returns a routing, pass that to the experts instead (see ``families/_common.py``).
+hooks that build a ``Routing`` from the family's own call, hand it to ``run(hidden_TH, routing)`` (the
+block's seam) and, when ``run`` returns a routing, pass that to the experts instead (see
+``families/_common.py``).
 The seam lives on the block module itself, so every view opened on the same model shares it; its
 torch hooks are installed with the first edit or hook and removed with the last.
+
+*Selection edits* skip the re-selection. An edit that only changes what the family's rule chooses
+from (``experts_off``, SteerMoE's soft-off) may carry ``edit.preselect(block, logits_TE) ->
+(edited_TE, barred_E | None)``, ``edit.preselected(block, logits_TE, routing)`` (told the unedited
+logits and the routing chosen, e.g. to count) and ``edit.min_tokens``. Where the adapter knows how
+its router computes its logits (``experts_prehook_installer(router_logits=...)``) and such an edit
+is the block's first, the router's own selection is replaced, for a call of at least ``min_tokens``
+tokens, by the rule on the edited logits
+(:func:`preselect_route`): one selection per call instead of the family's and then a second one.
+The routing equals the re-selection's (the same rule on the same logits); elsewhere ``edit`` itself
+runs as any edit.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor
 
 from moelab.errors import MoelabError
@@ -83,7 +96,7 @@ class _Seam:
         setattr(self, name, (*getattr(self, name), entry))
         if not self.installed:
             self.block = block
-            self.installed = block.hook_installer(block, self.run)
+            self.installed = block.hook_installer(block, self)
 
         def undo() -> None:
             entries = list(getattr(self, name))
@@ -96,10 +109,29 @@ class _Seam:
 
         return Handle(f"{block.path}: routing {kind}", undo)
 
-    def run(self, hidden_TH: Tensor, routing: Routing) -> Routing | None:
-        """Apply the edits in order, show the result to the hooks; None when nothing was edited."""
-        edited = routing
-        for block, fn in self.edits:  # a tuple: an edit removed while running does not shift it
+    def __call__(self, hidden_TH: Tensor, routing: Routing, *preselected) -> Routing | None:
+        return self.run(hidden_TH, routing, *preselected)
+
+    def selection_edit(self) -> tuple[MoEBlockView, RoutingEdit] | None:
+        """The first edit when it is a selection edit (has ``preselect``), else None."""
+        edits = self.edits
+        if edits and getattr(edits[0][1], "preselect", None) is not None:
+            return edits[0]
+        return None
+
+    def run(self, hidden_TH: Tensor, routing: Routing,
+            preselected: tuple[RoutingEdit, Routing] | None = None) -> Routing | None:
+        """Apply the edits in order, show the result to the hooks; None when nothing was edited
+        (or nothing after ``preselected``: the selection edit the router call already applied, and
+        the routing it chose, whose ids and weights the experts already have)."""
+        edited, edits, start = routing, self.edits, routing
+        if preselected is not None:
+            fn, start = preselected
+            if edits and edits[0][1] is fn:  # else it was removed since the router call
+                edits[0][1].preselected(edits[0][0], routing.logits_TE, start)
+                edits = edits[1:]
+            edited = start
+        for block, fn in edits:  # a tuple: an edit removed while running does not shift it
             out = fn(block, hidden_TH, edited)
             if not isinstance(out, Routing):
                 raise MoelabError(
@@ -114,7 +146,7 @@ class _Seam:
 
             for block, fn in self.hooks:
                 fn(RoutingEvent.from_routing(block, hidden_TH, edited))
-        return None if edited is routing else edited
+        return None if edited is start and (edited is routing or edited.mask_TK is None) else edited
 
 
 def seam_of(block: MoEBlockView) -> _Seam:
@@ -142,6 +174,16 @@ def reselect(block: MoEBlockView, routing: Routing, forced_E: Tensor | None = No
     return Routing(routing.logits_TE, ids_TK, w_TK, mask_TK, routing.aux)
 
 
+def preselect_route(block: MoEBlockView, edit: RoutingEdit, logits_TE: Tensor,
+                    weights_dtype: torch.dtype) -> Routing:
+    """The routing a selection edit asks for: the block's rule (:func:`moelab.models.rule.select`)
+    on ``edit.preselect``'s logits, with its barred experts; weights in ``weights_dtype`` (the
+    family's), differentiable in the logits. Equal to ``edit``'s own re-selection."""
+    edited_TE, barred_E = edit.preselect(block, logits_TE)
+    ids_TK, w_TK, mask_TK = select_slots(block, edited_TE, None, barred_E)
+    return Routing(edited_TE, ids_TK, w_TK if w_TK.dtype == weights_dtype else w_TK.to(weights_dtype), mask_TK)
+
+
 def for_experts(routing: Routing, num_experts: int) -> tuple[Tensor, Tensor]:
     """``(ids_TK, weights_TK)`` a family's own experts can run: switched-off slots get weight 0 and,
     where their id is not a real expert, id 0 (their contribution is 0 either way)."""
@@ -152,4 +194,4 @@ def for_experts(routing: Routing, num_experts: int) -> tuple[Tensor, Tensor]:
     return ids.masked_fill(bad, 0), w.masked_fill(~routing.mask_TK, 0)
 
 
-__all__ = ["Handle", "RoutingEdit", "for_experts", "reselect", "seam_of"]
+__all__ = ["Handle", "RoutingEdit", "for_experts", "preselect_route", "reselect", "seam_of"]

@@ -143,6 +143,12 @@ def _keys(block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None
     return scores_TE, sel_TE
 
 
+def selection_key(block: MoEBlockView, logits_TE: Tensor) -> Tensor:
+    """``sel_TE``: the key the block's rule chooses experts by (scores + correction bias, -inf where
+    a logit is -inf or outside the token's best groups). Not for SparseMixer."""
+    return _keys(block, logits_TE)[1]
+
+
 def selection_order(block: MoEBlockView, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
     """``(ids_TE, selectable_TE)``: every token's experts in the order the block's rule prefers them
     (its first ``top_k`` are the ones :func:`route_logits` chooses), and whether the rule could choose
@@ -188,4 +194,4 @@ def select_slots(
     return _route(block, logits_TE, forced_E, barred_E)
 
 
-__all__ = ["group_mask", "route_logits", "select", "select_slots", "selection_order", "single_expert", "sparsemixer_select"]
+__all__ = ["group_mask", "route_logits", "select", "select_slots", "selection_key", "selection_order", "single_expert", "sparsemixer_select"]

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView, open_model
 from moelab.models.edits import Handle, reselect
-from moelab.models.rule import selection_order, single_expert
+from moelab.models.rule import selection_key, selection_order, single_expert
 from moelab.routing import Routing
 
 # an edit body: (block, hidden_TH, routing) -> (routing, extra counts of this call)
@@ -108,24 +108,80 @@ def _affected(out: Routing, routing: Routing, num_experts: int) -> int:
 
 def install_edit(view: ModelView, what: str, per_layer: Mapping[int, Any],
              make: Callable[[MoEBlockView, Any], EditBody]) -> EditHandle:
-    """Validate every layer's argument (``make`` raises), then register one counting edit per layer."""
+    """Validate every layer's argument (``make`` raises), then register one counting edit per layer.
+
+    A body with a ``preselect(block, logits_TE) -> (edited_TE, barred_E)`` attribute is a selection
+    edit (see :mod:`moelab.models.edits`; ``min_tokens``, default 1, passed on): its output must be
+    the family's rule on those logits with ``barred_E`` barred, the tokens it ``affected`` those whose
+    unedited selection chose a barred expert (see :func:`barred_chosen`), and ``barred_E`` must
+    include every expert whose logit ``preselect`` makes -inf.
+    """
     bodies = {layer: make(_block(view, layer, what), value) for layer, value in per_layer.items()}
     handle = EditHandle(what, list(bodies))
     for layer, body in bodies.items():
-        counts = handle.counts[layer]
-
-        def edit(block, hidden_TH, routing, body=body, counts=counts):
-            out, extra = body(block, hidden_TH, routing)
-            if "affected" not in extra:  # tokens whose set of experts changed
-                extra["affected"] = _affected(out, routing, block.num_experts)
-            counts["tokens"] += routing.ids_TK.shape[0]
-            counts["active"] += out.ids_TK.numel() if out.mask_TK is None else int(out.mask_TK.sum())
-            for key, n in extra.items():
-                counts[key] = counts.get(key, 0) + n
-            return out
-
+        edit = _CountingEdit(body, handle.counts[layer])
         handle._handles.append(view.block(layer).register_routing_edit(edit))
     return handle
+
+
+class _CountingEdit:
+    """An edit body, counting into ``counts`` what it did; a selection edit where the body is one."""
+
+    def __init__(self, body: EditBody, counts: dict[str, int]) -> None:
+        self.body, self.counts = body, counts
+        self._barred_E: Tensor | None = None  # of the last preselect call, for its count
+        self.min_tokens = getattr(body, "min_tokens", 1)
+        if getattr(body, "preselect", None) is None:
+            self.preselect = self.preselected = None
+
+    def __call__(self, block: MoEBlockView, hidden_TH: Tensor, routing: Routing) -> Routing:
+        out, extra = self.body(block, hidden_TH, routing)
+        if "affected" not in extra:  # tokens whose set of experts changed
+            extra["affected"] = _affected(out, routing, block.num_experts)
+        self._count(routing, out, extra)
+        return out
+
+    def preselect(self, block: MoEBlockView, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
+        edited_TE, self._barred_E = self.body.preselect(block, logits_TE)
+        return edited_TE, self._barred_E
+
+    def preselected(self, block: MoEBlockView, logits_TE: Tensor, out: Routing) -> None:
+        """Count a call whose router already chose ``out`` with this edit's selection."""
+        affected = barred_chosen(block, logits_TE, out, self._barred_E)
+        self._count(out, out, {"affected": affected})
+
+    def _count(self, routing: Routing, out: Routing, extra: dict[str, int]) -> None:
+        counts = self.counts
+        counts["tokens"] += routing.ids_TK.shape[0]
+        counts["active"] += out.ids_TK.numel() if out.mask_TK is None else int(out.mask_TK.sum())
+        for key, n in extra.items():
+            counts[key] = counts.get(key, 0) + n
+
+
+def selection_counts_exact(block: MoEBlockView) -> bool:
+    """True when barring experts keeps the rule's order of every other expert (per-expert sigmoid
+    scores, or a softmax without a correction bias) and nothing else changes the selection (no
+    group-limited routing, no SparseMixer rounds): then :func:`barred_chosen` counts exactly."""
+    if (block.n_group is not None and block.n_group > 1) or block.scoring == "sparsemixer":
+        return False
+    return block.scoring == "sigmoid" or block.correction_bias is None
+
+
+def barred_chosen(block: MoEBlockView, logits_TE: Tensor, out: Routing, barred_E: Tensor) -> int:
+    """How many tokens' unedited selection would have chosen a ``barred_E`` expert, given the
+    selection ``out`` made without them: where :func:`selection_counts_exact`, the tokens whose best
+    barred expert ranks above the worst one ``out`` chose, by the rule's key on the unedited logits
+    (the logits themselves where no correction bias is added; softmax and sigmoid keep their order).
+
+    A selection edit's ``affected`` count without the unedited selection (a second top-k)."""
+    key_TE = logits_TE.detach()
+    if block.correction_bias is not None:  # sigmoid scores (selection_counts_exact)
+        key_TE = selection_key(block, key_TE)
+    chosen_TK = key_TE.gather(-1, out.ids_TK)
+    if out.mask_TK is not None:
+        chosen_TK = chosen_TK.masked_fill(~out.mask_TK, math.inf)
+    high_T = torch.where(barred_E, key_TE, -math.inf).amax(-1)
+    return int((high_T > chosen_TK.amin(-1)).sum())
 
 
 def edit_view(model: ModelView | MoEBlockView | nn.Module) -> ModelView:
@@ -221,6 +277,15 @@ def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int
             # logits + offset_E is logits.masked_fill(off_E, -inf) for finite logits, in one cheap op
             return reselect(block, routing.replace(logits_TE=logits + offset_E)), extra
 
+        def preselect(block, logits):  # the rule on logits + offset_E: the same routing as body's
+            off_E, offset_E = consts.get((logits.device, logits.dtype)) or _off_consts(block, off, logits, consts)
+            return logits + offset_E, off_E
+
+        if selection_counts_exact(block):
+            body.preselect = preselect
+            # NOTE: a one-token call (a decode step) keeps the family's selection where the 3-op check
+            # usually finds no switched-off expert chosen: cheaper than standing in for the router
+            body.min_tokens = 2 if unchanged_if_unchosen else 1
         return body
 
     return install_edit(view, "experts_off", experts, make)
@@ -397,4 +462,5 @@ def route_to_rank(model: ModelView | nn.Module, ranks: Mapping[int, int]) -> Edi
 
 __all__ = ["EditBody", "EditHandle", "check_expert_ids", "chosen_experts", "drop_slots", "edit_view",
            "expert_flags", "experts_off", "experts_on", "install_edit", "logit_offsets", "route_to_rank",
-           "scale_weights", "skip_below", "tokens_choosing", "weak_slots", "weights_ignore_unchosen"]
+           "barred_chosen", "scale_weights", "selection_counts_exact", "skip_below", "tokens_choosing",
+           "weak_slots", "weights_ignore_unchosen"]

@@ -53,6 +53,7 @@ from moelab.steer.edits import (
     edit_view,
     expert_flags,
     install_edit,
+    selection_counts_exact,
     tokens_choosing,
     weights_ignore_unchosen,
 )
@@ -66,10 +67,10 @@ def switched_logits(logits_TE: Tensor, on_E: Tensor | None, off_E: Tensor | None
     ``[E]`` or None for none."""
     out = logits_TE
     if on_E is not None:
-        top_T1 = logits_TE.max(dim=-1, keepdim=True).values
+        top_T1 = logits_TE.amax(dim=-1, keepdim=True)  # amax: no indices, a quarter of max's time
         out = torch.where(on_E, top_T1 + strength, out)
     if off_E is not None:
-        low_T1 = logits_TE.min(dim=-1, keepdim=True).values
+        low_T1 = logits_TE.amin(dim=-1, keepdim=True)
         out = torch.where(off_E, low_T1 - strength, out)
     return out
 
@@ -131,6 +132,15 @@ def switch_experts(model: ModelView | MoEBlockView | nn.Module,
             edited = switched_logits(logits, on_E, off_E, strength)
             return reselect(block, routing.replace(logits_TE=edited), forced_E=on_E, barred_E=off_E), extra
 
+        def preselect(block: MoEBlockView, logits: Tensor) -> tuple[Tensor, Tensor]:
+            if logits.device not in flags:
+                flags[logits.device] = (None, expert_flags(block, offs, logits))
+            off_E = flags[logits.device][1]
+            return switched_logits(logits, None, off_E, strength), off_E
+
+        if not ons and selection_counts_exact(block):  # off only: a selection edit
+            body.preselect = preselect
+            body.min_tokens = 2 if shortcut else 1  # as experts_off: a decode step keeps the shortcut
         return body
 
     return install_edit(view, "switch_experts", {layer: layer for layer in layers}, make)

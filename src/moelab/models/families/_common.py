@@ -161,9 +161,27 @@ def flat_routing(logits: Tensor | None, ids: Tensor, weights: Tensor) -> Routing
 
 _STD_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
 
+RouterLogits = Callable[[nn.Module, Tensor], Tensor]
+
+
+def linear_logits(float32: bool = False, bias: bool = False) -> RouterLogits:
+    """``router_logits(router, hidden) -> logits_TE`` of a router whose first step is
+    ``F.linear(hidden.reshape(-1, H), router.weight[, router.bias])``, in float32 when ``float32``
+    (DeepSeek's routers cast both): the same op on the same tensors as the family's own forward."""
+
+    def logits(router: nn.Module, hidden: Tensor) -> Tensor:
+        h_TH = hidden.reshape(-1, hidden.shape[-1])
+        w = router.weight
+        if float32:
+            h_TH, w = h_TH.type(torch.float32), w.type(torch.float32)
+        return torch.nn.functional.linear(h_TH, w, router.bias if bias else None)
+
+    return logits
+
 
 def experts_prehook_installer(
-    logits_index: int = 0, arg_names: tuple[str, str, str] = _STD_ARGS
+    logits_index: int = 0, arg_names: tuple[str, str, str] = _STD_ARGS,
+    router_logits: RouterLogits | None = None, weights_float32: bool = False,
 ) -> Callable[[MoEBlockView, Callable], list]:
     """The routing seam of families whose experts module is called as ``experts(hidden, ids, weights)``.
 
@@ -171,10 +189,16 @@ def experts_prehook_installer(
     the router keeps its raw logits (output ``logits_index``, or the whole output if it is a
     tensor); a forward pre-hook on the experts module runs the seam and, when an edit changed the
     routing, calls the experts with the edited ids and weights instead (same dtypes as the family's).
+
+    ``router_logits`` (for routers returning ``(logits_TE, weights_TK, ids_TK)``) states how the
+    router computes its logits; then, while the block's first edit is a selection edit (see
+    :mod:`moelab.models.edits`), the router's forward is stood in for: the same logits, the
+    selection edit's routing (:func:`moelab.models.edits.preselect_route`, weights in float32 when
+    ``weights_float32``, else in the logits' dtype, as the family's), and no selection of its own.
     """
 
     def install(block: MoEBlockView, run: Callable) -> list:
-        seen: dict[str, Tensor | None] = {"logits": None}
+        seen: dict[str, Any] = {"logits": None, "pre": None}
 
         def on_router(_mod, _args, out):
             seen["logits"] = out[logits_index] if isinstance(out, tuple) else out
@@ -182,8 +206,10 @@ def experts_prehook_installer(
         def on_experts(_mod, args, kwargs):
             hidden, ids, weights = args if len(args) == 3 else _merge_args(args, kwargs, arg_names)[:3]
             logits, seen["logits"] = seen["logits"], None
-            new = run(hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1]),
-                      flat_routing(logits, ids, weights))
+            pre, seen["pre"] = seen["pre"], None
+            routing = flat_routing(logits, ids, weights)
+            new = run(hidden if hidden.dim() == 2 else hidden.reshape(-1, hidden.shape[-1]), routing,
+                      *(() if pre is None else (pre,)))
             if new is None:
                 return None
             new_ids, new_w = for_experts(new, block.num_experts)
@@ -193,12 +219,52 @@ def experts_prehook_installer(
                       new_w if new_w.dtype == weights.dtype else new_w.to(weights.dtype))
             return _replace_args(args, kwargs, arg_names[1:3], values)
 
-        return [
+        handles = [
             block.router_module.register_forward_hook(on_router),
             block.experts_module.register_forward_pre_hook(on_experts, with_kwargs=True),
         ]
+        if router_logits is not None and hasattr(run, "selection_edit"):  # run: the block's seam
+            handles.append(_stand_in(block, run.selection_edit, router_logits, weights_float32, seen))
+        return handles
 
     return install
+
+
+class _ForwardSwap:
+    """``module.forward`` replaced on the instance until ``remove()`` (a torch hook's interface)."""
+
+    def __init__(self, module: nn.Module, forward: Callable) -> None:
+        self.module, self.had = module, "forward" in module.__dict__
+        self.previous = module.__dict__.get("forward")
+        module.forward = forward
+
+    def remove(self) -> None:
+        if self.had:
+            self.module.forward = self.previous
+        else:
+            del self.module.forward
+
+
+def _stand_in(block: MoEBlockView, selection_edit: Callable, router_logits: RouterLogits,
+              weights_float32: bool, seen: dict) -> _ForwardSwap:
+    """Stand in for the router's forward while the block's first edit is a selection edit."""
+    from moelab.models.edits import preselect_route
+
+    router = block.router_module
+    own = router.forward  # the bound forward of the router's class (or one installed before)
+
+    def forward(hidden_states, *args, **kwargs):
+        seen["pre"], first = None, selection_edit()  # never one left from a call the experts missed
+        if first is None or args or kwargs or \
+                hidden_states.numel() < first[1].min_tokens * hidden_states.shape[-1]:
+            return own(hidden_states, *args, **kwargs)
+        logits_TE = router_logits(router, hidden_states)
+        routing = preselect_route(first[0], first[1], logits_TE,
+                                  torch.float32 if weights_float32 else logits_TE.dtype)
+        seen["pre"] = (first[1], routing)
+        return logits_TE, routing.weights_TK, routing.ids_TK
+
+    return _ForwardSwap(router, forward)
 
 
 def _merge_args(args: tuple, kwargs: dict, names: tuple[str, ...]) -> tuple:

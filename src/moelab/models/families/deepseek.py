@@ -29,13 +29,15 @@ from moelab.models.families._common import (
     experts_prehook_installer,
     fused_gate_up,
     glu_mlp,
+    linear_logits,
 )
 from moelab.models.families._config import write_counts
 from moelab.models.families._experts import STANDARD
 from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
 
-_HOOKS = experts_prehook_installer(logits_index=0)
+# the router: logits = F.linear(hidden.float(), weight.float()); weights in float32
+_HOOKS = experts_prehook_installer(logits_index=0, router_logits=linear_logits(float32=True), weights_float32=True)
 
 
 def write_config(config: Any, num_experts: int, top_k: int, n_group: int | None) -> Any:

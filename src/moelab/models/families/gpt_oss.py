@@ -21,6 +21,7 @@ from moelab.models.families._common import (
     config_num_experts,
     d,
     experts_prehook_installer,
+    linear_logits,
     transposed_gate_up,
 )
 from moelab.models.families._config import write_counts
@@ -29,7 +30,8 @@ from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView
 
 _HOOKS = experts_prehook_installer(
-    logits_index=0, arg_names=("hidden_states", "router_indices", "routing_weights")
+    logits_index=0, arg_names=("hidden_states", "router_indices", "routing_weights"),
+    router_logits=linear_logits(bias=True),
 )
 
 

@@ -35,6 +35,7 @@ from moelab.models.families._common import (
     experts_prehook_installer,
     fused_gate_up,
     glu_mlp,
+    linear_logits,
 )
 from moelab.models.families._config import write_counts
 from moelab.models.families._experts import STANDARD
@@ -42,6 +43,12 @@ from moelab.models.registry import FamilyAdapter
 from moelab.models.view import MoEBlockView, SharedExpertsView
 
 _HOOKS = experts_prehook_installer(logits_index=0)
+# routers whose forward starts with logits = F.linear(hidden.reshape(-1, H), weight) and returns
+# (logits, weights, ids): the seam may stand in for their selection (see models/edits.py)
+_LINEAR_HOOKS = {
+    w32: experts_prehook_installer(logits_index=0, router_logits=linear_logits(), weights_float32=w32)
+    for w32 in (False, True)
+}
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,9 @@ class SoftmaxFamily:
     shared_gate: str | None = None  # attribute of the block: Linear(H, 1) sigmoid gate
     correction_bias: str | None = None  # dotted path under the router
     outside_shared: bool = False  # GraniteMoeShared: decoder layer's shared_mlp
+    # the router is F.linear(hidden, weight) then the selection, weights in the logits' dtype
+    # ("logits") or float32 ("float32"); None: the seam never stands in for it
+    linear_router: str | None = None
 
 
 def _get(obj: Any, dotted: str) -> Any:
@@ -127,7 +137,7 @@ def read_softmax_block(
         act=act,
         layout="fused_gate_up",
         shared=_shared(fam, model, module, path, act),
-        hook_installer=_HOOKS,
+        hook_installer=_HOOKS if fam.linear_router is None else _LINEAR_HOOKS[fam.linear_router == "float32"],
         **routing,
     )
     n_experts = config_num_experts(config)
@@ -151,23 +161,24 @@ def _adapter(fam: SoftmaxFamily, model_type: str, block: str, config_cls: str,
 
 ADAPTERS = (
     _adapter(
-        SoftmaxFamily("Mixtral", renorm="always"),
+        SoftmaxFamily("Mixtral", renorm="always", linear_router="float32"),
         "mixtral",
         "MixtralSparseMoeBlock",
         "MixtralConfig",
     ),
     _adapter(
-        SoftmaxFamily("Qwen2-MoE", shared="shared_expert", shared_gate="shared_expert_gate"),
+        SoftmaxFamily("Qwen2-MoE", shared="shared_expert", shared_gate="shared_expert_gate",
+                      linear_router="logits"),
         "qwen2_moe",
         "Qwen2MoeSparseMoeBlock",
         "Qwen2MoeConfig",
     ),
-    _adapter(SoftmaxFamily("Qwen3-MoE"), "qwen3_moe", "Qwen3MoeSparseMoeBlock", "Qwen3MoeConfig"),
-    _adapter(SoftmaxFamily("OLMoE"), "olmoe", "OlmoeSparseMoeBlock", "OlmoeConfig"),
+    _adapter(SoftmaxFamily("Qwen3-MoE", linear_router="logits"), "qwen3_moe", "Qwen3MoeSparseMoeBlock", "Qwen3MoeConfig"),
+    _adapter(SoftmaxFamily("OLMoE", linear_router="logits"), "olmoe", "OlmoeSparseMoeBlock", "OlmoeConfig"),
     # FlexOlmo normalises after the MLP: the block reads the residual stream, no norm to fold into
-    _adapter(SoftmaxFamily("FlexOlmo"), "flex_olmo", "FlexOlmoSparseMoeBlock", "FlexOlmoConfig", input_norm=""),
+    _adapter(SoftmaxFamily("FlexOlmo", linear_router="logits"), "flex_olmo", "FlexOlmoSparseMoeBlock", "FlexOlmoConfig", input_norm=""),
     _adapter(
-        SoftmaxFamily("MiniMax", renorm="always"),
+        SoftmaxFamily("MiniMax", renorm="always", linear_router="float32"),
         "minimax",
         "MiniMaxSparseMoeBlock",
         "MiniMaxConfig",

@@ -1,0 +1,197 @@
+"""Selection edits (``experts_off``, SteerMoE's off-only switch): as a block's first edit they stand
+in for the router's own selection (moelab.models.edits). The fast path against the general one (the
+same edit behind an identity edit: the family's selection, then the rule's re-selection) and against
+the float64 reference with -inf logits.
+
+Tolerances: float64 models; the two paths run the same rule on the same logits, so block outputs
+agree to 1e-12 (relative, Frobenius: the experts may sum a token's slots in another order) and the
+counts exactly; against ``reference_forward`` 1e-6 as in tests/steer/test_edits.py (several
+families route in float32).
+"""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from moelab.models import open_model, reference_forward
+from moelab.models.tiny import native_block_output, tiny_model
+from moelab.steer import experts_off, switch_experts
+
+# (family, config overrides): the families whose adapters let the seam stand in for the router
+CASES = [
+    ("DeepSeek-V3", dict(n_group=1, topk_group=1)),  # the shipped fine model's routing
+    ("DeepSeek-V2", dict(topk_method="greedy", n_group=1, topk_group=1)),  # softmax, no renormalisation
+    ("GLM4-MoE", {}),
+    ("Qwen3-MoE", {}),
+    ("Qwen2-MoE", {}),  # norm_topk_prob False: the weights see the switched-off logits
+    ("Mixtral", {}),
+    ("OLMoE", {}),
+    ("MiniMax", {}),
+    ("GPT-OSS", {}),
+]
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def _view(family, dtype=torch.float64, **overrides):
+    return open_model(tiny_model(family, dtype=dtype, **overrides))
+
+
+def _off(block):
+    return [0, block.num_experts - 1] if block.num_experts - 2 >= block.top_k else [0]
+
+
+def _edits(view, block, kind):
+    off = {block.layer: _off(block)}
+    if kind == "off":
+        return experts_off(view, off)
+    return switch_experts(view, off=off, strength=0.3)
+
+
+class _OwnCalls:
+    """Counts calls of the router class's own forward (the family's selection)."""
+
+    def __init__(self, monkeypatch, router):
+        self.n, cls = 0, type(router)
+        own = cls.forward
+
+        def counted(mod, *args, **kwargs):
+            self.n += 1
+            return own(mod, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "forward", counted)
+
+
+def _run(view, block, x, kind, general: bool):
+    """Block output, the routing a hook saw and the counts, under the edit: first on the block
+    (fast) or behind an identity edit (general)."""
+    seen = []
+    ident = block.register_routing_edit(lambda b, h, r: r) if general else None
+    with torch.no_grad(), _edits(view, block, kind) as h, block.register_routing_hook(seen.append):
+        out = native_block_output(block, x)
+    if ident is not None:
+        ident.remove()
+    return out, seen[0], dict(h.counts[block.layer])
+
+
+def _dense(ev, E):
+    w = ev.weights_TK.double().masked_fill(~ev.routing.real_mask(), 0)
+    return torch.zeros(ev.ids_TK.shape[0], E, dtype=torch.float64).scatter_add(1, ev.ids_TK.clamp(0, E - 1), w)
+
+
+@pytest.mark.parametrize("kind", ["off", "soft-off"])
+@pytest.mark.parametrize("family,overrides", CASES, ids=[c[0] for c in CASES])
+def test_fast_path_equals_the_general_path(monkeypatch, family, overrides, kind):
+    view = _view(family, **overrides)
+    b = view.blocks[-1]
+    torch.manual_seed(5)
+    x = torch.randn(3, 6, b.hidden_size, dtype=torch.float64)
+    calls = _OwnCalls(monkeypatch, b.router_module)
+    fast, ev_fast, c_fast = _run(view, b, x, kind, general=False)
+    assert calls.n == 0, f"{family}: the router's own selection ran under a selection edit"
+    slow, ev_slow, c_slow = _run(view, b, x, kind, general=True)
+    assert calls.n == 1
+    assert rel_err(fast, slow) <= 1e-12, family
+    assert c_fast == c_slow, family
+    assert c_fast["affected"] > 0 and c_fast["tokens"] == 18, family
+    torch.testing.assert_close(_dense(ev_fast, b.num_experts), _dense(ev_slow, b.num_experts), rtol=1e-12, atol=0)
+    torch.testing.assert_close(ev_fast.logits_TE, ev_slow.logits_TE, rtol=0, atol=0)
+    if kind == "off":
+        bias = torch.zeros(b.num_experts, dtype=torch.float64)
+        bias[_off(b)] = -math.inf
+        base = b.router_bias if b.router_bias is not None else 0.0
+        assert rel_err(fast, reference_forward(replace(b, router_bias=base + bias), x)) <= 1e-6, family
+
+
+@pytest.mark.parametrize("family,overrides", CASES[:1] + CASES[3:4] + CASES[5:6],
+                         ids=["DeepSeek-V3", "Qwen3-MoE", "Mixtral"])
+def test_fast_path_in_float32_equals_the_general_path(family, overrides):
+    """float32 models: the weights reach the experts in the family's dtype on both paths."""
+    view = _view(family, dtype=torch.float32, **overrides)
+    b = view.blocks[-1]
+    torch.manual_seed(6)
+    x = torch.randn(2, 9, b.hidden_size)
+    fast, ev_fast, c_fast = _run(view, b, x, "off", general=False)
+    slow, ev_slow, c_slow = _run(view, b, x, "off", general=True)
+    assert ev_fast.weights_TK.dtype == ev_slow.weights_TK.dtype
+    assert rel_err(fast, slow) <= 1e-6 and c_fast == c_slow, family
+
+
+def test_one_token_calls_keep_the_family_selection_where_the_check_is_cheaper(monkeypatch):
+    """Sigmoid scores (DeepSeek-V3): a one-token call runs the router's own selection and the
+    3-op check; equal to the same token within a batch (which the fast path routes) to float32
+    routing precision (DeepSeek's router runs in float32: 1e-6)."""
+    view = _view("DeepSeek-V3", n_group=1, topk_group=1)
+    b = view.blocks[-1]
+    torch.manual_seed(7)
+    x = torch.randn(10, 1, b.hidden_size, dtype=torch.float64)
+    calls = _OwnCalls(monkeypatch, b.router_module)
+    with torch.no_grad(), experts_off(view, {b.layer: _off(b)}) as h:
+        batch = native_block_output(b, x.reshape(1, 10, -1)).reshape(10, 1, -1)
+        assert calls.n == 0
+        counts = dict(h.counts[b.layer])
+        h.reset()
+        for t in range(10):
+            torch.testing.assert_close(native_block_output(b, x[t:t + 1]), batch[t:t + 1], rtol=1e-6, atol=1e-9)
+        assert calls.n == 10 and dict(h.counts[b.layer]) == counts
+
+
+def test_gradients_through_the_fast_path_equal_the_general_path():
+    view = _view("Qwen3-MoE")
+    b = view.blocks[0]
+    router_w = b.router_module.weight
+    torch.manual_seed(8)
+    x = torch.randn(2, 5, b.hidden_size, dtype=torch.float64)
+    grads = []
+    for general in (False, True):
+        ident = b.register_routing_edit(lambda b, h, r: r) if general else None
+        with switch_experts(view, off={b.layer: [1]}, strength=0.5):
+            (g,) = torch.autograd.grad(native_block_output(b, x).pow(2).sum(), router_w)
+        grads.append(g)
+        if ident is not None:
+            ident.remove()
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-14)
+
+
+def test_group_limited_routing_takes_the_general_path(monkeypatch):
+    """DeepSeek-V3 with groups: removing an unchosen expert can change which groups win, so the
+    edit is not a selection edit there (its count would not be exact) and the router runs."""
+    view = _view("DeepSeek-V3")
+    b = view.blocks[-1]
+    assert b.n_group and b.n_group > 1
+    calls = _OwnCalls(monkeypatch, b.router_module)
+    x = torch.randn(2, 4, b.hidden_size, dtype=torch.float64)
+    with torch.no_grad(), experts_off(view, {b.layer: [0]}):
+        native_block_output(b, x)
+    assert calls.n == 1
+
+
+def test_removing_the_edit_restores_the_router():
+    view = _view("Mixtral")
+    b = view.blocks[0]
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = view.model(ids).logits
+        with experts_off(view, {b.layer: [1]}):
+            assert "forward" in vars(b.router_module)
+            assert not torch.equal(view.model(ids).logits, plain)
+        assert "forward" not in vars(b.router_module)
+        assert torch.equal(view.model(ids).logits, plain)
+
+
+def test_a_router_call_the_experts_never_saw_leaves_nothing_behind():
+    """A direct router call under a selection edit, then a one-token block call (which keeps the
+    family's selection): the block routes its own token, not the earlier call's."""
+    view = _view("DeepSeek-V3", n_group=1, topk_group=1)
+    b = view.blocks[-1]
+    torch.manual_seed(9)
+    x = torch.randn(1, 1, b.hidden_size, dtype=torch.float64)
+    with torch.no_grad(), experts_off(view, {b.layer: _off(b)}):
+        want = native_block_output(b, x)
+        b.router_module(torch.randn(6, b.hidden_size, dtype=torch.float64))
+        torch.testing.assert_close(native_block_output(b, x), want, rtol=0, atol=0)
