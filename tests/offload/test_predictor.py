@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelab.analysis.cache_policy import replay
+from moelab.analysis.cache_policy import make_policy, replay
 from moelab.compress.calib import Calibration
 from moelab.errors import MoelabError
 from moelab.models import open_model
@@ -13,10 +13,12 @@ from moelab.offload import min_budget_bytes, offload_model
 from moelab.offload.predictor import (
     PredictorConfig,
     Routes,
+    cache_hint,
     collect_routes,
     multi_hot,
     precision_recall,
     predicted_keys,
+    predicted_scores,
     route_hints,
     route_steps,
     score_predictor,
@@ -94,17 +96,93 @@ def test_predictive_policy_keeps_the_hinted_key():
     assert replay(steps, 2, "lrfu", hints=hints).hits == 0  # other policies ignore hints
 
 
-def _tiny_predictor(view):
+def _scored_reference(steps, hints, capacity, half_life, crf_weight):
+    """Hits of the scored predictive policy, the obvious way: CRF summed over each key's whole use
+    history, the victim the resident key (not of this step, unless none is left) of the lowest
+    ``score + crf_weight * CRF``, then the earliest last use."""
+    resident, uses, order, hits = [], [], [], 0
+
+    def keep(k, t):
+        crf = sum(2.0 ** (-(t - s) / half_life) for key, s in uses if key == k)
+        last = max(i for i, key in enumerate(order) if key == k)
+        return (score.get(k, 0.0) + crf_weight * crf, last)
+
+    score = {}
+    for t, keys in enumerate(steps):
+        score = hints[t] if hints[t] is not None else score
+        hits += sum(k in resident for k in keys)
+        for k in keys:
+            if k not in resident:
+                if len(resident) == capacity:
+                    pool = [y for y in resident if y not in keys] or resident
+                    resident.remove(min(pool, key=lambda y: keep(y, t)))
+                resident.append(k)
+            uses.append((k, t))
+            order.append(k)
+    return hits
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_scored_predictive_policy_matches_the_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    steps = [torch.randint(0, 10, (3,), generator=g).unique().tolist() for _ in range(120)]
+    hints = [None if torch.rand(1, generator=g) < 0.3 else
+             {int(k): float(v) for k, v in zip(torch.randperm(10, generator=g)[:6], torch.rand(6, generator=g), strict=True)}
+             for _ in steps]  # the 4 keys left out score 0
+    for half_life, w in ((1.0, 0.3), (1.0, 0.0), (4.0, 5.0)):  # half-life 1: the CRFs are exact
+        got = replay(steps, 4, "predictive", hints=hints, half_life=half_life, crf_weight=w).hits
+        assert got == _scored_reference(steps, hints, 4, half_life, w)
+    with pytest.raises(ValueError, match="crf_weight"):
+        make_policy("predictive", crf_weight=-1)
+
+
+def test_scored_hint_keeps_the_likely_key_and_a_set_hint_still_works():
+    steps = [["a"], ["b"], ["c"], ["a"]]
+    # at c, a is scored higher than b: b goes, a hits; the other way round a goes
+    assert replay(steps, 2, "predictive", hints=[None, None, {"a": 0.9, "b": 0.1}, None]).hits == 1
+    assert replay(steps, 2, "predictive", hints=[None, None, {"a": 0.1, "b": 0.9}, None]).hits == 0
+    # a set hint after a scored one falls back to "hinted first, then LRFU"
+    assert replay(steps, 2, "predictive", hints=[{"b": 1.0}, None, ["a"], None]).hits == 1
+
+
+def test_tokens_ahead_heads_and_scores_by_hand():
+    train = _synthetic(400, 0)
+    p = train_predictor(train, PredictorConfig(horizon=1, next_token=True, tokens_ahead=2, steps=5,
+                                               hint="scores", score_discount=0.25))
+    # every step of the next 2 tokens up to the source layer: 2 occurrences of each layer
+    assert set(p.pairs) == {(0, 1, 0), (0, 0, 1), (0, 1, 1), (0, 0, 2),
+                            (1, 0, 1), (1, 1, 1), (1, 0, 2), (1, 1, 2)}
+    x = train.hidden[0][:1]
+    got = predicted_scores(p, 0, x)
+    sig = {t: torch.sigmoid(p.logits(0, x, t))[0] for t in p.targets(0)}
+    assert got[(1, 3)] == pytest.approx(float(sig[(1, 0)][3] + 0.25 * sig[(1, 1)][3]))
+    assert got[(0, 5)] == pytest.approx(float(sig[(0, 1)][5] + 0.25 * sig[(0, 2)][5]))
+    assert len(got) == 16 and cache_hint(p, 0, x) == got
+    x2 = train.hidden[0][:2]  # two tokens: the probability that either uses the key
+    s2 = {t: torch.sigmoid(p.logits(0, x2, t)) for t in p.targets(0)}
+    either = [1 - (1 - s2[t][0, 3]) * (1 - s2[t][1, 3]) for t in ((1, 0), (1, 1))]
+    assert predicted_scores(p, 0, x2)[(1, 3)] == pytest.approx(float(either[0] + 0.25 * either[1]))
+    assert route_hints(p, train.select(slice(0, 2)))[0] == got
+    scores = {(s.src, s.target, s.method) for s in score_predictor(p, train, train)}
+    assert (0, (0, 2), "same") in scores  # two tokens ahead: the same ids, 2 tokens later
+    for bad in (dict(hint="sets"), dict(score_discount=0.0), dict(tokens_ahead=0)):
+        with pytest.raises(MoelabError, match=next(iter(bad))):
+            PredictorConfig(**bad)
+
+
+def _tiny_predictor(view, hint="keys"):
     ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(3))
     calib = Calibration(list(ids.split(2)), [None] * 4, ids.numel(), 0)
-    return train_predictor(collect_routes(view, calib), PredictorConfig(horizon=2, next_token=True, steps=50))
+    return train_predictor(collect_routes(view, calib), PredictorConfig(
+        horizon=2, next_token=True, steps=50, hint=hint, tokens_ahead=1 if hint == "keys" else 2))
 
 
-@pytest.mark.parametrize("family", ["Qwen3-MoE", "Mixtral"])
-def test_predictive_runtime_is_exact_and_its_hits_equal_the_replay(tiny_dirs, family):
+@pytest.mark.parametrize(("family", "hint"), [("Qwen3-MoE", "keys"), ("Mixtral", "keys"),
+                                              ("Qwen3-MoE", "scores"), ("GPT-OSS", "scores")])
+def test_predictive_runtime_is_exact_and_its_hits_equal_the_replay(tiny_dirs, family, hint):
     path = tiny_dirs[family]
     resident = open_model(path, experts_implementation="moelab")
-    predictor = _tiny_predictor(resident)
+    predictor = _tiny_predictor(resident, hint)
     _, probe = offload_model(path, budget=1.0)
     size, budget = probe.store.expert_bytes, 2 * min_budget_bytes(probe.store, probe.view)
     probe.close()
@@ -115,7 +193,7 @@ def test_predictive_runtime_is_exact_and_its_hits_equal_the_replay(tiny_dirs, fa
 
     def hook(ev):  # registered after the cache's hint hook: sees the same block input
         steps.append([(ev.block.layer, int(e)) for e in ev.ids_TK.unique().tolist()])
-        hints.append(predicted_keys(predictor, ev.block.layer, ev.hidden_TH))
+        hints.append(cache_hint(predictor, ev.block.layer, ev.hidden_TH))
 
     handles = [b.register_routing_hook(hook) for b in experts.view.blocks]
     ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(5))
@@ -128,7 +206,7 @@ def test_predictive_runtime_is_exact_and_its_hits_equal_the_replay(tiny_dirs, fa
     sim = replay(steps, budget, "predictive", size=lambda k: size(k[0]), hints=hints,
                  half_life=8 * len(experts.view.blocks))
     assert (s.hits, s.misses) == (sim.hits, sim.misses) and s.peak_resident_bytes <= budget
-    assert any(hints)
+    assert any(hints) and all(isinstance(h, dict) == (hint == "scores") for h in hints)
     experts.close()
 
 

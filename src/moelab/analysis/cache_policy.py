@@ -40,7 +40,11 @@ Priorities (higher = kept longer), ties broken by the last use:
 - ``"predictive"`` (ExpertFlow's predictive cache: He et al. 2024, arXiv 2410.17954): the keys the
   latest :meth:`CachePolicy.hint` named (the experts an :mod:`moelab.offload.predictor` expects
   the next MoE layers to use) are kept over the others; within each group, LRFU. Without hints it
-  is LRFU.
+  is LRFU. A hint may instead map keys to scores (the predictor's discounted probabilities of use
+  over the next steps, :func:`moelab.offload.predictor.predicted_scores`): the priority is then
+  ``score(key) + crf_weight * CRF(key)`` (a key the hint does not score counts 0), then last use:
+  a learned estimate of the near future mixed with LRFU's of the longer run, which stands in where
+  the heads' window ends.
 
 ``belady`` and ``lrc`` look into the future: they need the steps (``future=``) and serve as bounds.
 """
@@ -48,7 +52,7 @@ Priorities (higher = kept longer), ties broken by the last use:
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 Key = Hashable
@@ -57,6 +61,9 @@ ONLINE = ("lru", "lfu", "lrfu", "activation")
 PREDICTIVE = ("predictive",)  # online, fed by a predictor's hints
 ORACLES = ("belady", "lrc")
 POLICIES = ("lrc", "lru", "lfu", "belady")  # the analysis curves' policies (vectorised in cache.py)
+# "predictive" with scored hints: the weight of LRFU's CRF beside the predicted score, picked on the
+# corpus' val split (bench/offload.py --part predictor, which prints the grid)
+CRF_WEIGHT = 0.03
 
 
 class CachePolicy:
@@ -80,9 +87,9 @@ class CachePolicy:
     def new_request(self) -> None:
         """A new request (prompt) starts; only request-aware policies care."""
 
-    def hint(self, keys: Sequence[Key]) -> None:
-        """The keys predicted to be used next (replacing the previous hint); only predictive
-        policies care."""
+    def hint(self, keys: Sequence[Key] | Mapping[Key, float]) -> None:
+        """The keys predicted to be used next, or a score per key (replacing the previous hint);
+        only predictive policies care."""
 
 
 class LRU(CachePolicy):
@@ -131,19 +138,30 @@ class LRFU(CachePolicy):
 
 
 class Predictive(LRFU):
-    """Predicted keys are kept over the others; LRFU within each group (ExpertFlow)."""
+    """Predicted keys are kept over the others, LRFU within each group (ExpertFlow); or, after a
+    hint of scores, the highest ``score + crf_weight * CRF`` is kept."""
 
     name = "predictive"
 
-    def __init__(self, half_life: float = 24.0) -> None:
+    def __init__(self, half_life: float = 24.0, crf_weight: float = CRF_WEIGHT) -> None:
         super().__init__(half_life)
+        if crf_weight < 0:
+            raise ValueError(f"crf_weight must be >= 0, got {crf_weight}")
+        self.crf_weight = float(crf_weight)
         self.predicted: frozenset = frozenset()
+        self.scores: Mapping[Key, float] | None = None
 
-    def hint(self, keys: Sequence[Key]) -> None:
-        self.predicted = frozenset(keys)
+    def hint(self, keys: Sequence[Key] | Mapping[Key, float]) -> None:
+        if isinstance(keys, Mapping):
+            self.scores, self.predicted = dict(keys), frozenset()
+        else:
+            self.scores, self.predicted = None, frozenset(keys)
 
-    def priority(self, key: Key, step: int, done: set) -> tuple[bool, float, int]:
-        return (key in self.predicted, *super().priority(key, step, done))
+    def priority(self, key: Key, step: int, done: set) -> tuple:
+        crf, last = super().priority(key, step, done)
+        if self.scores is not None:
+            return (self.scores.get(key, 0.0) + self.crf_weight * crf, last)
+        return (key in self.predicted, crf, last)
 
 
 class ActivationAware(CachePolicy):
@@ -242,9 +260,10 @@ class LRC(_Oracle):
 
 
 def make_policy(name: str, future: Sequence[Sequence[Key]] | None = None, seg_len: int = 16,
-                half_life: float = 24.0) -> CachePolicy:
-    """The policy called ``name`` (:data:`ONLINE` or :data:`ORACLES`); ``future`` (the steps) for
-    the oracles, ``seg_len`` for LRC, ``half_life`` (steps) for LRFU."""
+                half_life: float = 24.0, crf_weight: float = CRF_WEIGHT) -> CachePolicy:
+    """The policy called ``name`` (:data:`ONLINE`, :data:`PREDICTIVE` or :data:`ORACLES`);
+    ``future`` (the steps) for the oracles, ``seg_len`` for LRC, ``half_life`` (steps) for LRFU and
+    predictive, ``crf_weight`` for predictive's scored hints."""
     if name not in ONLINE + PREDICTIVE + ORACLES:
         raise ValueError(f"policy must be one of {ONLINE + PREDICTIVE + ORACLES}, got {name!r}")
     if name in ORACLES:
@@ -255,7 +274,7 @@ def make_policy(name: str, future: Sequence[Sequence[Key]] | None = None, seg_le
     if name == "lrfu":
         return LRFU(half_life)
     if name == "predictive":
-        return Predictive(half_life)
+        return Predictive(half_life, crf_weight)
     if name == "activation":
         return ActivationAware()
     return LFU() if name == "lfu" else LRU()
@@ -356,19 +375,20 @@ class ReplayStats:
 def replay(steps: Sequence[Sequence[Key]], capacity: int, policy: str | CachePolicy = "lru", *,
            size: Callable[[Key], int] | None = None, seg_len: int = 16, half_life: float = 24.0,
            warm_start: bool = False, request_starts: Sequence[int] = (),
-           protect_step: bool = True, hints: Sequence[Sequence[Key] | None] | None = None) -> ReplayStats:
+           protect_step: bool = True, hints: Sequence[Sequence[Key] | Mapping[Key, float] | None] | None = None,
+           crf_weight: float = CRF_WEIGHT) -> ReplayStats:
     """Replay ``steps`` through an empty :class:`KeyCache` of ``capacity``.
 
     ``request_starts``: the steps where a new request begins (:meth:`CachePolicy.new_request`);
     ``protect_step``: see :class:`KeyCache` (True: the runtime's rule); ``hints[t]``: the keys
     predicted before step t (:meth:`CachePolicy.hint`; None keeps the previous hint), as a runtime
-    predictor gives them.
+    predictor gives them; ``crf_weight``: predictive's with scored hints.
 
     ``warm_start`` (moe-lrc's convention): the cache is taken to start filled with the first keys
     to appear, so a first-time miss counts as a hit while fewer than ``capacity`` distinct keys
     have been seen (sizes 1). The runtime starts cold (``warm_start=False``).
     """
-    pol = make_policy(policy, steps, seg_len, half_life) if isinstance(policy, str) else policy
+    pol = make_policy(policy, steps, seg_len, half_life, crf_weight) if isinstance(policy, str) else policy
     cache = KeyCache(capacity, pol, size, protect_step=protect_step)
     seen: set = set()
     hits = misses = 0

@@ -13,8 +13,9 @@ per (source layer l, target layer l + h), reading the hidden state ``x_TH`` ente
 (the router's input), for ``h = 1 .. horizon`` MoE blocks ahead: a cheaper predictor that sees
 everything the model has computed so far. With ``next_token``, further heads (l, d, +1) predict the
 experts layers ``d <= l`` will use for the *next* token (the steps a one-token decode takes after
-this token's last layer), trained on consecutive tokens of a sequence. Each head is a multi-label
-classifier
+this token's last layer), trained on consecutive tokens of a sequence; ``tokens_ahead = a``
+extends them to every step of the next ``a`` tokens up to layer l (heads (l, d, +j), j <= a), the
+routing path further ahead. Each head is a multi-label classifier
 
     z_TE = W2 act(W1 (x_TH - mu) / sigma + b1) + b2      (or W (x - mu) / sigma + b, linear)
     loss = BCE(sigmoid(z_TE), onehot(ids_{l+h})_TE)          (mean over tokens and experts)
@@ -27,6 +28,17 @@ recall (:func:`precision_recall`) are per token, pooled: ``sum_t |P_t & U_t| / s
 (:func:`score_predictor`): the target layer's K most frequent experts on the training routes, the
 same expert ids as the source layer chose, and the target block's own router applied to the source
 hidden state (speculative routing, the rule of :mod:`moelab.offload.prefetch`).
+
+A cache hint (:func:`cache_hint`) is either the set of predicted keys (:func:`predicted_keys`,
+``hint="keys"``) or, with ``hint="scores"``, every key's discounted probability of use over the
+next occurrences of its layer (:func:`predicted_scores`): with ``j = 0, 1, ..`` the occurrences of
+layer d after the current step in time order (this token's if d is later, then the next tokens')
+and ``p_j = sigmoid(z_{l -> (d, j)})``,
+
+    score(d, e) = sum_j discount ** j * p_j[e]
+
+which, for exact 0/1 predictions and ``discount <= 1/2``, ranks keys as Belady's MIN does within
+the heads' window (an earlier next use outweighs all later ones).
 """
 
 from __future__ import annotations
@@ -39,22 +51,30 @@ from torch import Tensor, nn
 
 from moelab.errors import MoelabError
 
+HINTS = ("keys", "scores")  # what a cache hint carries (PredictorConfig.hint)
+
 
 @dataclass(frozen=True)
 class PredictorConfig:
     """How the heads are built and trained.
 
     horizon: MoE blocks ahead each source block predicts (1 = the next one); next_token: also
-    predict the next token's experts in this and the earlier MoE layers; hint_extra: experts
-    beyond each target's top-k that a cache hint names (:func:`predicted_keys`: more recall, less
-    precision); hidden: width F of
+    predict the next token's experts in this and the earlier MoE layers; tokens_ahead: with
+    next_token, the tokens ahead covered (a: every layer of tokens +1 .. +(a-1), and the layers up
+    to this one of token +a); hint: what :func:`cache_hint` gives a cache, ``"keys"`` (the predicted
+    set, :func:`predicted_keys`) or ``"scores"`` (:func:`predicted_scores`); hint_extra: experts
+    beyond each target's top-k that a ``"keys"`` hint names (more recall, less precision);
+    score_discount: the weight ratio of successive occurrences in a ``"scores"`` hint; hidden: width F of
     the head's one hidden layer (0 = a linear head); steps: Adam steps per head over mini-batches of
     ``batch_tokens`` tokens; lr, weight_decay: Adam's; seed: the heads' initialisation and batches.
     """
 
     horizon: int = 1
     next_token: bool = False
+    tokens_ahead: int = 1
+    hint: str = "keys"
     hint_extra: int = 0
+    score_discount: float = 0.5
     hidden: int = 0
     steps: int = 300
     batch_tokens: int = 2048
@@ -65,7 +85,11 @@ class PredictorConfig:
     def __post_init__(self) -> None:
         if self.hint_extra < 0:
             raise MoelabError(f"PredictorConfig.hint_extra: expected >= 0, got {self.hint_extra}")
-        for name in ("horizon", "steps", "batch_tokens"):
+        if self.hint not in HINTS:
+            raise MoelabError(f"PredictorConfig.hint: expected one of {HINTS}, got {self.hint!r}")
+        if not 0 < self.score_discount <= 1:
+            raise MoelabError(f"PredictorConfig.score_discount: expected in (0, 1], got {self.score_discount}")
+        for name in ("horizon", "tokens_ahead", "steps", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise MoelabError(f"PredictorConfig.{name}: expected >= 1, got {getattr(self, name)}")
         if self.hidden < 0:
@@ -99,11 +123,11 @@ class Routes:
                       {k: v[rows] for k, v in self.ids.items()}, self.top_k, self.num_experts,
                       self.seq_len)
 
-    def next_pairs(self) -> tuple[Tensor, Tensor]:
-        """Rows ``(t, t + 1)`` of consecutive tokens within a sequence."""
-        t = torch.arange(self.num_tokens - 1)
-        t = t[(t % self.seq_len) != self.seq_len - 1]
-        return t, t + 1
+    def next_pairs(self, dt: int = 1) -> tuple[Tensor, Tensor]:
+        """Rows ``(t, t + dt)`` of tokens ``dt`` apart within a sequence."""
+        t = torch.arange(max(self.num_tokens - dt, 0))
+        t = t[(t % self.seq_len) < self.seq_len - dt]
+        return t, t + dt
 
 
 def collect_routes(view, calib) -> Routes:
@@ -198,7 +222,11 @@ class ExpertPredictor(nn.Module):
 
 def _targets(routes: Routes, i: int, cfg: PredictorConfig) -> list[Target]:
     later = [(d, 0) for d in routes.layers[i + 1:i + 1 + cfg.horizon]]
-    return later + ([(d, 1) for d in routes.layers[:i + 1]] if cfg.next_token else [])
+    if not cfg.next_token:
+        return later
+    a = cfg.tokens_ahead
+    return later + [(d, dt) for dt in range(1, a + 1)
+                    for j, d in enumerate(routes.layers) if dt < a or j <= i]
 
 
 def train_predictor(routes: Routes, config: PredictorConfig | None = None,
@@ -207,16 +235,17 @@ def train_predictor(routes: Routes, config: PredictorConfig | None = None,
     ``next_token`` also the next token's layers <= l), trained on ``routes``; ``progress(1)`` is
     called after each head."""
     cfg = config or PredictorConfig()
-    now, nxt = routes.next_pairs()
-    if routes.num_tokens < 2 or (cfg.next_token and len(now) < 2):
+    far = cfg.tokens_ahead if cfg.next_token else 0
+    if routes.num_tokens < 2 or (far and len(routes.next_pairs(far)[0]) < 2):
         raise MoelabError(f"train_predictor: the routes hold {routes.num_tokens} tokens in sequences "
-                          f"of {routes.seq_len}; need >= 2 (and two consecutive ones for next_token)")
+                          f"of {routes.seq_len}; need >= 2 (and two {far} tokens apart for next_token)")
     heads = {}
     gen = torch.Generator().manual_seed(cfg.seed)
+    pairs = {dt: routes.next_pairs(dt) for dt in range(1, far + 1)}
     for i, src in enumerate(routes.layers):
         for dst, dt in _targets(routes, i, cfg):
-            x_TH = routes.hidden[src] if dt == 0 else routes.hidden[src][now]
-            used_TK = routes.ids[dst] if dt == 0 else routes.ids[dst][nxt]
+            now, later = pairs[dt] if dt else (slice(None), slice(None))
+            x_TH, used_TK = routes.hidden[src][now], routes.ids[dst][later]
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
             head = Head(x_TH.mean(0), x_TH.std(0).clamp(min=1e-6), routes.num_experts[dst], cfg.hidden)
             _fit(head, x_TH, multi_hot(used_TK, routes.num_experts[dst]), cfg, gen)
@@ -261,11 +290,38 @@ def predicted_keys(predictor: ExpertPredictor, src: int, x_TH: Tensor) -> list[t
     return sorted(keys)
 
 
-def route_hints(predictor: ExpertPredictor, routes: Routes) -> list[list[tuple[int, int]]]:
-    """The hint before each step of :func:`route_steps`: :func:`predicted_keys` from the hidden
+def predicted_scores(predictor: ExpertPredictor, src: int, x_TH: Tensor) -> dict[tuple[int, int], float]:
+    """Every ``(layer, expert)`` of the layers the heads from ``src`` target, scored by its
+    discounted probability of use at the next occurrences of its layer (the module docstring's
+    ``score``; ``discount = config.score_discount``): a ``"scores"`` cache hint. For T > 1 tokens
+    (a prompt's forward) ``p_j`` is the probability that any of them uses the key, taken as
+    independent: ``1 - prod_t (1 - p_tj)``."""
+    by_layer: dict[int, list[int]] = {}
+    for d, dt in predictor.targets(src):
+        by_layer.setdefault(d, []).append(dt)
+    out: dict[tuple[int, int], float] = {}
+    for d, dts in by_layer.items():
+        score_E = 0.0
+        for j, dt in enumerate(sorted(dts)):  # the occurrences of layer d in time order
+            p_TE = torch.sigmoid(predictor.logits(src, x_TH, (d, dt)).float())
+            p_E = p_TE[0] if p_TE.shape[0] == 1 else 1 - (1 - p_TE).prod(0)
+            score_E = score_E + predictor.config.score_discount ** j * p_E
+        out.update(((d, e), float(v)) for e, v in enumerate(score_E.tolist()))
+    return out
+
+
+def cache_hint(predictor: ExpertPredictor, src: int, x_TH: Tensor):
+    """The hint a cache gets at MoE layer ``src`` (:meth:`moelab.analysis.cache_policy.CachePolicy.hint`):
+    :func:`predicted_keys` or, with ``config.hint == "scores"``, :func:`predicted_scores`."""
+    fn = predicted_scores if predictor.config.hint == "scores" else predicted_keys
+    return fn(predictor, src, x_TH)
+
+
+def route_hints(predictor: ExpertPredictor, routes: Routes) -> list:
+    """The hint before each step of :func:`route_steps`: :func:`cache_hint` from the hidden
     state entering that step's layer, one token at a time, as the runtime's hints
     (:func:`moelab.offload.prefetch.install_hints`) give them in a one-token decode."""
-    per_layer = {src: [predicted_keys(predictor, src, routes.hidden[src][t:t + 1])
+    per_layer = {src: [cache_hint(predictor, src, routes.hidden[src][t:t + 1])
                        for t in range(routes.num_tokens)] for src in routes.layers}
     return [per_layer[src][t] for t in range(routes.num_tokens) for src in routes.layers]
 
@@ -285,23 +341,22 @@ class PredictionScore:
 def score_predictor(predictor: ExpertPredictor, test: Routes, train: Routes, view=None) -> list[PredictionScore]:
     """Precision and recall on ``test`` of the predictor and the baselines: ``"frequent"`` (the K
     most frequent experts of the target layer in ``train``), ``"same"`` (the ids the target layer
-    chose for this token, for a next-token target; the ids layer ``src`` chose, where both layers
+    chose for this token, for a target tokens ahead; the ids layer ``src`` chose, where both layers
     have as many experts, for a later layer) and, with ``view``, ``"router"`` (the target layer's
     router on the hidden state entering ``src``; later layers only)."""
     from moelab.models.reference import reference_route
 
-    now, nxt = test.next_pairs()
     out = []
     for src, dst, dt in predictor.pairs:
-        rows_now = slice(None) if dt == 0 else now
-        x_TH, K, E = test.hidden[src][rows_now], test.top_k[dst], test.num_experts[dst]
-        used_TK = test.ids[dst] if dt == 0 else test.ids[dst][nxt]
+        now, nxt = test.next_pairs(dt) if dt else (slice(None), slice(None))
+        x_TH, K, E = test.hidden[src][now], test.top_k[dst], test.num_experts[dst]
+        used_TK = test.ids[dst][nxt]
         preds: dict[str, Tensor] = {"predictor": predictor.predict(src, x_TH, (dst, dt))}
         if view is not None and dt == 0:
             preds["router"] = reference_route(view.block(dst), x_TH)[1].to(torch.int64)
         top = multi_hot(train.ids[dst], E).sum(0).topk(K).indices
         preds["frequent"] = top.expand(x_TH.shape[0], K)
-        if dt == 1:
+        if dt >= 1:
             preds["same"] = test.ids[dst][now]
         elif test.num_experts[src] == E:
             preds["same"] = test.ids[src]
@@ -310,6 +365,6 @@ def score_predictor(predictor: ExpertPredictor, test: Routes, train: Routes, vie
     return out
 
 
-__all__ = ["ExpertPredictor", "PredictionScore", "PredictorConfig", "Routes", "Target", "collect_routes",
-           "multi_hot", "precision_recall", "predicted_keys", "route_hints", "route_steps",
-           "score_predictor", "train_predictor"]
+__all__ = ["HINTS", "ExpertPredictor", "PredictionScore", "PredictorConfig", "Routes", "Target",
+           "cache_hint", "collect_routes", "multi_hot", "precision_recall", "predicted_keys",
+           "predicted_scores", "route_hints", "route_steps", "score_predictor", "train_predictor"]

@@ -21,7 +21,8 @@ With a trained :class:`~moelab.offload.predictor.ExpertPredictor` (ExpertFlow, a
 the prediction is its head from block l to block l + 1 instead of the next router. ``precision`` /
 ``recall`` of the predictions (against the experts the next block then used) are kept in
 :attr:`Prefetcher.quality`. :func:`install_hints` feeds the same predictor's expectations of the
-next steps to the cache (:meth:`ExpertCache.hint`, the ``"predictive"`` policy).
+next steps to the cache (:meth:`ExpertCache.hint`, the ``"predictive"`` policy): a set of keys or
+a score per key (:func:`moelab.offload.predictor.cache_hint`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch import Tensor
 from moelab.models.reference import reference_route
 from moelab.models.view import ModelView, MoEBlockView, RoutingEvent
 from moelab.offload.cache import ExpertCache
-from moelab.offload.predictor import ExpertPredictor, predicted_keys
+from moelab.offload.predictor import ExpertPredictor, cache_hint
 
 
 @dataclass
@@ -106,9 +107,10 @@ class Prefetcher:
 
 def install_hints(view: ModelView, cache: ExpertCache, predictor: ExpertPredictor) -> list:
     """Routing hooks (they only observe) that, at every MoE block, tell ``cache`` the
-    :func:`~moelab.offload.predictor.predicted_keys` from the block's input; the handles."""
+    :func:`~moelab.offload.predictor.cache_hint` from the block's input (the predicted keys, or
+    their scores with ``predictor.config.hint == "scores"``); the handles."""
 
     def hook(event: RoutingEvent) -> None:
-        cache.hint(predicted_keys(predictor, event.block.layer, event.hidden_TH))
+        cache.hint(cache_hint(predictor, event.block.layer, event.hidden_TH))
 
     return [b.register_routing_hook(hook) for b in view.blocks]
