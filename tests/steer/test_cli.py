@@ -101,3 +101,40 @@ def test_bad_input_is_one_named_line(steer_file, tmp_path):
     res = _run("steer", "detect", "--positive", f"{default_corpus()}:poetry", "--negative", "code",
                "--out", tmp_path / "x.json")
     assert res.exit_code == 2 and "poetry" in res.output
+
+
+def test_select_log_odds_and_greedy(tmp_path, corpus):
+    out = tmp_path / "lo.json"
+    res = _run("steer", "detect", "--positive", f"{corpus}:drama", "--negative", f"{corpus}:code", "--tokens", 512,
+               "--seq-len", 128, "--top", 4, "--select", "log-odds", "--out", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert "select log-odds" in " ".join(res.output.split()) and doc["made"]["select"] == "log-odds"
+    assert sum(len(v) for v in doc["edits"][0]["experts"].values()) == 4
+    assert doc["ranking"][0]["score"] >= doc["ranking"][-1]["score"]
+    out = tmp_path / "greedy.json"
+    res = _run("steer", "detect", "--positive", f"{corpus}:drama", "--negative", f"{corpus}:code", "--tokens", 512,
+               "--seq-len", 128, "--top", 2, "--select", "greedy", "--budget", 1.5, "--calib-tokens", 256,
+               "--out", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    g = doc["made"]["greedy"]
+    assert g["stopped"] == "max_experts" and len(g["steps"]) == 2 and g["config"]["calibration_seed"] == 1
+    assert g["steps"][-1]["ratio_neg"] <= 1.5 and g["steps"][-1]["ratio_pos"] > 1
+    assert {(s["layer"], s["expert"]) for s in g["steps"]} == {
+        (int(layer), e) for layer, v in doc["edits"][0]["experts"].items() for e in v}
+    assert "greedy: 2 experts" in res.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--select", "log-odds", "--method", "rice", "--markers", "thou"], "--select log-odds: re-ranks"),
+    (["--select", "greedy", "--mode", "on"], "--select greedy: measures experts switched off"),
+    (["--budget", "1.05"], "--budget: only --select greedy uses it"),
+    (["--calib-tokens", "64"], "--calib-tokens: only --select greedy uses it"),
+    (["--select", "greedy", "--budget", "0.5"], "budget: expected a perplexity ratio >= 1"),
+    (["--select", "best"], "Invalid value for '--select'"),
+])
+def test_select_bad_combinations_are_named(tmp_path, corpus, extra, message):
+    res = _run("steer", "detect", "--positive", f"{corpus}:drama", "--negative", f"{corpus}:code", "--tokens", 256,
+               "--seq-len", 128, *extra, "--out", tmp_path / "x.json", "--no-progress")
+    assert res.exit_code == 2 and message in res.output, res.output

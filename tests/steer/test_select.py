@@ -186,3 +186,13 @@ def test_rank_log_odds_on_live_routing_agrees_in_sign_with_the_risk_difference(v
     lo, rd = rank_log_odds(pos, neg), rank_risk_difference(pos, neg)
     by = {(r.layer, r.expert): r.score for r in rd.rows}
     assert all(np.sign(r.score) == np.sign(by[(r.layer, r.expert)]) for r in lo.rows)
+
+
+def test_detect_experts_takes_the_log_odds_score(view):
+    from moelab.steer.detect import detect_experts
+
+    pos, neg = [b.tolist() for b in _batches(0, 4)[0]], [b.tolist() for b in _batches(1, 4)[0]]
+    det = detect_experts(view, pos, neg, score="log-odds")
+    assert det.method == "log-odds" and det.rows == rank_log_odds(*gather_pair(view, pos, neg)).rows
+    with pytest.raises(MoelabError, match="score: expected one of risk-diff, log-odds, got 'odds'"):
+        detect_experts(view, pos, neg, score="odds")

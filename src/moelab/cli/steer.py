@@ -43,7 +43,7 @@ def _print_ranking(det, selected: dict[int, list[int]], show: int, title: str) -
     from rich.console import Console
     from rich.table import Table
 
-    score = "nPMI" if det.method == "rice" else "risk diff"
+    score = {"rice": "nPMI", "log-odds": "log odds"}.get(det.method, "risk diff")
     table = Table(title=title)
     for col in ("rank", "layer", "expert", "rate +", "rate -", score, "z", "95% CI", "chosen"):
         table.add_column(col, justify="right")
@@ -71,7 +71,20 @@ def steer() -> None:
               help="rice: a marker token (string, tokenized with the model's tokenizer, or an integer id); "
                    "repeat for several.")
 @click.option("--top", type=click.IntRange(min=1), default=None,
-              help="Experts to choose: in all (risk-diff, default 10) or per layer (rice, default 2).")
+              help="Experts to choose: in all (risk-diff, default 10) or per layer (rice, default 2); "
+                   "--select greedy: the most to choose (default: as many as --budget allows).")
+@click.option("--select", "select", type=click.Choice(["score", "log-odds", "greedy"]), default="score",
+              show_default=True,
+              help="score: the --top best by the method's score; log-odds: rank by the log odds ratio of "
+                   "the two sides' activation rates instead of their difference (risk-diff only); greedy: "
+                   "add experts one at a time by positive loss gained per negative loss paid, measured "
+                   "switched off on --calib-tokens per side drawn with seed --seed + 1, while the negative "
+                   "side's perplexity stays within --budget (see moelab.steer.select).")
+@click.option("--budget", type=float, default=None,
+              help="--select greedy: most the negative side's calibration perplexity may be multiplied by "
+                   "(default 1.03).")
+@click.option("--calib-tokens", type=click.IntRange(min=1), default=None,
+              help="--select greedy: calibration tokens per side (default 4096).")
 @click.option("--mode", type=click.Choice(["off", "on", "soft-off", "soft-on", "scale"]), default=None,
               help="What the steering file does to them: hard mask off/on, SteerMoE's soft-off/soft-on, or "
                    "scale their weights (RICE). Default: off (risk-diff), scale (rice).")
@@ -87,8 +100,9 @@ def steer() -> None:
               help="Steering file to write (JSON, written atomically).")
 @no_progress_option
 def detect_command(model: Path | None, positive: str, negative: str, method: str, markers: tuple[str, ...],
-                   top: int | None, mode: str | None, strength: float | None, tokens: int, seq_len: int,
-                   seed: int, show: int, out: Path, no_progress: bool) -> None:
+                   top: int | None, select: str, budget: float | None, calib_tokens: int | None, mode: str | None,
+                   strength: float | None, tokens: int, seq_len: int, seed: int, show: int, out: Path,
+                   no_progress: bool) -> None:
     """Rank the experts of MODEL (default: the embedded model) by how much more they fire on
     --positive than on --negative, print the ranking and write the chosen ones to --out."""
     from moelab.data import default_model
@@ -102,6 +116,8 @@ def detect_command(model: Path | None, positive: str, negative: str, method: str
         raise MoelabError("--markers: the rice method needs at least one marker token")
     if method != "rice" and markers:
         raise MoelabError("--markers: only the rice method uses marker tokens")
+    mode = mode or ("scale" if method == "rice" else "off")
+    _check_select(select, method, mode, budget, calib_tokens)
     model = model or default_model()
     view = open_model(str(model))
     common = dict(tokens=tokens, seq_len=seq_len, seed=seed, progress=not no_progress)
@@ -109,17 +125,55 @@ def detect_command(model: Path | None, positive: str, negative: str, method: str
         marks = [int(m) if m.isdigit() else m for m in markers]
         det = detect_rice(view, pos, marks, negative=neg, label=pos_label, negative_label=neg_label, **common)
     else:
-        det = detect_experts(view, pos, neg, positive_label=pos_label, negative_label=neg_label, **common)
-    mode = mode or ("scale" if method == "rice" else "off")
+        det = detect_experts(view, pos, neg, positive_label=pos_label, negative_label=neg_label,
+                             score="log-odds" if select == "log-odds" else "risk-diff", **common)
     if mode == "scale" and strength is None:
         strength = 2.0
-    chosen = det.select(top or (2 if method == "rice" else 10), mode, per_layer=method == "rice")
-    _print_ranking(det, chosen, show, f"{model.name}: {positive} vs {negative} ({method})")
-    made = {"method": method, "positive": positive, "negative": negative, "sources": det.sources,
+    made = {"method": method, "select": select, "positive": positive, "negative": negative, "sources": det.sources,
             "tokens": det.tokens, "top": top, "command": "moelab steer detect"}
+    if select == "greedy":
+        chosen, made["greedy"] = _greedy(view, det, (pos, pos_label), (neg, neg_label), top, budget, calib_tokens,
+                                         seq_len, seed, not no_progress)
+    else:
+        chosen = det.select(top or (2 if method == "rice" else 10), mode, per_layer=method == "rice")
+    _print_ranking(det, chosen, show, f"{model.name}: {positive} vs {negative} ({det.method}, select {select})")
     spec = write_steering(out, view, SteeringEdit(mode=mode, experts=chosen, strength=strength), made=made,
                           ranking=[r.to_dict() for r in det.rows[:200]])
     click.echo(f"wrote {out}: {spec.describe()}")
+
+
+def _check_select(select: str, method: str, mode: str, budget: float | None, calib_tokens: int | None) -> None:
+    """Named errors for options that do not go together with ``--select``."""
+    if select == "log-odds" and method != "risk-diff":
+        raise MoelabError("--select log-odds: re-ranks --positive against --negative in place of the risk "
+                          "difference; use it with --method risk-diff")
+    if select == "greedy" and mode not in ("off", "soft-off"):
+        raise MoelabError(f"--select greedy: measures experts switched off; use --mode off or soft-off, not {mode}")
+    if select != "greedy":
+        for name, value in (("--budget", budget), ("--calib-tokens", calib_tokens)):
+            if value is not None:
+                raise MoelabError(f"{name}: only --select greedy uses it")
+
+
+def _greedy(view, det, positive, negative, top, budget, calib_tokens, seq_len, seed, progress):
+    """``--select greedy``: the chosen experts and what the steering file records of the run."""
+    from moelab.steer.select import GreedyConfig, greedy_from_sources
+
+    config = GreedyConfig(budget=1.03 if budget is None else budget, max_experts=top)
+
+    def report(step) -> None:
+        if progress:
+            click.echo(f"greedy: layer {step.layer} expert {step.expert}: positive perplexity "
+                       f"x{step.ratio_pos:.3f}, negative x{step.ratio_neg:.3f} ({step.evaluated} measured)", err=True)
+
+    got = greedy_from_sources(view, det, positive[0], negative[0], positive_label=positive[1],
+                              negative_label=negative[1], config=config, tokens=calib_tokens or 4096,
+                              seq_len=seq_len, seed=seed + 1, progress=report)
+    last = got.steps[-1]
+    click.echo(f"greedy: {len(got.steps)} experts, calibration perplexity positive x{last.ratio_pos:.3f}, "
+               f"negative x{last.ratio_neg:.3f} (budget x{config.budget:g}; stopped: {got.stopped})")
+    return got.experts, {"steps": [s.to_dict() for s in got.steps], "stopped": got.stopped,
+                         "base_loss": got.base_loss, "calibration_tokens": got.tokens, "config": got.config}
 
 
 @steer.command("dyncount")

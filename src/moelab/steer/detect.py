@@ -200,13 +200,20 @@ def _named(err: MoelabError, side: str) -> MoelabError:
 
 def detect_experts(model: Any, positive: Any, negative: Any, *, positive_label: str | None = None,
                    negative_label: str | None = None, tokens: int = 16384, seq_len: int = 256,
-                   batch_size: int = 8, seed: int = 0, progress: bool = False) -> Detection:
+                   batch_size: int = 8, seed: int = 0, progress: bool = False,
+                   score: str = "risk-diff") -> Detection:
     """SteerMoE detection: the routing of ``model`` over ``positive`` and ``negative`` (sources of
-    :func:`moelab.steer.gather.gather_routing`, ``tokens`` each), ranked by risk difference."""
+    :func:`moelab.steer.gather.gather_routing`, ``tokens`` each), ranked by risk difference
+    (``score="risk-diff"``) or by the log odds ratio (``"log-odds"``, :mod:`moelab.steer.select`)."""
+    from moelab.steer.select import rank_log_odds
+
+    rankers = {"risk-diff": rank_risk_difference, "log-odds": rank_log_odds}
+    if score not in rankers:
+        raise MoelabError(f"score: expected one of {', '.join(rankers)}, got {score!r}")
     pos, neg = gather_pair(model, positive, negative, positive_label=positive_label,
                            negative_label=negative_label, tokens=tokens, seq_len=seq_len,
                            batch_size=batch_size, seed=seed, progress=progress)
-    return rank_risk_difference(pos, neg)
+    return rankers[score](pos, neg)
 
 
 __all__ = ["MODES", "Detection", "ExpertScore", "capacity", "detect_experts", "gather_pair",

@@ -241,6 +241,20 @@ def calibration_pair(view: Any, positive: Any, negative: Any, *, positive_label:
     return out[0], out[1]
 
 
+def greedy_from_sources(view: Any, detection: Detection, positive: Any, negative: Any, *,
+                        positive_label: str | None = None, negative_label: str | None = None,
+                        config: GreedyConfig | None = None, tokens: int = 4096, seq_len: int = 256,
+                        seed: int = 1, progress: Callable[[GreedyStep], None] | None = None) -> GreedySelection:
+    """:func:`greedy_select` on ``tokens`` calibration tokens per side drawn from corpus paths with
+    ``seed`` (:func:`calibration_pair`; give another seed than the detection's)."""
+    calib_pos, calib_neg = calibration_pair(view, positive, negative, positive_label=positive_label,
+                                            negative_label=negative_label, tokens=tokens, seq_len=seq_len,
+                                            seed=seed)
+    got = greedy_select(view, detection, calib_pos, calib_neg, config, progress=progress)
+    got.config.update(calibration_seed=seed, calibration_tokens=tokens)
+    return got
+
+
 def _open_candidates(pool: list[tuple[int, int]], chosen: list[tuple[int, int]], detection: Detection,
                      config: GreedyConfig) -> list[tuple[int, int]]:
     """Candidates not chosen yet whose layer can take one more expert off."""
@@ -257,5 +271,5 @@ def _open_candidates(pool: list[tuple[int, int]], chosen: list[tuple[int, int]],
     return out
 
 
-__all__ = ["SELECTIONS", "GreedyConfig", "GreedySelection", "GreedyStep", "calibration_pair", "greedy_select", "log_odds_ratio",
+__all__ = ["SELECTIONS", "GreedyConfig", "GreedySelection", "GreedyStep", "calibration_pair", "greedy_from_sources", "greedy_select", "log_odds_ratio",
            "log_odds_reference", "rank_log_odds"]
