@@ -86,7 +86,26 @@ def saved_layout(model: nn.Module) -> Layout:
     return {k: (v.dtype, tuple(v.shape)) for k, v in revert_names(model, state).items()}
 
 
-class SafetensorsWriter:
+class _Writer:
+    """``with`` a writer: ``close()`` (checked complete) on success, ``abort()`` on an exception."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):  # noqa: ANN204 - the subclass
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class SafetensorsWriter(_Writer):
     """One safetensors file of ``layout`` at ``path``, written tensor by tensor (see the module
     docstring). Use as a context manager; a file left incomplete raises CheckpointError on close."""
 
@@ -152,14 +171,6 @@ class SafetensorsWriter:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> SafetensorsWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 SHARD_BYTES = 50 * 10**9  # save_pretrained's default max_shard_size ("50GB") in transformers 5
@@ -190,7 +201,7 @@ def shard_layout(layout: Layout, max_shard_bytes: int = SHARD_BYTES) -> list[Lay
     return [*shards, current] if current or not shards else shards
 
 
-class ShardedWriter:
+class ShardedWriter(_Writer):
     """A checkpoint of ``layout`` in ``directory``, as ``save_pretrained`` lays it out: one
     ``model.safetensors``, or shards ``model-0000i-of-0000N.safetensors`` of at most
     ``max_shard_bytes`` with ``model.safetensors.index.json`` (``total_size``, ``weight_map``).
@@ -235,14 +246,6 @@ class ShardedWriter:
         for w in self.writers:
             w.abort()
 
-    def __enter__(self) -> ShardedWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def _nbytes(dt: torch.dtype, shape: tuple[int, ...]) -> int:

@@ -163,19 +163,25 @@ def _check_same_model(pos: Routed, neg: Routed) -> None:
                           f"{pos.num_experts}: both must come from the same model")
 
 
-def rank_risk_difference(pos: Routed, neg: Routed) -> Detection:
-    """Every (layer, expert) ranked by risk difference between ``pos`` and ``neg`` (highest first;
-    ties by z, then layer and expert)."""
+def rank_by(method: str, stat, score: str, pos: Routed, neg: Routed) -> Detection:
+    """Every (layer, expert) ranked by ``stat(a1, n1, a2, n2)[score]`` between ``pos`` and ``neg``
+    (highest first; ties by z, then layer and expert); ``stat`` also gives rate_pos, rate_neg, z,
+    ci_low and ci_high per expert (:func:`risk_difference`, ``select.log_odds_ratio``)."""
     _check_same_model(pos, neg)
     rows = []
     for layer, E in pos.num_experts.items():
-        s = risk_difference(pos.counts(layer), pos.num_tokens, neg.counts(layer), neg.num_tokens)
-        rows += [ExpertScore(layer, e, float(s["rate_pos"][e]), float(s["rate_neg"][e]), float(s["rd"][e]),
+        s = stat(pos.counts(layer), pos.num_tokens, neg.counts(layer), neg.num_tokens)
+        rows += [ExpertScore(layer, e, float(s["rate_pos"][e]), float(s["rate_neg"][e]), float(s[score][e]),
                              float(s["z"][e]), float(s["ci_low"][e]), float(s["ci_high"][e])) for e in range(E)]
     rows.sort(key=lambda r: (-r.score, -r.z, r.layer, r.expert))
-    return Detection("risk-diff", rows, dict(pos.num_experts), dict(pos.top_k),
+    return Detection(method, rows, dict(pos.num_experts), dict(pos.top_k),
                      {"positive": pos.num_tokens, "negative": neg.num_tokens},
                      {"positive": pos.source, "negative": neg.source})
+
+
+def rank_risk_difference(pos: Routed, neg: Routed) -> Detection:
+    """Every (layer, expert) ranked by risk difference between ``pos`` and ``neg`` (:func:`rank_by`)."""
+    return rank_by("risk-diff", risk_difference, "rd", pos, neg)
 
 
 def gather_pair(model: Any, positive: Any, negative: Any, *, positive_label: str | None = None,

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from moelab.analysis.expert_zeroing import next_token_loss
 from moelab.errors import MoelabError
-from moelab.steer.detect import Z95, Detection, ExpertScore, _check_same_model, capacity
+from moelab.steer.detect import Z95, Detection, capacity, rank_by
 from moelab.steer.edits import experts_off
 from moelab.steer.gather import Routed, _is_trace_dir
 
@@ -89,17 +89,8 @@ def log_odds_reference(ids_pos: list[list[int]], ids_neg: list[list[int]], exper
 
 def rank_log_odds(pos: Routed, neg: Routed) -> Detection:
     """Every (layer, expert) ranked by the log odds ratio between ``pos`` and ``neg`` (highest first;
-    ties by z, then layer and expert)."""
-    _check_same_model(pos, neg)
-    rows = []
-    for layer, E in pos.num_experts.items():
-        s = log_odds_ratio(pos.counts(layer), pos.num_tokens, neg.counts(layer), neg.num_tokens)
-        rows += [ExpertScore(layer, e, float(s["rate_pos"][e]), float(s["rate_neg"][e]), float(s["lor"][e]),
-                             float(s["z"][e]), float(s["ci_low"][e]), float(s["ci_high"][e])) for e in range(E)]
-    rows.sort(key=lambda r: (-r.score, -r.z, r.layer, r.expert))
-    return Detection("log-odds", rows, dict(pos.num_experts), dict(pos.top_k),
-                     {"positive": pos.num_tokens, "negative": neg.num_tokens},
-                     {"positive": pos.source, "negative": neg.source})
+    ties by z, then layer and expert; :func:`moelab.steer.detect.rank_by`)."""
+    return rank_by("log-odds", log_odds_ratio, "lor", pos, neg)
 
 
 @dataclass(frozen=True, kw_only=True)
