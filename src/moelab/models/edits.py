@@ -24,10 +24,9 @@ from (``experts_off``, SteerMoE's soft-off) may carry ``edit.preselect(block, lo
 (edited_TE, offset_E)`` (``offset_E``: -inf for the experts it bars, else 0; see
 :func:`moelab.models.rule.select_barred` for what it promises), ``edit.preselected(block, logits_TE,
 routing)`` (told the unedited
-logits and the routing chosen, e.g. to count) and ``edit.min_tokens``. Where the adapter knows how
-its router computes its logits (``experts_prehook_installer(router_logits=...)``) and such an edit
-is the block's first, the router's own selection is replaced, for a call of at least ``min_tokens``
-tokens, by the rule on the edited logits
+logits and the routing chosen, e.g. to count). Where the adapter knows how its router computes its
+logits (``experts_prehook_installer(router_logits=...)``) and such an edit is the block's first,
+the router's own selection is replaced by the rule on the edited logits
 (:func:`preselect_route`): one selection per call instead of the family's and then a second one.
 The routing equals the re-selection's (the same rule on the same logits); elsewhere ``edit`` itself
 runs as any edit.

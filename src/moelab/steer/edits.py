@@ -111,7 +111,7 @@ def install_edit(view: ModelView, what: str, per_layer: Mapping[int, Any],
     """Validate every layer's argument (``make`` raises), then register one counting edit per layer.
 
     A body with a ``preselect(block, logits_TE) -> (edited_TE, offset_E, barred_E)`` attribute is a
-    selection edit (see :mod:`moelab.models.edits`; ``min_tokens``, default 1, passed on): its output
+    selection edit (see :mod:`moelab.models.edits`): its output
     must be the family's rule on those logits with the ``barred_E`` experts barred (``offset_E``: -inf
     there, else 0; every -inf edited logit among them), the tokens it ``affected`` those whose
     unedited selection chose a barred expert (see :func:`barred_chosen`).
@@ -130,7 +130,6 @@ class _CountingEdit:
     def __init__(self, body: EditBody, counts: dict[str, int]) -> None:
         self.body, self.counts = body, counts
         self._barred_E: Tensor | None = None  # of the last preselect call, for its count
-        self.min_tokens = getattr(body, "min_tokens", 1)
         if getattr(body, "preselect", None) is None:
             self.preselect = self.preselected = None
 
@@ -285,9 +284,6 @@ def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int
 
         if selection_counts_exact(block):
             body.preselect = preselect
-            # NOTE: a one-token call (a decode step) keeps the family's selection where the 3-op check
-            # usually finds no switched-off expert chosen: cheaper than standing in for the router
-            body.min_tokens = 2 if unchanged_if_unchosen else 1
         return body
 
     return install_edit(view, "experts_off", experts, make)

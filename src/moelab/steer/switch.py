@@ -141,7 +141,6 @@ def switch_experts(model: ModelView | MoEBlockView | nn.Module,
 
         if not ons and selection_counts_exact(block):  # off only: a selection edit
             body.preselect = preselect
-            body.min_tokens = 2 if shortcut else 1  # as experts_off: a decode step keeps the shortcut
         return body
 
     return install_edit(view, "switch_experts", {layer: layer for layer in layers}, make)
