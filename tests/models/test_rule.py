@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moelab.models import open_model
-from moelab.models.rule import route_logits, select_slots
+from moelab.models.rule import route_logits, select_barred, select_slots
 from moelab.models.tiny import tiny_model
 
 TOL = 1e-12
@@ -61,3 +61,27 @@ def test_rule_shortcuts_equal_slow_rule(family, changes):
     finite = logits[6:]  # every slot real: the mask is None
     ids3, w3, mask3 = select_slots(block, finite)
     assert mask3 is None and torch.equal(w3, route_logits(block, finite)[1]) and k <= E
+
+
+@pytest.mark.parametrize("family,changes", [
+    ("DeepSeek-V3", {}),
+    ("DeepSeek-V3", {"routed_scaling_factor": 2.5}),
+    ("Qwen3-MoE", {}),
+    ("Qwen3-MoE", {"norm_topk_prob": False, "routed_scaling_factor": 0.5}),
+])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_select_barred_equals_select_slots_bit_for_bit(family, changes, dtype):
+    """The selection edits' rule: barring by an additive -inf key offset gives the general rule's
+    ids and weights exactly, with the barred experts' logits -inf (hard off) or finite (soft off)."""
+    block = replace(open_model(tiny_model(family)).blocks[0], n_group=None, topk_group=None, **changes)
+    g = torch.Generator().manual_seed(1)
+    E = block.num_experts
+    logits = torch.randn(32, E, generator=g, dtype=torch.float64).to(dtype)
+    barred = torch.zeros(E, dtype=torch.bool)
+    barred[[0, E - 2]] = True
+    offset = torch.zeros(E, dtype=dtype).masked_fill(barred, float("-inf"))
+    for edited in (logits + offset, logits):
+        ids, w = select_barred(block, edited, offset)
+        ids_ref, w_ref, mask_ref = select_slots(block, edited, None, barred)
+        assert mask_ref is None and torch.equal(ids, ids_ref) and torch.equal(w, w_ref)
+        assert not torch.isin(ids, torch.tensor([0, E - 2])).any()

@@ -21,11 +21,12 @@ torch hooks are installed with the first edit or hook and removed with the last.
 
 *Selection edits* skip the re-selection. An edit that only changes what the family's rule chooses
 from (``experts_off``, SteerMoE's soft-off) may carry ``edit.preselect(block, logits_TE) ->
-(edited_TE, barred_E | None)``, ``edit.preselected(block, logits_TE, routing)`` (told the unedited
-logits and the routing chosen, e.g. to count) and ``edit.min_tokens``. Where the adapter knows how
-its router computes its logits (``experts_prehook_installer(router_logits=...)``) and such an edit
-is the block's first, the router's own selection is replaced, for a call of at least ``min_tokens``
-tokens, by the rule on the edited logits
+(edited_TE, offset_E)`` (``offset_E``: -inf for the experts it bars, else 0; see
+:func:`moelab.models.rule.select_barred` for what it promises), ``edit.preselected(block, logits_TE,
+routing)`` (told the unedited
+logits and the routing chosen, e.g. to count). Where the adapter knows how its router computes its
+logits (``experts_prehook_installer(router_logits=...)``) and such an edit is the block's first,
+the router's own selection is replaced by the rule on the edited logits
 (:func:`preselect_route`): one selection per call instead of the family's and then a second one.
 The routing equals the re-selection's (the same rule on the same logits); elsewhere ``edit`` itself
 runs as any edit.
@@ -40,7 +41,7 @@ import torch
 from torch import Tensor
 
 from moelab.errors import MoelabError
-from moelab.models.rule import select_slots
+from moelab.models.rule import select_barred, select_slots
 from moelab.routing import Routing
 
 if TYPE_CHECKING:
@@ -176,12 +177,12 @@ def reselect(block: MoEBlockView, routing: Routing, forced_E: Tensor | None = No
 
 def preselect_route(block: MoEBlockView, edit: RoutingEdit, logits_TE: Tensor,
                     weights_dtype: torch.dtype) -> Routing:
-    """The routing a selection edit asks for: the block's rule (:func:`moelab.models.rule.select`)
-    on ``edit.preselect``'s logits, with its barred experts; weights in ``weights_dtype`` (the
+    """The routing a selection edit asks for: the block's rule on ``edit.preselect``'s logits with
+    its barred experts (:func:`moelab.models.rule.select_barred`); weights in ``weights_dtype`` (the
     family's), differentiable in the logits. Equal to ``edit``'s own re-selection."""
-    edited_TE, barred_E = edit.preselect(block, logits_TE)
-    ids_TK, w_TK, mask_TK = select_slots(block, edited_TE, None, barred_E)
-    return Routing(edited_TE, ids_TK, w_TK if w_TK.dtype == weights_dtype else w_TK.to(weights_dtype), mask_TK)
+    edited_TE, offset_E = edit.preselect(block, logits_TE)
+    ids_TK, w_TK = select_barred(block, edited_TE, offset_E)
+    return Routing(edited_TE, ids_TK, w_TK if w_TK.dtype == weights_dtype else w_TK.to(weights_dtype))
 
 
 def for_experts(routing: Routing, num_experts: int) -> tuple[Tensor, Tensor]:

@@ -110,6 +110,12 @@ def _route(
         mask_TK = None
     else:
         w_TK = torch.where(mask_TK, w_TK, 0.0)
+    return ids_TK, _normalised(block, w_TK), mask_TK
+
+
+def _normalised(block: MoEBlockView, w_TK: Tensor) -> Tensor:
+    """The chosen scores as combine weights: ``w / max(||w||_p, norm_min)`` when ``norm_topk_prob``,
+    times ``routed_scaling_factor``."""
     if block.norm_topk_prob:
         if block.norm_p == 1:
             norm = w_TK.sum(-1, keepdim=True)
@@ -118,7 +124,29 @@ def _route(
         w_TK = w_TK / norm.clamp(min=block.norm_min if block.norm_min > 0 else 1e-30)
     if block.routed_scaling_factor != 1:
         w_TK = w_TK * block.routed_scaling_factor
-    return ids_TK, w_TK, mask_TK
+    return w_TK
+
+
+def select_barred(block: MoEBlockView, logits_TE: Tensor, offset_E: Tensor) -> tuple[Tensor, Tensor]:
+    """``(ids_TK, weights_TK)``: :func:`select_slots` with ``barred_E = isneginf(offset_E)``, the
+    barring done by adding ``offset_E`` (0, or -inf where barred) to the selection key: one op where
+    the general rule tests every logit and masks the key. At least float32, differentiable.
+
+    For selection edits (:mod:`moelab.models.edits`), which guarantee what the general rule would
+    otherwise check: no group-limited routing or SparseMixer, -inf logits only where barred, and at
+    least ``top_k`` experts not barred (so every slot is real: no ``mask_TK``). Then the key and so
+    the ids and weights are the general rule's, bit for bit (``x + 0 == x``, ``x - inf == -inf``)."""
+    if logits_TE.dtype not in (torch.float32, torch.float64):
+        logits_TE = logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32))
+    if block.scoring == "softmax":
+        scores_TE = torch.softmax(logits_TE, dim=-1)
+    else:
+        scores_TE = torch.sigmoid(logits_TE)
+    key_TE = scores_TE
+    if block.correction_bias is not None:
+        key_TE = scores_TE + block.correction_bias.to(scores_TE.dtype)
+    ids_TK = (key_TE + offset_E).topk(block.top_k, dim=-1).indices
+    return ids_TK, _normalised(block, scores_TE.gather(-1, ids_TK))
 
 
 def _keys(block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None,
@@ -141,12 +169,6 @@ def _keys(block: MoEBlockView, logits_TE: Tensor, forced_E: Tensor | None = None
     if block.n_group is not None and block.n_group > 1:
         sel_TE = group_mask(sel_TE, block.n_group, block.topk_group, block.group_score)
     return scores_TE, sel_TE
-
-
-def selection_key(block: MoEBlockView, logits_TE: Tensor) -> Tensor:
-    """``sel_TE``: the key the block's rule chooses experts by (scores + correction bias, -inf where
-    a logit is -inf or outside the token's best groups). Not for SparseMixer."""
-    return _keys(block, logits_TE)[1]
 
 
 def selection_order(block: MoEBlockView, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
@@ -194,4 +216,4 @@ def select_slots(
     return _route(block, logits_TE, forced_E, barred_E)
 
 
-__all__ = ["group_mask", "route_logits", "select", "select_slots", "selection_key", "selection_order", "single_expert", "sparsemixer_select"]
+__all__ = ["group_mask", "route_logits", "select", "select_barred", "select_slots", "selection_order", "single_expert", "sparsemixer_select"]

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView, open_model
 from moelab.models.edits import Handle, reselect
-from moelab.models.rule import selection_key, selection_order, single_expert
+from moelab.models.rule import selection_order, single_expert
 from moelab.routing import Routing
 
 # an edit body: (block, hidden_TH, routing) -> (routing, extra counts of this call)
@@ -110,11 +110,11 @@ def install_edit(view: ModelView, what: str, per_layer: Mapping[int, Any],
              make: Callable[[MoEBlockView, Any], EditBody]) -> EditHandle:
     """Validate every layer's argument (``make`` raises), then register one counting edit per layer.
 
-    A body with a ``preselect(block, logits_TE) -> (edited_TE, barred_E)`` attribute is a selection
-    edit (see :mod:`moelab.models.edits`; ``min_tokens``, default 1, passed on): its output must be
-    the family's rule on those logits with ``barred_E`` barred, the tokens it ``affected`` those whose
-    unedited selection chose a barred expert (see :func:`barred_chosen`), and ``barred_E`` must
-    include every expert whose logit ``preselect`` makes -inf.
+    A body with a ``preselect(block, logits_TE) -> (edited_TE, offset_E, barred_E)`` attribute is a
+    selection edit (see :mod:`moelab.models.edits`): its output
+    must be the family's rule on those logits with the ``barred_E`` experts barred (``offset_E``: -inf
+    there, else 0; every -inf edited logit among them), the tokens it ``affected`` those whose
+    unedited selection chose a barred expert (see :func:`barred_chosen`).
     """
     bodies = {layer: make(_block(view, layer, what), value) for layer, value in per_layer.items()}
     handle = EditHandle(what, list(bodies))
@@ -130,7 +130,6 @@ class _CountingEdit:
     def __init__(self, body: EditBody, counts: dict[str, int]) -> None:
         self.body, self.counts = body, counts
         self._barred_E: Tensor | None = None  # of the last preselect call, for its count
-        self.min_tokens = getattr(body, "min_tokens", 1)
         if getattr(body, "preselect", None) is None:
             self.preselect = self.preselected = None
 
@@ -142,8 +141,8 @@ class _CountingEdit:
         return out
 
     def preselect(self, block: MoEBlockView, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
-        edited_TE, self._barred_E = self.body.preselect(block, logits_TE)
-        return edited_TE, self._barred_E
+        edited_TE, offset_E, self._barred_E = self.body.preselect(block, logits_TE)
+        return edited_TE, offset_E
 
     def preselected(self, block: MoEBlockView, logits_TE: Tensor, out: Routing) -> None:
         """Count a call whose router already chose ``out`` with this edit's selection."""
@@ -176,7 +175,8 @@ def barred_chosen(block: MoEBlockView, logits_TE: Tensor, out: Routing, barred_E
     A selection edit's ``affected`` count without the unedited selection (a second top-k)."""
     key_TE = logits_TE.detach()
     if block.correction_bias is not None:  # sigmoid scores (selection_counts_exact)
-        key_TE = selection_key(block, key_TE)
+        key_TE = key_TE.to(torch.promote_types(key_TE.dtype, torch.float32))
+        key_TE = torch.sigmoid(key_TE) + block.correction_bias.to(key_TE.dtype)
     chosen_TK = key_TE.gather(-1, out.ids_TK)
     if out.mask_TK is not None:
         chosen_TK = chosen_TK.masked_fill(~out.mask_TK, math.inf)
@@ -217,8 +217,9 @@ def expert_flags(block: MoEBlockView, experts: list[int], like: Tensor) -> Tenso
     return flags
 
 
-def _off_consts(block: MoEBlockView, off: list[int], like: Tensor, consts: dict) -> tuple[Tensor, Tensor]:
-    """experts_off's tensors for logits like ``like``, made once per device and dtype."""
+def off_constants(block: MoEBlockView, off: list[int], like: Tensor, consts: dict) -> tuple[Tensor, Tensor]:
+    """``(off_E bool, offset_E: -inf where off, else 0)`` for logits like ``like``, stored in
+    ``consts`` under their device and dtype (an edit makes them once)."""
     off_E = expert_flags(block, off, like)
     offset_E = torch.zeros(block.num_experts, dtype=like.dtype, device=like.device).masked_fill(off_E, -math.inf)
     consts[(like.device, like.dtype)] = off_E, offset_E
@@ -265,7 +266,7 @@ def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int
 
         def body(block, hidden_TH, routing):
             logits = routing.logits_TE
-            off_E, offset_E = consts.get((logits.device, logits.dtype)) or _off_consts(block, off, logits, consts)
+            off_E, offset_E = consts.get((logits.device, logits.dtype)) or off_constants(block, off, logits, consts)
             extra = {}
             if unchanged_if_unchosen:
                 # NOTE: the fast path of a decode step: where the family's weights ignore unchosen
@@ -278,14 +279,11 @@ def experts_off(model: ModelView | nn.Module, experts: Mapping[int, Iterable[int
             return reselect(block, routing.replace(logits_TE=logits + offset_E)), extra
 
         def preselect(block, logits):  # the rule on logits + offset_E: the same routing as body's
-            off_E, offset_E = consts.get((logits.device, logits.dtype)) or _off_consts(block, off, logits, consts)
-            return logits + offset_E, off_E
+            off_E, offset_E = consts.get((logits.device, logits.dtype)) or off_constants(block, off, logits, consts)
+            return logits + offset_E, offset_E, off_E
 
         if selection_counts_exact(block):
             body.preselect = preselect
-            # NOTE: a one-token call (a decode step) keeps the family's selection where the 3-op check
-            # usually finds no switched-off expert chosen: cheaper than standing in for the router
-            body.min_tokens = 2 if unchanged_if_unchosen else 1
         return body
 
     return install_edit(view, "experts_off", experts, make)
@@ -461,6 +459,7 @@ def route_to_rank(model: ModelView | nn.Module, ranks: Mapping[int, int]) -> Edi
 
 
 __all__ = ["EditBody", "EditHandle", "check_expert_ids", "chosen_experts", "drop_slots", "edit_view",
-           "expert_flags", "experts_off", "experts_on", "install_edit", "logit_offsets", "route_to_rank",
+           "expert_flags", "experts_off", "experts_on", "install_edit", "logit_offsets", "off_constants",
+           "route_to_rank",
            "barred_chosen", "scale_weights", "selection_counts_exact", "skip_below", "tokens_choosing",
            "weak_slots", "weights_ignore_unchosen"]

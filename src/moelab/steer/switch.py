@@ -53,6 +53,7 @@ from moelab.steer.edits import (
     edit_view,
     expert_flags,
     install_edit,
+    off_constants,
     selection_counts_exact,
     tokens_choosing,
     weights_ignore_unchosen,
@@ -132,15 +133,14 @@ def switch_experts(model: ModelView | MoEBlockView | nn.Module,
             edited = switched_logits(logits, on_E, off_E, strength)
             return reselect(block, routing.replace(logits_TE=edited), forced_E=on_E, barred_E=off_E), extra
 
-        def preselect(block: MoEBlockView, logits: Tensor) -> tuple[Tensor, Tensor]:
-            if logits.device not in flags:
-                flags[logits.device] = (None, expert_flags(block, offs, logits))
-            off_E = flags[logits.device][1]
-            return switched_logits(logits, None, off_E, strength), off_E
+        bars: dict = {}  # per (device, dtype) of the logits: (off_E, offset_E), made once
+
+        def preselect(block: MoEBlockView, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            off_E, offset_E = bars.get((logits.device, logits.dtype)) or off_constants(block, offs, logits, bars)
+            return switched_logits(logits, None, off_E, strength), offset_E, off_E
 
         if not ons and selection_counts_exact(block):  # off only: a selection edit
             body.preselect = preselect
-            body.min_tokens = 2 if shortcut else 1  # as experts_off: a decode step keeps the shortcut
         return body
 
     return install_edit(view, "switch_experts", {layer: layer for layer in layers}, make)

@@ -255,8 +255,7 @@ def _stand_in(block: MoEBlockView, selection_edit: Callable, router_logits: Rout
 
     def forward(hidden_states, *args, **kwargs):
         seen["pre"], first = None, selection_edit()  # never one left from a call the experts missed
-        if first is None or args or kwargs or \
-                hidden_states.numel() < first[1].min_tokens * hidden_states.shape[-1]:
+        if first is None or args or kwargs:
             return own(hidden_states, *args, **kwargs)
         logits_TE = router_logits(router, hidden_states)
         routing = preselect_route(first[0], first[1], logits_TE,
