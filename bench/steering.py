@@ -4,6 +4,7 @@ test perplexity, and time a steering edit on a plain forward.
     python bench/steering.py                  # the default (fine-grained DeepSeek-V3) model
     python bench/steering.py --model coarse   # the coarse Qwen3-MoE model
     python bench/steering.py --part overhead  # only the overhead part (step 5), on the saved selections
+    python bench/steering.py --part selection # only the code-aware selection section (step 6)
 
 Steps:
 1. the routing of ``--detect-tokens`` train-split tokens each of drama and code (one pass per side);
@@ -26,6 +27,10 @@ Steps:
    (``--new-tokens`` tokens, ``--gen-repeat`` rounds) with no edit, the identity edit (the seam
    alone) and each steering edit, with the torch ops dispatched and the CPU time spent routing.
    ``--part overhead`` reruns only this step, on the selections the last full run saved in ``--out``.
+6. the code-aware selection (``bench/_steering_select.py``): switching off ``--sizes`` experts by the
+   risk difference, the log odds ratio and per-layer budgets, and the greedy selection under a code
+   perplexity ``--budget`` on ``--calib-tokens`` of the train split; forcing on in the last MoE
+   layers only. ``--part selection`` runs steps 1-2 and this one and replaces its section.
 
 Writes ``bench/results/steering.json`` and ``docs/results/steering.md``.
 """
@@ -43,6 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import _steering_overhead as overhead  # bench/_steering_overhead.py: the script's folder is on sys.path
+import _steering_select  # bench/_steering_select.py
 import torch
 from _steering_overhead import Edits
 from rich.console import Console
@@ -195,6 +201,9 @@ def _markdown(result: dict) -> str:
                   "the stronger the push, the more drama-like and the less fluent. RICE's selection does worse than "
                   "the risk difference here. The classifier judges 64-token windows at 94 % but short broken text is "
                   "easy to misjudge, so read the rates with the fluency column."]
+    if sel := result.get("selection"):  # a --part selection run keeps its own command, date and machine
+        lines += ["", *_steering_select.section(sel, sel.get("command", result["command"]),
+                                                 sel.get("date", result["date"]), sel.get("machine", result["machine"]))]
     lines += ["", "Top of the risk-difference ranking:", "",
               "| layer | expert | rate drama | rate code | risk diff | z |", "|---:|---:|---:|---:|---:|---:|"]
     for r in result["ranking"][:10]:
@@ -204,11 +213,11 @@ def _markdown(result: dict) -> str:
 
 
 def _run_meta(args, keys: tuple[str, ...] | None = None) -> dict:
-    """``command`` (the arguments ``keys``, default all but the outputs), ``date`` and ``machine``."""
+    """``command`` (the arguments ``keys`` with ``--part``, default all but the outputs), ``date`` and ``machine``."""
     argv = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                     for k, v in vars(args).items()
                     if v is not None and k not in ("out", "md", "part") and (keys is None or k in keys))
-    part = " --part overhead" if keys is not None else ""
+    part = f" --part {args.part}" if keys is not None else ""
     return {"command": f"python bench/steering.py{part} {argv}",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -229,6 +238,8 @@ def _print_overhead(console: Console, rows: list[dict], gen_rows: list[dict], ar
 
 
 _OVERHEAD_ARGS = ("model", "top", "new_tokens", "batch", "repeat", "gen_repeat")
+_SELECTION_ARGS = ("model", "detect_tokens", "eval_tokens", "markers", "prompts", "new_tokens", "sizes", "budget",
+                   "calib_tokens")
 
 
 def _overhead_only(args, console: Console) -> None:
@@ -275,8 +286,14 @@ def main() -> None:
     ap.add_argument("--gen-repeat", type=int, default=41, help="timed generations per edit (median reported)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/steering.json"), help="JSON output")
     ap.add_argument("--md", type=Path, default=Path("docs/results/steering.md"), help="markdown output")
-    ap.add_argument("--part", choices=("all", "overhead"), default="all",
-                    help="overhead: rerun only the overhead part, on the selections saved in --out")
+    ap.add_argument("--part", choices=("all", "overhead", "selection"), default="all",
+                    help="overhead: rerun only the overhead part, on the selections saved in --out; "
+                         "selection: only the code-aware selection section (bench/_steering_select.py), "
+                         "replacing its part of --md and its key of --out")
+    ap.add_argument("--sizes", type=int, nargs="+", default=_steering_select.SIZES,
+                    help="selection: experts switched off (each value a row per selection)")
+    ap.add_argument("--budget", type=float, default=1.03, help="selection: the greedy's code perplexity budget")
+    ap.add_argument("--calib-tokens", type=int, default=4096, help="selection: calibration tokens per side")
     args = ap.parse_args()
     console = Console()
     if args.part == "overhead":
@@ -297,6 +314,19 @@ def main() -> None:
 
     streams = encode_split(corpus, "test", max_tokens=args.eval_tokens)
     base = _perplexity(view, streams)
+    selection = _steering_select.run(view, corpus, pos, neg, det, streams, base, _perplexity, args, console)
+    code_test = encode_split(corpus, "test", max_tokens=args.prompts * 64)["code"]
+    prompts = [code_test[i * 64:i * 64 + 32].tolist() for i in range(args.prompts)]
+    code_off = rank_risk_difference(neg, pos).select(10, "off", per_layer=True)  # code-linked experts
+    tokenizer = load_tokenizer(default_model(args.model))
+    selection["generation"] = _generation_rates(view, nb, tokenizer, prompts, {
+        "no edit": (None, None), **_steering_select.last_layer_conditions(view, det, code_off, _push)}, args.new_tokens)
+    for r in selection["generation"]:
+        r["selected"] = {str(k): v for k, v in r["selected"].items()} if r["selected"] else None
+    if args.part == "selection":
+        _steering_select.write_part(args, selection, _run_meta(args, _SELECTION_ARGS)["command"],
+                                    Path(view.config._name_or_path).name)
+        return
     rows = [{"selection": "none", "experts": 0, "edit": "none", "perplexity": base}]
     layers = len(view.blocks)
     for n in args.top:
@@ -316,15 +346,11 @@ def main() -> None:
     for r in rows:
         r["ratio"] = {d: r["perplexity"][d] / base[d] for d in base}
 
-    code_test = encode_split(corpus, "test", max_tokens=args.prompts * 64)["code"]
-    prompts = [code_test[i * 64:i * 64 + 32].tolist() for i in range(args.prompts)]
     on_rd = det.select(args.on, "on")
     on_rice = rice.select(math.ceil(args.on / layers), "on", per_layer=True)
     top_k = view.blocks[0].top_k
     all_rd, few_rd = det.select(top_k, "on", per_layer=True), det.select(5, "on", per_layer=True)
     all_rice = rice.select(top_k, "on", per_layer=True)
-    code_off = rank_risk_difference(neg, pos).select(10, "off", per_layer=True)  # code-linked experts
-    tokenizer = load_tokenizer(default_model(args.model))
     generation = _generation_rates(view, nb, tokenizer, prompts, {
         "no edit": (None, None),
         "risk diff, on": (on_rd, lambda: experts_on(view, on_rd)),
@@ -355,7 +381,7 @@ def main() -> None:
         "classifier": classifier, "markers": markers,
         "tokens": {"detect_per_side": {"drama": pos.num_tokens, "code": neg.num_tokens},
                    "eval_per_domain": {d: int(s.numel()) for d, s in streams.items()}},
-        "perplexity": rows, "generation": generation, "overhead": overhead_rows, "generation_overhead": gen_overhead, "experts_per_layer": [b.num_experts for b in view.blocks],
+        "perplexity": rows, "generation": generation, "selection": selection, "overhead": overhead_rows, "generation_overhead": gen_overhead, "experts_per_layer": [b.num_experts for b in view.blocks],
         "ranking": [r.to_dict() for r in det.rows[:40]], "rice_ranking": [r.to_dict() for r in rice.rows[:40]],
         "wall_s": wall, "cpu_s": cpu,
     }
