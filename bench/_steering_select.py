@@ -127,6 +127,7 @@ def markdown(sel: dict, generation: list[dict], command: str, date: str, machine
               f"Chosen on calibration text alone, the greedy at budget x{sel['budget']:g} stops at "
               f"{greedy['experts']} experts ({sel['greedy_stopped']}): test drama x{greedy['ratio']['drama']:.2f}, "
               f"code x{greedy['ratio']['code']:.3f}."]
+    lines += ["", *_reading(sel, greedy)]
     if generation:
         lines += ["", "Forcing on in the last MoE layers only (greedy continuations as above; same columns):", "",
                   "| condition | experts forced on | judged drama | no blank | judged code | judged prose | ppl alone |",
@@ -135,7 +136,43 @@ def markdown(sel: dict, generation: list[dict], command: str, date: str, machine
             n = sum(len(v) for v in r["selected"].values()) if r["selected"] else 0
             lines.append(f"| {r['condition']} | {n} | {r['rates']['drama']:.0%} | {r['drama_no_blank']:.0%} | "
                          f"{r['rates']['code']:.0%} | {r['rates']['prose']:.0%} | {r['ppl_alone']:.1f} |")
+        steered = generation[1:]
+        if steered:
+            top = max(steered, key=lambda r: (r["drama_no_blank"], -r["ppl_alone"]))
+            fluent = [r for r in steered if r["ppl_alone"] <= 4 * generation[0]["ppl_alone"]]
+            lines += ["", "Reading: pushing only the last layers keeps the text less broken at a small factor "
+                      + (f"({fluent[0]['condition']}: ppl alone {fluent[0]['ppl_alone']:.1f}, "
+                         f"{fluent[0]['drama_no_blank']:.0%} judged drama without blank tokens) " if fluent else "")
+                      + f"but judges at most {top['drama_no_blank']:.0%} drama without blank tokens ({top['condition']}, "
+                      f"ppl alone {top['ppl_alone']:.0f}): no setting here turns code prompts into fluent drama."]
     return lines + ["", END]
+
+
+def _reading(sel: dict, greedy: dict) -> list[str]:
+    """How to read the table, with its numbers."""
+    rows = sel["rows"]
+    by = {(r["selection"], r["experts"]): r for r in rows}
+    same = sum(1 for (name, n), r in by.items() if name == "log odds" and by.get(("risk diff", n), {}).get("selected")
+               == r["selected"])
+    sizes = sorted(n for name, n in by if name == "log odds")
+    per = [r for r in rows if r["selection"].endswith("/layer")]
+    flat = {r["experts"]: r for r in rows if r["selection"] == "risk diff"}
+    twin = [(p, flat[p["experts"]]) for p in per if p["experts"] in flat]
+    out = [f"Reading: the log odds ratio picks the same experts as the risk difference at {same} of "
+           f"{len(sizes)} sizes: the dozen most drama-linked experts fire on few code tokens under either score, "
+           "and past them every drama-linked expert also carries a sizeable share of code tokens, so what "
+           "costs code is how many experts go, not which. The old rows (20, 30, 34) stepped over the sizes "
+           "where the trade-off is best; the budget picks the size from calibration text instead."]
+    if twin:
+        p, f = twin[0]
+        out[-1] += (f" A per-layer budget does worse than one overall ranking at the same size ({p['selection']}: "
+                    f"code x{p['ratio']['code']:.3f} against x{f['ratio']['code']:.3f} for the top {f['experts']}).")
+    out[-1] += (f" The greedy's calibration ratios carry over to the test split only roughly (drama calib "
+                f"x{greedy['calib_ratio']['drama']:.2f} -> test x{greedy['ratio']['drama']:.2f}, code calib "
+                f"x{greedy['calib_ratio']['code']:.3f} -> test x{greedy['ratio']['code']:.3f}); with a few hundred "
+                "calibration tokens it overfits (a 256-token trial run passed its budget on calibration and "
+                "missed it on test by several per cent), so give it thousands.")
+    return out
 
 
 def section(selection: dict, command: str, date: str, machine: dict) -> list[str]:
