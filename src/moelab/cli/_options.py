@@ -112,3 +112,19 @@ def expert_budget_options(f):
                         help="Offload the experts: read them from the checkpoint by offset into a cache of "
                              "at most SIZE bytes (e.g. 2GiB, 25%), so a model whose experts exceed memory "
                              "runs; non-expert weights stay resident.")(f)
+
+
+def predictor_option(f):
+    """``--predictor FILE``: a predictor file for ``--policy predictive``."""
+    return click.option("--predictor", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="With --policy predictive: a predictor file from `moelab offload train-predictor`.")(f)
+
+
+def check_predictor_option(path: Path | None, policy: str, *, required: bool) -> None:
+    """An error naming the option when ``--predictor`` is given without ``--policy predictive`` or,
+    if ``required``, ``--policy predictive`` comes without it."""
+    if path is None and required and policy == "predictive":
+        raise MoelabError("--policy predictive needs --predictor FILE (write one with "
+                          "`moelab offload train-predictor [MODEL] --out FILE`)")
+    if path is not None and policy != "predictive":
+        raise MoelabError(f"--predictor is used by --policy predictive only (got --policy {policy})")

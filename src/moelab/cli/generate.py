@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from moelab.cli._options import check_predictor_option, predictor_option
 from moelab.cli.steer import steer_option
 from moelab.errors import MoelabError
 
@@ -78,11 +79,12 @@ def install_switches(view, off: dict[int, list[int]] | None, on: dict[int, list[
 @click.option("--expert-budget", default=None,
               help="Offload the experts: keep at most this many expert bytes resident (e.g. 64MiB, 25%%).")
 @click.option("--policy", default="lru", show_default=True, help="Expert cache policy with --expert-budget.")
+@predictor_option
 @click.option("--stats", is_flag=True, help="Print tokens, tokens/s and the stop reason to stderr at the end.")
 def generate_command(model: Path | None, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
                      seed: int | None, off: dict | None, on: dict | None, steer: Path | None, decode: str,
                      alpha: float, beta: float, rank: int | None, rewire_every: int, expert_budget: str | None,
-                     policy: str, stats: bool) -> None:
+                     policy: str, predictor: Path | None, stats: bool) -> None:
     """Continue PROMPT with MODEL (a checkpoint directory; default: the embedded model), printing
     tokens as they are generated."""
     from moelab.cli._options import embedded_default
@@ -97,9 +99,13 @@ def generate_command(model: Path | None, prompt: str, max_new_tokens: int, tempe
     if expert_budget is not None:
         from moelab.offload import offload_model
 
-        _, offloaded = offload_model(model, budget=expert_budget, policy=policy)
+        check_predictor_option(predictor, policy, required=True)
+        _, offloaded = offload_model(model, budget=expert_budget, policy=policy, predictor=predictor)
         view = offloaded.view
     else:
+        if predictor is not None or policy != "lru":
+            raise MoelabError("--policy and --predictor choose the expert cache of --expert-budget; give "
+                              "--expert-budget SIZE too")
         view = open_model(model)
     handles = install_switches(view, off, on)
     if steer is not None:

@@ -18,6 +18,7 @@ backend bit for bit (same dtype, same kernels: on slot buffers one ``mm`` per ex
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,8 @@ def offload_model(path: str | Path, budget: int | float | str = 0.25, policy: st
     ``dtype``: default the config's (as ``from_pretrained``);
     ``device``: where the model runs (default CPU); ``prefetch``: read the next MoE layer's
     likely experts on a background thread (:mod:`moelab.offload.prefetch`); ``predictor``: a trained
-    :class:`~moelab.offload.predictor.ExpertPredictor` (ExpertFlow), which then predicts the
+    :class:`~moelab.offload.predictor.ExpertPredictor` (ExpertFlow) or the path of its file
+    (:mod:`moelab.offload.predictor_file`, checked against this checkpoint), which then predicts the
     prefetched experts and, with ``policy="predictive"`` (which needs it), hints the cache;
     ``fiddler``: a :class:`~moelab.offload.fiddler.LatencyModel`: each missed expert is moved into
     the cache or run on the CPU copy of the experts, as it decides (:mod:`moelab.offload.fiddler`;
@@ -137,6 +139,10 @@ def offload_model(path: str | Path, budget: int | float | str = 0.25, policy: st
     try:
         _load_resident(model, store, device)
         view = view_model(model)  # again: the first view saw meta router weights
+        if isinstance(predictor, (str, os.PathLike)):
+            from moelab.offload.predictor_file import load_predictor
+
+            predictor = load_predictor(predictor, view)
         cache = ExpertCache(store, budget, policy, min_bytes=min_budget_bytes(store, view),
                             device=device)
         from moelab.offload.prefetch import Prefetcher, install_hints

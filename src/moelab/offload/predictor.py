@@ -202,6 +202,7 @@ class ExpertPredictor(nn.Module):
         self.pairs = tuple(heads)  # (src, dst, dt)
         self.top_k = dict(top_k)
         self.config = config
+        self.fingerprint: dict | None = None  # of the model trained on, when known (predictor files)
 
     def targets(self, src: int) -> list[Target]:
         return [(d, dt) for s, d, dt in self.pairs if s == src]
@@ -227,6 +228,11 @@ def _targets(routes: Routes, i: int, cfg: PredictorConfig) -> list[Target]:
     a = cfg.tokens_ahead
     return later + [(d, dt) for dt in range(1, a + 1)
                     for j, d in enumerate(routes.layers) if dt < a or j <= i]
+
+
+def head_count(routes: Routes, config: PredictorConfig) -> int:
+    """The heads :func:`train_predictor` trains on ``routes`` with ``config``."""
+    return sum(len(_targets(routes, i, config)) for i in range(len(routes.layers)))
 
 
 def train_predictor(routes: Routes, config: PredictorConfig | None = None,

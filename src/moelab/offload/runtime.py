@@ -117,26 +117,41 @@ def decode_bench(path: str | Path, config: DecodeBenchConfig | None = None, *, c
     return out
 
 
+def best_predictor_config(num_layers: int) -> Any:
+    """The predictor that gave the best online hit rate in ``bench/offload.py --part predictor``
+    (docs/results/offload.md): MLP heads to every later layer and the next 4 tokens, scored hints."""
+    from moelab.offload.predictor import PredictorConfig
+
+    return PredictorConfig(horizon=num_layers, next_token=True, tokens_ahead=4, hint="scores",
+                           score_discount=0.7, hidden=256, weight_decay=1e-4)
+
+
 def fit_predictor(path: Path, corpus: Path, tokens: int, config: Any = None,
-                  budget: int | float | str = 1.0):
-    """An :class:`~moelab.offload.predictor.ExpertPredictor` (all later layers and the next token)
-    trained on ``tokens`` tokens of ``corpus``'s train split, routed through the checkpoint opened
-    offloaded within ``budget`` (so a model bigger than memory can be calibrated too)."""
+                  budget: int | float | str = 1.0, progress: bool = False):
+    """An :class:`~moelab.offload.predictor.ExpertPredictor` trained on ``tokens`` tokens of
+    ``corpus``'s train split, routed through the checkpoint opened offloaded within ``budget`` (so
+    a model bigger than memory can be calibrated too); ``config`` defaults to
+    :func:`best_predictor_config`."""
     from moelab.compress.calib import calibration_batches
     from moelab.offload import offload_model
-    from moelab.offload.predictor import PredictorConfig, collect_routes, train_predictor
+    from moelab.offload.predictor import collect_routes, head_count, train_predictor
+    from moelab.trace.fingerprint import model_fingerprint
+    from moelab.trace.progress import token_progress
 
     _, experts = offload_model(path, budget=budget)
     try:
+        fingerprint = model_fingerprint(experts.view)
         seq_len = min(256, int(getattr(experts.view.config, "max_position_embeddings", 256) or 256))
         routes = collect_routes(experts.view, calibration_batches(experts.view, corpus, tokens=tokens,
                                                                   seq_len=seq_len))
     finally:
         experts.close()
-    # every later layer and the next token; hints name 2x each target's top-k (bench/offload.py)
-    cfg = config or PredictorConfig(horizon=len(routes.layers), next_token=True,
-                                    hint_extra=max(routes.top_k.values()))
-    return train_predictor(routes, cfg)
+    cfg = config or best_predictor_config(len(routes.layers))
+    with token_progress(head_count(routes, cfg), enabled=progress, label="training", unit="heads") as advance:
+        predictor = train_predictor(routes, cfg, progress=advance)
+    predictor.fingerprint = fingerprint  # what save_predictor records
+    return predictor
 
 
-__all__ = ["DecodeBenchConfig", "decode_bench", "decode_stream", "fit_predictor", "split_texts", "stream_ids"]
+__all__ = ["DecodeBenchConfig", "best_predictor_config", "decode_bench", "decode_stream", "fit_predictor", "split_texts",
+           "stream_ids"]
