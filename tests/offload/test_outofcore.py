@@ -256,6 +256,27 @@ def test_apply_plan_cli_and_its_bad_input(tok_dirs, tmp_path):
     (tmp_path / "wide.json").write_text(other.to_json())
     res = run(main, ["apply-plan", str(tmp_path / "wide.json"), str(path), "--out", str(tmp_path / "w")])
     assert res.exit_code == 2 and "outside [0, " in res.output and not (tmp_path / "w").exists()
+    res = run(main, ["apply-plan", str(tmp_path / "plan.json"), str(path), "--out", str(tmp_path / "s"),
+                     "--max-shard-size", "8kB", "--expert-budget", "25%", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "s").state_dict()
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "o").state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in sharded.items()) and len(ref) == len(sharded)
+    res = run(main, ["prune", str(path), "--method", "frequency", "--ratio", "0.5", "--out", str(tmp_path / "x"),
+                     "--max-shard-size", "5 gigs"])
+    assert res.exit_code == 2 and "--max-shard-size: cannot read '5 gigs'" in res.output
+
+
+def test_parse_size_reads_hub_units():
+    from moelab.models.writer import parse_size
+
+    assert parse_size("50GB", "x") == 50 * 10**9 and parse_size("1.5GiB", "x") == 3 * 2**29
+    assert parse_size("8kB", "x") == 8000 and parse_size(123, "x") == 123 and parse_size(" 2 mib ", "x") == 2**21
+    for bad in ("", "10%", "-1GB", "1 parsec", 0, True, 1.5):
+        with pytest.raises(MoelabError, match="max_shard_size: "):
+            parse_size(bad, "max_shard_size")
 
 
 def test_streamed_checkpoint_in_shards_loads_as_the_in_memory_one(tiny_dirs, tmp_path):

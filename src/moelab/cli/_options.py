@@ -128,3 +128,17 @@ def check_predictor_option(path: Path | None, policy: str, *, required: bool) ->
                           "`moelab offload train-predictor [MODEL] --out FILE`)")
     if path is not None and policy != "predictive":
         raise MoelabError(f"--predictor is used by --policy predictive only (got --policy {policy})")
+
+
+def max_shard_size_option(f):
+    """``--max-shard-size SIZE``: the largest safetensors file of a written checkpoint."""
+    return click.option("--max-shard-size", default="50GB", show_default=True, metavar="SIZE",
+                        help="Largest safetensors file written (e.g. 5GB, 500MiB); a bigger checkpoint is "
+                             "sharded with model.safetensors.index.json, as save_pretrained does.")(f)
+
+
+def shard_bytes(text: str) -> int:
+    """``--max-shard-size`` in bytes; an error names the option."""
+    from moelab.models.writer import parse_size
+
+    return parse_size(text, "--max-shard-size")

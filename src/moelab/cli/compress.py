@@ -12,8 +12,10 @@ from moelab.cli._options import (
     LazyHelp,
     embedded_default,
     expert_budget_options,
+    max_shard_size_option,
     no_progress_option,
     planner_list,
+    shard_bytes,
 )
 from moelab.cli.steer import steer_option
 
@@ -42,6 +44,7 @@ def _compress_options(command: str):
         click.option("--out", required=True, type=click.Path(path_type=Path),
                      help="Folder for the compressed checkpoint (written atomically)."),
         click.option("--overwrite", is_flag=True, help="Replace an existing --out folder."),
+        max_shard_size_option,
         expert_budget_options,
         no_progress_option,
     ]
@@ -56,7 +59,7 @@ def _compress_options(command: str):
 
 def _run(kind: str, model: Path | None, method: str, ratio: float, budget: str, calib: Path | None,
          calib_tokens: int, calib_label: str | None, seq_len: int, seed: int, out: Path, overwrite: bool,
-         expert_budget: str | None, policy: str, no_progress: bool) -> None:
+         max_shard_size: str, expert_budget: str | None, policy: str, no_progress: bool) -> None:
     from moelab.compress.pipeline import compress
     from moelab.compress.spec import CompressSpec
 
@@ -64,7 +67,8 @@ def _run(kind: str, model: Path | None, method: str, ratio: float, budget: str, 
     model = model or embedded_default("default_model", "MODEL")
     res = compress(model, method, spec, kind=kind, out=out, overwrite=overwrite, calib_corpus=calib,
                    calib_tokens=calib_tokens, calib_label=calib_label, seq_len=seq_len,
-                   progress=not no_progress, expert_budget=expert_budget, policy=policy)
+                   progress=not no_progress, expert_budget=expert_budget, policy=policy,
+                   max_shard_size=shard_bytes(max_shard_size))
     for note in res.warnings:
         click.echo(f"warning: {note}", err=True)
     info = res.plan.meta.get("apply", {})
@@ -97,17 +101,18 @@ def merge_command(**kwargs) -> None:
 @click.argument("model", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder of the stock checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@max_shard_size_option
 @expert_budget_options
 @no_progress_option
-def apply_plan_command(plan: Path, model: Path | None, out: Path, overwrite: bool, expert_budget: str | None,
-                       policy: str, no_progress: bool) -> None:
+def apply_plan_command(plan: Path, model: Path | None, out: Path, overwrite: bool, max_shard_size: str,
+                       expert_budget: str | None, policy: str, no_progress: bool) -> None:
     """Apply the saved PLAN (the plan.json beside a compressed checkpoint) to MODEL (default: the
     embedded model) and write a stock checkpoint to --out, without calibrating."""
     from moelab.compress.pipeline import apply_saved_plan
 
     model = model or embedded_default("default_model", "MODEL")
     res = apply_saved_plan(model, plan, out, overwrite=overwrite, expert_budget=expert_budget, policy=policy,
-                           progress=not no_progress)
+                           progress=not no_progress, max_shard_size=shard_bytes(max_shard_size))
     for note in res.warnings:
         click.echo(f"warning: {note}", err=True)
     info = res.plan.meta.get("apply", {})

@@ -30,6 +30,7 @@ from moelab.compress.spec import CompressSpec
 from moelab.compress.stream import store_expert, write_plan
 from moelab.errors import MoelabError
 from moelab.models import ModelView
+from moelab.models.writer import SHARD_BYTES, parse_size
 from moelab.offload.outofcore import analysis_view
 
 
@@ -99,7 +100,7 @@ def compress(model: str | os.PathLike | nn.Module, method: str, spec: CompressSp
              calib_corpus: str | os.PathLike | None = None, calib_tokens: int = 16384,
              calib_label: str | None = None, seq_len: int = 256, progress: bool = False,
              expert_budget: int | float | str | None = None, policy: str = "lru",
-             **options: Any) -> CompressResult:
+             max_shard_size: int | str = SHARD_BYTES, **options: Any) -> CompressResult:
     """Open ``model``, calibrate (if the method needs it), plan, apply, and save to ``out`` (if given).
 
     ``calib_corpus`` defaults to the embedded corpus. ``out`` is checked before any work is done.
@@ -107,12 +108,15 @@ def compress(model: str | os.PathLike | nn.Module, method: str, spec: CompressSp
 
     With ``out``, the checkpoint is written layer by layer (:func:`moelab.compress.stream.write_plan`),
     so the model is held once; ``result.model`` is then loaded from ``out`` when first asked for.
+    ``max_shard_size`` (bytes or e.g. ``"5GB"``, save_pretrained's 50 GB by default): the largest
+    safetensors file written; a bigger checkpoint is sharded with its index, as save_pretrained does.
     ``expert_budget`` (with a checkpoint directory and ``out``): open it with its experts offloaded
     into a cache of that many bytes under ``policy`` (:mod:`moelab.offload.outofcore`), for the
     planners that read no expert weights directly (:data:`moelab.compress.registry.OUT_OF_CORE`).
     """
     t0 = time.perf_counter()
     check_method(method, kind)  # before loading anything: a misspelt method fails at once
+    shard = parse_size(max_shard_size, "max_shard_size")
     if out is not None and Path(out).exists() and not overwrite:
         raise MoelabError(f"out: {out} already exists; choose another folder or pass --overwrite")
     if expert_budget is not None:
@@ -120,7 +124,7 @@ def compress(model: str | os.PathLike | nn.Module, method: str, spec: CompressSp
     with analysis_view(model, expert_budget, policy) as (view, experts):
         calib = _calibration(view, model, method, spec, calib_corpus, calib_tokens, calib_label, seq_len)
         plan = make_plan(view, method, spec, kind=kind, calib=calib, progress=progress, **options)
-        return _apply(view, experts, model, plan, out, overwrite, progress, t0)
+        return _apply(view, experts, model, plan, out, overwrite, progress, t0, shard)
 
 
 def read_plan(path: str | os.PathLike) -> Plan:
@@ -138,21 +142,23 @@ def read_plan(path: str | os.PathLike) -> Plan:
 def apply_saved_plan(model: str | os.PathLike | nn.Module, plan: Plan | str | os.PathLike,
                      out: str | os.PathLike, *, overwrite: bool = False,
                      expert_budget: int | float | str | None = None, policy: str = "lru",
-                     progress: bool = False) -> CompressResult:
+                     progress: bool = False, max_shard_size: int | str = SHARD_BYTES) -> CompressResult:
     """Apply a saved ``plan`` (a :class:`Plan` or its ``plan.json``) to ``model`` and write the stock
     checkpoint to ``out``, without calibrating. ``expert_budget`` (with a checkpoint directory):
     the experts stay on disk and the kept ones are copied from its safetensors by offset, so the
-    model is never loaded whole. Raises PlanError when the plan does not fit the model."""
+    model is never loaded whole. ``max_shard_size``: as :func:`compress`'s. Raises PlanError when the
+    plan does not fit the model."""
     t0 = time.perf_counter()
+    shard = parse_size(max_shard_size, "max_shard_size")
     plan = plan if isinstance(plan, Plan) else read_plan(plan)
     if Path(out).exists() and not overwrite:
         raise MoelabError(f"out: {out} already exists; choose another folder or pass --overwrite")
     with analysis_view(model, expert_budget, policy) as (view, experts):
-        return _apply(view, experts, model, plan, out, overwrite, progress, t0)
+        return _apply(view, experts, model, plan, out, overwrite, progress, t0, shard)
 
 
 def _apply(view: ModelView, experts: Any, model: Any, plan: Plan, out: Any, overwrite: bool, progress: bool,
-           t0: float) -> CompressResult:
+           t0: float, max_shard_bytes: int) -> CompressResult:
     """Build (``out`` None) or write ``plan`` applied to ``view``; the :class:`CompressResult`."""
     params_before = sum(p.numel() for p in view.model.parameters())
     with warnings.catch_warnings(record=True) as caught:
@@ -162,7 +168,8 @@ def _apply(view: ModelView, experts: Any, model: Any, plan: Plan, out: Any, over
         else:
             rows = view_expert if experts is None else store_expert(experts.store)
             out, params_after = write_plan(view, plan, out, expert_rows=rows, overwrite=overwrite,
-                                           tokenizer_from=_tokenizer_source(model, view), progress=progress)
+                                           tokenizer_from=_tokenizer_source(model, view), progress=progress,
+                                           max_shard_bytes=max_shard_bytes)
             new = None
     notes = [str(w.message) for w in caught if issubclass(w.category, CompressWarning)]
     if new is not None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,25 @@ class SafetensorsWriter(_Writer):
 
 SHARD_BYTES = 50 * 10**9  # save_pretrained's default max_shard_size ("50GB") in transformers 5
 INDEX_NAME = "model.safetensors.index.json"
+# byte units as the hub reads them: GB = 10**9, GiB = 2**30
+SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+              "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(size: int | str, what: str) -> int:
+    """Bytes of ``size``: an int, or a string like ``"5GB"`` or ``"500MiB"`` (GB = 10**9 as the hub
+    counts, GiB = 2**30); a MoelabError naming ``what`` otherwise."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", size) if isinstance(size, str) else None
+        if m is None or m.group(2).lower() not in SIZE_UNITS:
+            raise MoelabError(f"{what}: cannot read {size!r}; expected a number of bytes or a size like "
+                              "'5GB' or '500MiB'")
+        value = int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
+    if value < 1:
+        raise MoelabError(f"{what}: expected at least one byte, got {size!r}")
+    return value
 
 
 def shard_layout(layout: Layout, max_shard_bytes: int = SHARD_BYTES) -> list[Layout]:

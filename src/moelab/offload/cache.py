@@ -29,12 +29,11 @@ from torch import Tensor
 
 from moelab.analysis.cache_policy import ONLINE, ORACLES, PREDICTIVE, KeyCache, make_policy
 from moelab.errors import MoelabError
+from moelab.models.writer import SIZE_UNITS
 from moelab.offload.store import ExpertStore
 
 Key = tuple[int, int]  # (layer, expert)
 LRFU_HALF_LIFE_TOKENS = 8  # picked from {2, 4, 8, 16, 32} on the default model (bench/offload.py)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
-          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
 
 def parse_budget(budget: int | float | str, total_bytes: int) -> int:
@@ -51,11 +50,11 @@ def parse_budget(budget: int | float | str, total_bytes: int) -> int:
     elif isinstance(budget, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*|%)\s*", budget)
         unit = m.group(2).lower() if m else None
-        if m is None or (unit not in _UNITS and unit != "%"):
+        if m is None or (unit not in SIZE_UNITS and unit != "%"):
             raise MoelabError(f"budget: cannot read {budget!r}; expected e.g. '64MiB', '1.5GB', "
                               f"'25%', a number of bytes or a fraction")
         num = float(m.group(1))
-        value = int(num / 100 * total_bytes) if unit == "%" else int(num * _UNITS[unit])
+        value = int(num / 100 * total_bytes) if unit == "%" else int(num * SIZE_UNITS[unit])
     else:
         raise MoelabError(f"budget: expected bytes, a fraction or a size like '64MiB', got "
                           f"{type(budget).__name__}")
