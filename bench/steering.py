@@ -157,7 +157,9 @@ def _markdown(result: dict) -> str:
     lines += ["", f"Goal of issue 14: drama perplexity up by a large factor, code's within a few per cent. "
               f"Measured: {best['experts']} of {routed} routed experts off multiply drama's test perplexity by "
               f"{best['ratio']['drama']:.2f} and code's by {best['ratio']['code']:.3f} "
-              f"(prose {best['ratio']['prose']:.3f})."]
+              f"(prose {best['ratio']['prose']:.3f})."
+        + (" These sizes step over the best trade-off; the code-aware selection below "
+           "picks the size from calibration text (its rows are checked against the goal there)." if result.get("selection") else "")]
     same = [r for r in result["perplexity"] if r["edit"].startswith("soft-off")]
     twins = [r for s in same for r in result["perplexity"] if r["edit"] == "off" and r["selected"] == s["selected"]]
     if same and all(a["perplexity"] == b["perplexity"] for a, b in zip(same, twins, strict=False)):
