@@ -12,10 +12,11 @@ the copy bandwidth measured in the same run (read + write bytes of ``dst.copy_(s
 best over the thread counts timed), which is bench/moe_layer.py's "memory bound" ratio.
 Candidates (none copies expert weights):
 
-- ``run_experts``: ``Experts``' forward as dispatched now (at T=1: ``decode_forward``);
-- ``grouped_mm``: one ``grouped_mm`` per projection (the few-rows inference path before issue 15);
+- ``run_experts``: ``Experts``' forward as dispatched (at few rows, float32: ``grouped_mm``);
+- ``grouped_mm``: one ``grouped_mm`` per projection, called directly;
 - ``loop mm``: the per-expert loop (``F.linear`` / ``mm`` on each expert's ``[n, H]`` rows);
-- ``decode_forward``: ``torch.mv`` for each single-row expert, the loop's ``mm`` for the others;
+- ``plan mv``: ``torch.mv`` for each single-row expert of the dispatch plan, the loop's ``mm``
+  for the others (what a decode path in the experts' forward would run);
 
 and, at T=1 only, hand-written one-token forwards:
 
@@ -80,6 +81,30 @@ def mv_fused_forward(x_H, ids, w_K, gate_up_E2IH, down_EHI):
     return y_H
 
 
+def plan_mv_forward(x_TH, w_TK, plan, gate_EIH, up_EIH, down_EHI, act):
+    """``experts_forward`` on a dispatch plan with each single-row expert by ``torch.mv`` (the
+    ``mv`` candidate as the experts' forward would run it; commit 89308d1 had it there), experts
+    of more rows by the loop's ``mm``; ``[T, H]``."""
+    from moelab.nn import _dispatch
+
+    w_R = _dispatch.slot_weights(w_TK, plan, x_TH.dtype)
+    y_TH = x_TH.new_zeros(plan.T, down_EHI.shape[1])
+    # Python lists and row views made once: per-slot tensor indexing costs as much as an op
+    tok_R, w_list, x_rows, y_rows = plan.tok_R.tolist(), w_R.tolist(), x_TH.unbind(), y_TH.unbind()
+    for e, s, n in _dispatch._rows(plan):
+        if n == 1:
+            x_H = x_rows[tok_R[s]]
+            a_I = act(torch.mv(gate_EIH[e], x_H), torch.mv(up_EIH[e], x_H)).mul_(w_list[s])
+            y_rows[tok_R[s]].addmv_(down_EHI[e], a_I)
+            continue
+        tok_e = plan.tok_R[s : s + n]
+        h_gate, h_up = _dispatch.project_in(x_TH.index_select(0, tok_e), e, gate_EIH, up_EIH,
+                                            None, None)
+        y_TH.index_add_(0, tok_e, _dispatch.weighted_out(act, h_gate, h_up, w_R[s : s + n, None],
+                                                         down_EHI[e], None))
+    return y_TH
+
+
 def read_only(ids, gate_EIH, up_EIH, down_EHI):
     """Streaming read of the active slices (no product): the CPU's read rate on them."""
     return sum(float(t[e].sum()) for e in ids for t in (gate_EIH, up_EIH, down_EHI))
@@ -98,7 +123,7 @@ def candidates(ex: Experts, x_TH, ids_TK, w_TK, gate_up_E2IH):
         "run_experts": lambda: ex(x_TH, ids_TK, w_TK),
         "grouped_mm": lambda: _grouped_mm_forward(x_TH, w_TK, plan, weights, ex.act),
         "loop mm": lambda: _dispatch.experts_forward(x_TH, w_TK, plan, *weights, ex.act),
-        "decode_forward": lambda: _dispatch.decode_forward(x_TH, w_TK, plan, *weights, ex.act),
+        "plan mv": lambda: plan_mv_forward(x_TH, w_TK, plan, g, u, d, ex.act),
     }
     if x_TH.shape[0] > 1:
         return fns
