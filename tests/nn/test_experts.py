@@ -164,8 +164,9 @@ def test_non_contiguous_weights_forward_and_backward():
 
 
 def test_decoding_path_uses_grouped_mm_and_equals_reference(monkeypatch):
-    """Few rows per expert, no grad, float32: one grouped_mm per projection (tolerance 1e-4 rel
-    against the float64 reference); with grad or many rows the loop runs."""
+    """Few rows per expert, no grad, float32, more than one token: one grouped_mm per
+    projection (tolerance 1e-4 rel against the float64 reference; one token takes the decode
+    path); with grad or many rows the loop runs."""
     import moelab.nn.experts as mod
 
     calls = []
@@ -179,12 +180,12 @@ def test_decoding_path_uses_grouped_mm_and_equals_reference(monkeypatch):
         ref = ex.double().reference(x.double(), ids, w.double(), mask if T > 1 else None)
         ex.float()
         torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5)
-    assert len(calls) == 2
+    assert len(calls) == 1
     x, ids, w, _ = inputs(64, 2, 16, 8, dtype=torch.float32)
     with torch.no_grad():
         ex(x, ids, w)  # 128 rows >= 4 * E: the loop
     ex(x[:3], ids[:3], w[:3])  # parameters need grad: the loop with its backward
-    assert len(calls) == 2
+    assert len(calls) == 1
 
 
 def test_few_rows_grouped_mm_on_fused_gate_up_equals_the_reference():
@@ -259,3 +260,55 @@ def test_weights_at_slot_rows_equal_weights_in_expert_order(dtype, T, fused):
     assert all(torch.equal(getattr(s_got, f), getattr(s_want, f)) for f in s_want.__dict__)
     with pytest.raises(RoutingError, match="no gradients"):
         run_experts(x, w, at_rows, (*halves(buf_gu.requires_grad_()), buf_down, None, None, None), act)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(F64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+@pytest.mark.parametrize("T", [1, 2])
+def test_decode_mv_path_equals_reference(dtype, tol, bias, act, T):
+    """``decode_forward`` (``torch.mv`` per single-row expert, ``mm`` for the rest) equals the
+    per-slot reference in the same dtype (rtol = atol = ``tol``: float64 1e-10, float32 1e-5),
+    in expert order and on a slot buffer (``Plan.rows``: expert e at row slot[e]), bit for bit
+    between the two. T=2 routes expert 1 twice, so one group has two rows."""
+    from moelab.nn._dispatch import Plan, decode_forward, make_plan
+
+    E, H, I = 6, 32, 16
+    ex = make(E=E, H=H, I=I, act=act, bias=bias, dtype=dtype, seed=4)
+    x, _, w, _ = inputs(T, 3, E, H, dtype=dtype, seed=5)
+    ids = torch.tensor([[0, 1, 2], [1, 3, 5]][:T])
+    weights = ex._weights()
+    with torch.no_grad():
+        got = decode_forward(x, w, make_plan(ids, None, E), *weights, ex.act)
+        want = ex.reference(x, ids, w)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        plan = make_plan(ids, None, E)
+        needed = [e for e, n in enumerate(plan.counts) if n]
+        slot = torch.randperm(E + 3, generator=torch.Generator().manual_seed(6))[:E]
+        bufs = []
+        for p in weights:  # other rows of the buffer: other data
+            buf = None if p is None else torch.randn(E + 3, *p.shape[1:], dtype=dtype)
+            if buf is not None:
+                buf[slot] = p
+            bufs.append(buf)
+        at_rows = Plan(plan.slot_R, plan.tok_R, [plan.counts[e] for e in needed], plan.num_real,
+                       plan.T, plan.K, rows=[int(slot[e]) for e in needed])
+        assert torch.equal(decode_forward(x, w, at_rows, *bufs, ex.act), got)
+
+
+def test_one_token_inference_takes_the_decode_path(monkeypatch):
+    """One token without grad runs ``decode_forward`` (float32 and float64, with or without
+    biases); two tokens or a forward that needs gradients do not."""
+    import moelab.nn._dispatch as disp
+
+    calls = []
+    real = disp.decode_forward
+    monkeypatch.setattr(disp, "decode_forward", lambda *a: calls.append(1) or real(*a))
+    for dtype, bias in ((torch.float32, False), (F64, True)):
+        ex = make(E=8, H=16, I=8, bias=bias, dtype=dtype)
+        x, ids, w, _ = inputs(2, 2, 8, 16, dtype=dtype)
+        with torch.no_grad():
+            ex(x[:1], ids[:1], w[:1])
+            ex(x, ids, w)
+        ex(x[:1], ids[:1], w[:1])  # parameters need grad: the loop with its backward
+    assert len(calls) == 2
