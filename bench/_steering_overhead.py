@@ -14,6 +14,7 @@ stood in for, or a re-selection after it).
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 
@@ -47,6 +48,21 @@ def timed_settings(view, sel: dict, factors: dict, top: int) -> dict:
             f"off ({top}), re-selection": lambda: Edits(identity(), experts_off(view, sel)),
             f"soft-off ({top} experts)": lambda: switch_experts(view, off=sel),
             "scale (RICE)": lambda: scale_weights(view, factors)}
+
+
+def ratio_ci(runs: list[float], plain: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % bootstrap interval (percentile method, rounds resampled with replacement) of the median
+    of the per-round ratios ``runs[i] / plain[i]``, minus 1: how far the overhead column can move
+    on this machine's noise."""
+    ratios = [a / b for a, b in zip(runs, plain, strict=True)]
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return meds[int(0.025 * resamples)] - 1, meds[int(0.975 * resamples) - 1] - 1
+
+
+def _ci(row: dict, plain: dict) -> str:
+    lo, hi = ratio_ci(row["runs_s"], plain["runs_s"])
+    return f"{lo:+.1%} .. {hi:+.1%}"
 
 
 def overhead(run, edits: dict, repeat: int) -> list[dict]:
@@ -200,19 +216,19 @@ def markdown(result: dict) -> list[str]:
              "behind an identity edit, so it takes the general path (the family's selection, then the rule's "
              "again), as every edit did before selection edits. Greedy generation of "
              f"{a['new_tokens']} new tokens from `{GEN_PROMPT!r}` with the KV cache:", "",
-             "| edit | CPU s | tokens/s | overhead | min s | overhead (min) | routing ms | edit / run "
-             "| torch ops | more ops |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| edit | CPU s | tokens/s | overhead | 95 % CI | min s | overhead (min) | routing ms | edit / run "
+             "| torch ops | more ops |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     gen_ops = gen_rows[0]["ops"]
     for r in gen_rows:
         lines.append(f"| {r['edit']} | {r['median_s']:.4f} | {r['tokens_per_s']:.1f} | {r['overhead']:+.1%} | "
-                     f"{r['min_s']:.4f} | {r['overhead_min']:+.1%} | {1e3 * r['routing_s_median']:.2f} | "
+                     f"{_ci(r, gen_rows[0])} | {r['min_s']:.4f} | {r['overhead_min']:+.1%} | {1e3 * r['routing_s_median']:.2f} | "
                      f"{r['edit_share']:+.2%} | {r['ops']:,} | {r['ops'] / gen_ops - 1:+.1%} |")
     lines += ["", f"One forward ({a['batch']} x 256 tokens):", "",
-              "| edit | median s | overhead | min s | overhead (min) | routing ms | edit / run | torch ops "
-              "| more ops |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| edit | median s | overhead | 95 % CI | min s | overhead (min) | routing ms | edit / run | torch ops "
+              "| more ops |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     ops = rows[0]["ops"]
     for r in rows:
-        lines.append(f"| {r['edit']} | {r['median_s']:.4f} | {r['overhead']:+.1%} | {r['min_s']:.4f} | "
+        lines.append(f"| {r['edit']} | {r['median_s']:.4f} | {r['overhead']:+.1%} | {_ci(r, rows[0])} | {r['min_s']:.4f} | "
                      f"{r['overhead_min']:+.1%} | {1e3 * r['routing_s_median']:.2f} | {r['edit_share']:+.2%} | "
                      f"{r['ops']:,} | {r['ops'] / ops - 1:+.1%} |")
     return lines + ["", goal_sentence(result)]
@@ -232,7 +248,9 @@ def goal_sentence(result: dict) -> str:
             f"{gen[off]['overhead']:+.1%} on generation, soft-off {fwd[soft]['overhead']:+.1%} and "
             f"{gen[soft]['overhead']:+.1%} (median paired ratios; on this shared machine they move by a few per "
             f"cent between runs, and the identity edit, which does nothing, reads "
-            f"{fwd['identity (seam only)']['overhead']:+.1%} / {gen['identity (seam only)']['overhead']:+.1%}); "
+            f"{fwd['identity (seam only)']['overhead']:+.1%} / {gen['identity (seam only)']['overhead']:+.1%}; "
+            f"95 % bootstrap intervals on generation: off {_ci(gen[off], gen['no edit'])}, soft-off "
+            f"{_ci(gen[soft], gen['no edit'])}, identity {_ci(gen['identity (seam only)'], gen['no edit'])}); "
             f"the edit's own routing time is at most {cost:+.2%} of a run, and it dispatches "
             f"{fwd[off]['ops'] / fwd['no edit']['ops'] - 1:+.1%} / {gen[off]['ops'] / gen['no edit']['ops'] - 1:+.1%} "
             "torch ops (forward / generation). `experts_off` and SteerMoE's off-only switch are selection edits: "
