@@ -189,3 +189,37 @@ def test_a_router_call_the_experts_never_saw_leaves_nothing_behind():
             with experts_off(view, {b.layer: _off(b)}):
                 b.router_module(torch.randn(6, b.hidden_size, dtype=torch.float64))
             torch.testing.assert_close(native_block_output(b, x), want, rtol=0, atol=0)
+
+
+def test_deferred_affected_counts_equal_the_per_call_count(monkeypatch):
+    """One-token calls' ``affected`` is counted in batches (and when ``counts`` is read): the same
+    total as counting each call at once, whatever the number of calls."""
+    from moelab.steer import edits as E
+
+    view = _view(*CASES[0][:1], **CASES[0][1])
+    b = view.blocks[-1]
+    torch.manual_seed(7)
+    xs = [torch.randn(1, 1, b.hidden_size, dtype=torch.float64) for _ in range(E._DEFER_CALLS + 9)]
+    own, calls = E.barred_chosen, []
+    monkeypatch.setattr(E, "barred_chosen", lambda *a: calls.append(a[2].ids_TK.shape[0]) or own(*a))
+
+    def counts(defer: bool, upto: int) -> dict:
+        old = E._DEFER_TOKENS
+        E._DEFER_TOKENS = old if defer else 0
+        try:
+            with torch.no_grad(), _edits(view, b, "off") as h:
+                for x in xs[:upto]:
+                    native_block_output(b, x)
+                return dict(h.counts[b.layer])
+        finally:
+            E._DEFER_TOKENS = old
+
+    for upto in (1, E._DEFER_CALLS - 1, E._DEFER_CALLS, len(xs)):
+        calls.clear()
+        eager = counts(False, upto)
+        assert calls == [1] * upto  # one count per call
+        calls.clear()
+        deferred = counts(True, upto)
+        assert deferred == eager and eager["tokens"] == upto
+        assert calls == ([E._DEFER_CALLS] if upto >= E._DEFER_CALLS else []) + ([upto % E._DEFER_CALLS] if upto % E._DEFER_CALLS else [])
+    assert counts(False, len(xs))["affected"] > 0

@@ -56,13 +56,20 @@ class EditHandle:
 
     def __init__(self, what: str, layers: list[int]) -> None:
         self.what = what
-        self.counts: dict[int, dict[str, int]] = {layer: {"tokens": 0, "affected": 0, "active": 0}
-                                                  for layer in layers}
+        self._counts: dict[int, dict[str, int]] = {layer: {"tokens": 0, "affected": 0, "active": 0}
+                                                   for layer in layers}
         self._handles: list[Handle] = []
+        self._flush: list[Callable[[], None]] = []  # counting edits with deferred counts
         self._removed = False
 
+    @property
+    def counts(self) -> dict[int, dict[str, int]]:
+        for flush in self._flush:
+            flush()
+        return self._counts
+
     def reset(self) -> None:
-        """Zero every count."""
+        """Zero every count (deferred ones included)."""
         for c in self.counts.values():
             for key in c:
                 c[key] = 0
@@ -119,9 +126,16 @@ def install_edit(view: ModelView, what: str, per_layer: Mapping[int, Any],
     bodies = {layer: make(_block(view, layer, what), value) for layer, value in per_layer.items()}
     handle = EditHandle(what, list(bodies))
     for layer, body in bodies.items():
-        edit = _CountingEdit(body, handle.counts[layer])
+        edit = _CountingEdit(body, handle._counts[layer])
+        handle._flush.append(edit.flush)
         handle._handles.append(view.block(layer).register_routing_edit(edit))
     return handle
+
+
+# a selection edit's ``affected`` count of calls of at most this many tokens (decode steps) is made
+# in one batch of up to _DEFER_CALLS calls, or when ``counts`` is read: ~10 small ops per call
+# otherwise cost ~2 % of a decode step
+_DEFER_TOKENS, _DEFER_CALLS = 16, 64
 
 
 class _CountingEdit:
@@ -130,6 +144,7 @@ class _CountingEdit:
     def __init__(self, body: EditBody, counts: dict[str, int]) -> None:
         self.body, self.counts = body, counts
         self._barred_E: Tensor | None = None  # of the last preselect call, for its count
+        self._pending: list[tuple[MoEBlockView, Tensor, Tensor, Tensor]] = []  # (block, logits, ids, barred)
         if getattr(body, "preselect", None) is None:
             self.preselect = self.preselected = None
 
@@ -145,9 +160,30 @@ class _CountingEdit:
         return edited_TE, offset_E
 
     def preselected(self, block: MoEBlockView, logits_TE: Tensor, out: Routing) -> None:
-        """Count a call whose router already chose ``out`` with this edit's selection."""
-        affected = barred_chosen(block, logits_TE, out, self._barred_E)
-        self._count(out, out, {"affected": affected})
+        """Count a call whose router already chose ``out`` with this edit's selection (``affected``
+        of a few-token call deferred to :meth:`flush`)."""
+        if out.ids_TK.shape[0] > _DEFER_TOKENS or out.mask_TK is not None:
+            self._count(out, out, {"affected": barred_chosen(block, logits_TE, out, self._barred_E)})
+            return
+        self._count(out, out, {})
+        self._pending.append((block, logits_TE.detach(), out.ids_TK, self._barred_E))
+        if len(self._pending) >= _DEFER_CALLS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add the deferred calls' ``affected`` (one count over all their tokens where they share
+        the barred experts, as calls of one edit on one device and dtype do)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        block, barred_E = pending[0][0], pending[0][3]
+        if all(p[3] is barred_E for p in pending):
+            ids_TK = torch.cat([p[2] for p in pending])
+            joined = Routing(None, ids_TK, ids_TK)  # barred_chosen reads the ids (and no mask)
+            self.counts["affected"] += barred_chosen(block, torch.cat([p[1] for p in pending]), joined, barred_E)
+            return
+        for blk, logits_TE, ids_TK, barred in pending:
+            self.counts["affected"] += barred_chosen(blk, logits_TE, Routing(None, ids_TK, ids_TK), barred)
 
     def _count(self, routing: Routing, out: Routing, extra: dict[str, int]) -> None:
         counts = self.counts

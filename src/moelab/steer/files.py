@@ -300,10 +300,6 @@ class _SteeringHandle(EditHandle):
                     tgt[key] = max(tgt.get(key, 0), n) if key == "tokens" else tgt.get(key, 0) + n
         return out
 
-    @counts.setter
-    def counts(self, value: dict) -> None:  # EditHandle.__init__ assigns it; the parts hold the counts
-        pass
-
     def reset(self) -> None:
         for p in self._parts:
             p.reset()
