@@ -216,22 +216,23 @@ def markdown(result: dict) -> list[str]:
              "behind an identity edit, so it takes the general path (the family's selection, then the rule's "
              "again), as every edit did before selection edits. Greedy generation of "
              f"{a['new_tokens']} new tokens from `{GEN_PROMPT!r}` with the KV cache:", "",
-             "| edit | CPU s | tokens/s | overhead | 95 % CI | min s | overhead (min) | routing ms | edit / run "
-             "| torch ops | more ops |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    gen_ops = gen_rows[0]["ops"]
-    for r in gen_rows:
-        lines.append(f"| {r['edit']} | {r['median_s']:.4f} | {r['tokens_per_s']:.1f} | {r['overhead']:+.1%} | "
-                     f"{_ci(r, gen_rows[0])} | {r['min_s']:.4f} | {r['overhead_min']:+.1%} | {1e3 * r['routing_s_median']:.2f} | "
-                     f"{r['edit_share']:+.2%} | {r['ops']:,} | {r['ops'] / gen_ops - 1:+.1%} |")
-    lines += ["", f"One forward ({a['batch']} x 256 tokens):", "",
-              "| edit | median s | overhead | 95 % CI | min s | overhead (min) | routing ms | edit / run | torch ops "
-              "| more ops |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    ops = rows[0]["ops"]
-    for r in rows:
-        lines.append(f"| {r['edit']} | {r['median_s']:.4f} | {r['overhead']:+.1%} | {_ci(r, rows[0])} | {r['min_s']:.4f} | "
-                     f"{r['overhead_min']:+.1%} | {1e3 * r['routing_s_median']:.2f} | {r['edit_share']:+.2%} | "
-                     f"{r['ops']:,} | {r['ops'] / ops - 1:+.1%} |")
+             *_table(gen_rows, "CPU s", tokens_per_s=True),
+             "", f"One forward ({a['batch']} x 256 tokens):", "", *_table(rows, "median s", tokens_per_s=False)]
     return lines + ["", goal_sentence(result)]
+
+
+def _table(rows: list[dict], time_col: str, tokens_per_s: bool) -> list[str]:
+    """One markdown table of overhead rows (the first is the run without an edit)."""
+    rate = " tokens/s |" if tokens_per_s else ""
+    lines = [f"| edit | {time_col} |{rate} overhead | 95 % CI | min s | overhead (min) | routing ms | edit / run "
+             "| torch ops | more ops |", "|---|" + "---:|" * (10 if tokens_per_s else 9)]
+    plain = rows[0]
+    for r in rows:
+        rate = f" {r['tokens_per_s']:.1f} |" if tokens_per_s else ""
+        lines.append(f"| {r['edit']} | {r['median_s']:.4f} |{rate} {r['overhead']:+.1%} | {_ci(r, plain)} | "
+                     f"{r['min_s']:.4f} | {r['overhead_min']:+.1%} | {1e3 * r['routing_s_median']:.2f} | "
+                     f"{r['edit_share']:+.2%} | {r['ops']:,} | {r['ops'] / plain['ops'] - 1:+.1%} |")
+    return lines
 
 
 def goal_sentence(result: dict) -> str:

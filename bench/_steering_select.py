@@ -130,12 +130,7 @@ def markdown(sel: dict, generation: list[dict], command: str, date: str, machine
     lines += ["", *_reading(sel, greedy)]
     if generation:
         lines += ["", "Forcing on in the last MoE layers only (greedy continuations as above; same columns):", "",
-                  "| condition | experts forced on | judged drama | no blank | judged code | judged prose | ppl alone |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in generation:
-            n = sum(len(v) for v in r["selected"].values()) if r["selected"] else 0
-            lines.append(f"| {r['condition']} | {n} | {r['rates']['drama']:.0%} | {r['drama_no_blank']:.0%} | "
-                         f"{r['rates']['code']:.0%} | {r['rates']['prose']:.0%} | {r['ppl_alone']:.1f} |")
+                  *generation_table(generation)]
         steered = generation[1:]
         if steered:
             top = max(steered, key=lambda r: (r["drama_no_blank"], -r["ppl_alone"]))
@@ -180,6 +175,17 @@ def section(selection: dict, command: str, date: str, machine: dict) -> list[str
     where = (f"{machine['platform']}, {machine['cpus']} CPUs (shared), {machine['threads']} torch thread(s), "
              f"load average {machine['load_average'][0]:.2f} at the end")
     return markdown(selection, selection["generation"], command, date, where)
+
+
+def generation_table(rows: list[dict]) -> list[str]:
+    """The markdown table of judged greedy continuations (``bench/steering.py``'s generation rows)."""
+    lines = ["| condition | experts forced on | judged drama | no blank | judged code | judged prose | ppl alone |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        n = sum(len(v) for v in r["selected"].values()) if r["selected"] else 0
+        lines.append(f"| {r['condition']} | {n} | {r['rates']['drama']:.0%} | {r['drama_no_blank']:.0%} | "
+                     f"{r['rates']['code']:.0%} | {r['rates']['prose']:.0%} | {r['ppl_alone']:.1f} |")
+    return lines
 
 
 def write_part(args, selection: dict, command: str, model: str) -> None:

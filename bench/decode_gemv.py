@@ -46,6 +46,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from moe_layer import (  # bench/moe_layer.py: the script's folder is on sys.path
+    flush_caches,
+    measure_bandwidth,
+)
 
 from moelab.nn import Experts, ExpertsConfig
 
@@ -136,28 +140,6 @@ def candidates(ex: Experts, x_TH, ids_TK, w_TK, gate_up_E2IH):
     }
 
 
-_FLUSH: list[torch.Tensor] = []
-
-
-def flush_caches(mib: int) -> None:
-    """Write a buffer larger than the last-level cache: the next run reads weights from DRAM."""
-    if not _FLUSH:
-        _FLUSH.append(torch.empty(mib * 2**20 // 4))
-    _FLUSH[0].fill_(1.0)
-
-
-def copy_bandwidth(reps: int, mib: int) -> float:
-    """(read + write bytes) / median time of ``dst.copy_(src)`` on ``mib`` MiB, bytes/s."""
-    src, dst = torch.rand(mib * 2**20 // 4), torch.empty(mib * 2**20 // 4)
-    dst.copy_(src)
-    ts = []
-    for _ in range(max(reps, 3)):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        ts.append(time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / statistics.median(ts)
-
-
 def check_agree(fns: dict, ref) -> None:
     """Every forward candidate gives the reference's output (float32, loose tolerance)."""
     with torch.no_grad():
@@ -212,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     bws = {}
     for t in threads:  # the bound at each thread count (a loaded core slows a 2-thread copy)
         torch.set_num_threads(t)
-        bws[t] = copy_bandwidth(reps, flush_mib)
+        bws[t] = measure_bandwidth(reps, flush_mib)
     bw = max(bws.values())
     times = time_all(fns, threads, reps, flush_mib)
     weight_bytes = int(torch.unique(ids_TK).numel()) * 3 * H * inner * 4

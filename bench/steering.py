@@ -173,13 +173,7 @@ def _markdown(result: dict) -> str:
                   "whitespace-only tokens are dropped (a run of newlines reads as verse); \"ppl alone\": median "
                   "perplexity of the continuation on its own (after BOS) under the unsteered model (a fluency "
                   "check; code continuations score low, drama text around the drama test perplexity, broken text "
-                  "high):", "",
-                  "| condition | experts forced on | judged drama | no blank | judged code | judged prose | ppl alone |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for r in g:
-            n = sum(len(v) for v in r["selected"].values()) if r["selected"] else 0
-            lines.append(f"| {r['condition']} | {n} | {r['rates']['drama']:.0%} | {r['drama_no_blank']:.0%} | "
-                         f"{r['rates']['code']:.0%} | {r['rates']['prose']:.0%} | {r['ppl_alone']:.1f} |")
+                  "high):", "", *_steering_select.generation_table(g)]
         best = max(g[1:], key=lambda r: (r["drama_no_blank"], -r["ppl_alone"]))
         lines += ["", "Examples (the second prompt's continuation):", ""]
         for r in (g[0], best):

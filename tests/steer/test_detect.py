@@ -21,20 +21,10 @@ from moelab.steer.gather import Routed, gather_routing
 from moelab.trace import record
 
 
-def _random_routed(rng, n, E=6, K=2, layers=(1, 3), bias=None):
-    ids = {}
-    for layer in layers:
-        p = np.ones(E) if bias is None else np.asarray(bias, dtype=float)
-        rows = np.stack([rng.choice(E, size=K, replace=False, p=p / p.sum()) for _ in range(n)])
-        rows[rng.random((n, K)) < 0.1] = -1  # some switched-off slots
-        ids[layer] = rows.astype(np.int64)
-    return Routed(rng.integers(0, 50, n), ids, {layer: E for layer in layers}, {layer: K for layer in layers})
-
-
-def test_risk_difference_equals_the_slow_reference_on_random_routing():
+def test_risk_difference_equals_the_slow_reference_on_random_routing(random_routed):
     rng = np.random.default_rng(0)
-    pos = _random_routed(rng, 300, bias=[5, 1, 1, 1, 1, 1])
-    neg = _random_routed(rng, 200)
+    pos = random_routed(rng, 300, bias=[5, 1, 1, 1, 1, 1])
+    neg = random_routed(rng, 200)
     det = rank_risk_difference(pos, neg)
     assert len(det.rows) == 12
     assert [r.score for r in det.rows] == sorted((r.score for r in det.rows), reverse=True)
@@ -56,9 +46,9 @@ def test_constant_routing_has_zero_z():
         det.select(0)
 
 
-def test_select_respects_layer_capacity():
+def test_select_respects_layer_capacity(random_routed):
     rng = np.random.default_rng(1)
-    det = rank_risk_difference(_random_routed(rng, 400, bias=[8, 8, 8, 1, 1, 1]), _random_routed(rng, 400))
+    det = rank_risk_difference(random_routed(rng, 400, bias=[8, 8, 8, 1, 1, 1]), random_routed(rng, 400))
     on = det.select(6, "on")
     assert all(len(v) <= 2 for v in on.values())
     off = det.select(20, "off")

@@ -17,7 +17,6 @@ from moelab.errors import MoelabError
 from moelab.models.tiny import tiny_view
 from moelab.steer import experts_off
 from moelab.steer.detect import Detection, ExpertScore, gather_pair, rank_risk_difference
-from moelab.steer.gather import Routed
 from moelab.steer.select import (
     GreedyConfig,
     calibration_pair,
@@ -28,20 +27,10 @@ from moelab.steer.select import (
 )
 
 
-def _random_routed(rng, n, E=6, K=2, layers=(1, 3), bias=None):
-    ids = {}
-    for layer in layers:
-        p = np.ones(E) if bias is None else np.asarray(bias, dtype=float)
-        rows = np.stack([rng.choice(E, size=K, replace=False, p=p / p.sum()) for _ in range(n)])
-        rows[rng.random((n, K)) < 0.1] = -1  # some switched-off slots
-        ids[layer] = rows.astype(np.int64)
-    return Routed(rng.integers(0, 50, n), ids, {layer: E for layer in layers}, {layer: K for layer in layers})
-
-
-def test_log_odds_equals_the_slow_reference_on_random_routing():
+def test_log_odds_equals_the_slow_reference_on_random_routing(random_routed):
     rng = np.random.default_rng(0)
-    pos = _random_routed(rng, 300, bias=[6, 1, 1, 1, 1, 0.05])
-    neg = _random_routed(rng, 200, bias=[1, 1, 1, 1, 1, 3])
+    pos = random_routed(rng, 300, bias=[6, 1, 1, 1, 1, 0.05])
+    neg = random_routed(rng, 200, bias=[1, 1, 1, 1, 1, 3])
     det = rank_log_odds(pos, neg)
     assert det.method == "log-odds" and len(det.rows) == 12
     assert [r.score for r in det.rows] == sorted((r.score for r in det.rows), reverse=True)

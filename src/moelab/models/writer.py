@@ -181,17 +181,27 @@ SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, 
               "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
 
+def size_parts(text: str, percent: bool = False) -> tuple[float, str] | None:
+    """``"1.5 GiB" -> (1.5, "gib")``: a number and a unit of :data:`SIZE_UNITS` (or ``"%"`` with
+    ``percent``); None when ``text`` is not such a size."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*|%)\s*", text)
+    unit = m.group(2).lower() if m else None
+    if m is None or not (unit in SIZE_UNITS or (percent and unit == "%")):
+        return None
+    return float(m.group(1)), unit
+
+
 def parse_size(size: int | str, what: str) -> int:
     """Bytes of ``size``: an int, or a string like ``"5GB"`` or ``"500MiB"`` (GB = 10**9 as the hub
     counts, GiB = 2**30); a MoelabError naming ``what`` otherwise."""
     if isinstance(size, int) and not isinstance(size, bool):
         value = size
     else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", size) if isinstance(size, str) else None
-        if m is None or m.group(2).lower() not in SIZE_UNITS:
+        parts = size_parts(size) if isinstance(size, str) else None
+        if parts is None:
             raise MoelabError(f"{what}: cannot read {size!r}; expected a number of bytes or a size like "
                               "'5GB' or '500MiB'")
-        value = int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
+        value = int(parts[0] * SIZE_UNITS[parts[1]])
     if value < 1:
         raise MoelabError(f"{what}: expected at least one byte, got {size!r}")
     return value

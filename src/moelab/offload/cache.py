@@ -18,7 +18,6 @@ layer's top-k experts: below it a decode step would evict experts it is still br
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -29,7 +28,7 @@ from torch import Tensor
 
 from moelab.analysis.cache_policy import ONLINE, ORACLES, PREDICTIVE, KeyCache, make_policy
 from moelab.errors import MoelabError
-from moelab.models.writer import SIZE_UNITS
+from moelab.models.writer import SIZE_UNITS, size_parts
 from moelab.offload.store import ExpertStore
 
 Key = tuple[int, int]  # (layer, expert)
@@ -48,12 +47,11 @@ def parse_budget(budget: int | float | str, total_bytes: int) -> int:
             raise MoelabError(f"budget: a float is a fraction of the experts' bytes, in (0, 1]; got {budget}")
         value = int(budget * total_bytes)
     elif isinstance(budget, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*|%)\s*", budget)
-        unit = m.group(2).lower() if m else None
-        if m is None or (unit not in SIZE_UNITS and unit != "%"):
+        parts = size_parts(budget, percent=True)
+        if parts is None:
             raise MoelabError(f"budget: cannot read {budget!r}; expected e.g. '64MiB', '1.5GB', "
                               f"'25%', a number of bytes or a fraction")
-        num = float(m.group(1))
+        num, unit = parts
         value = int(num / 100 * total_bytes) if unit == "%" else int(num * SIZE_UNITS[unit])
     else:
         raise MoelabError(f"budget: expected bytes, a fraction or a size like '64MiB', got "

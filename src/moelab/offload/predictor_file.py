@@ -84,15 +84,11 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _check_model(path: Path, fp: dict[str, Any], view: Any) -> None:
-    from moelab.trace.fingerprint import describe_differences, model_fingerprint
+    from moelab.trace.fingerprint import file_differences, model_fingerprint
 
-    try:
-        diffs = describe_differences(fp, model_fingerprint(view))
-    except (KeyError, TypeError):
-        diffs = ["its 'model' fingerprint is malformed"]
+    diffs = file_differences(fp, model_fingerprint(view))
     if diffs:
-        detail = "; ".join(diffs).replace("(trace)", "(file)")
-        raise PredictorFileError(f"predictor file {path} was trained on another model: {detail}")
+        raise PredictorFileError(f"predictor file {path} was trained on another model: {'; '.join(diffs)}")
 
 
 def load_predictor(path: str | os.PathLike, model: Any) -> ExpertPredictor:

@@ -49,7 +49,7 @@ from moelab.steer.dynfile import (
 )
 from moelab.steer.edits import EditHandle, experts_off, experts_on, scale_weights
 from moelab.steer.switch import STEERMOE_DELTA, switch_experts
-from moelab.trace.fingerprint import as_view, describe_differences, model_fingerprint
+from moelab.trace.fingerprint import as_view, file_differences, model_fingerprint
 
 FORMAT, VERSION = "moelab.steering", 1
 
@@ -218,12 +218,9 @@ def load_steering(path: str | os.PathLike, model: Any) -> SteeringSpec:
         raise SteeringFileError(f"steering file {path}: 'edits' is empty")
     view = as_view(model)
     current = model_fingerprint(view)
-    try:
-        diffs = describe_differences(fp, current)
-    except (KeyError, TypeError):
-        diffs = ["its 'model' fingerprint is malformed"]
+    diffs = file_differences(fp, current)
     if diffs:
-        detail = "; ".join(diffs).replace("(trace)", "(file)")
+        detail = "; ".join(diffs)
         raise SteeringFileError(f"steering file {path} was written for another model: file {_fp_line(fp)}, "
                                 f"model {_fp_line(current)}: {detail}")
     check_fits(spec, view, f"steering file {path}")

@@ -105,6 +105,16 @@ def describe_differences(recorded: dict[str, Any], current: dict[str, Any]) -> l
     return diffs
 
 
+def file_differences(recorded: Any, current: dict[str, Any]) -> list[str]:
+    """:func:`describe_differences` for a fingerprint read from a file (a steering or predictor
+    file): worded for a file, and one entry when the recorded fingerprint is malformed."""
+    try:
+        diffs = describe_differences(recorded, current)
+    except (KeyError, TypeError):
+        return ["its 'model' fingerprint is malformed"]
+    return [d.replace("(trace)", "(file)") for d in diffs]
+
+
 def compare_model(recorded: dict[str, Any], model: Any, where: str) -> None:
     """Raise :class:`TraceError` listing what differs between a recorded fingerprint and ``model``."""
     diffs = describe_differences(recorded, model_fingerprint(as_view(model)))
