@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from moelab.steer.gather import Routed
 
@@ -24,3 +25,20 @@ def _random_routed(rng, n, E=6, K=2, layers=(1, 3), bias=None) -> Routed:
 def random_routed():
     """The builder ``random_routed(rng, n, E=6, K=2, layers=(1, 3), bias=None) -> Routed``."""
     return _random_routed
+
+
+def _assert_scaled(plain, scaled, expert: int, factor: float, rtol: float) -> None:
+    """Two routing events of the same tokens: ``scaled`` routes to the same experts as ``plain``,
+    ``expert``'s weight times ``factor``. Slots compared by expert id: where the family's selection
+    is one top-k, ``scale_weights`` stands in for it with the rule's (its slot order; its weights
+    up to the family's float32 routing, so ``rtol`` ~1e-6)."""
+    (p_ids, p_order), (s_ids, s_order) = plain.ids_TK.sort(-1), scaled.ids_TK.sort(-1)
+    assert torch.equal(p_ids, s_ids)
+    p_w, s_w = plain.weights_TK.gather(-1, p_order), scaled.weights_TK.gather(-1, s_order)
+    torch.testing.assert_close(s_w, torch.where(p_ids == expert, factor * p_w, p_w), rtol=rtol, atol=0)
+
+
+@pytest.fixture
+def assert_scaled():
+    """The check ``assert_scaled(plain_event, scaled_event, expert, factor, rtol)``."""
+    return _assert_scaled

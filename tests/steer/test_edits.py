@@ -129,7 +129,7 @@ def test_gradients_flow_through_an_edit_to_router_and_experts(view):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 
 
-def test_scale_weights_multiplies_combine_weights(view):
+def test_scale_weights_multiplies_combine_weights(view, assert_scaled):
     b = view.blocks[0]
     plain, scaled = [], []
     ids = _tokens(view)
@@ -138,10 +138,7 @@ def test_scale_weights_multiplies_combine_weights(view):
             view.model(ids)
         with scale_weights(view, {b.layer: {1: 2.5}}), b.register_routing_hook(scaled.append):
             view.model(ids)
-    p, s = plain[0], scaled[0]
-    assert torch.equal(p.ids_TK, s.ids_TK)
-    want = torch.where(p.ids_TK == 1, 2.5 * p.weights_TK, p.weights_TK)
-    torch.testing.assert_close(s.weights_TK, want, rtol=1e-12, atol=0)
+    assert_scaled(plain[0], scaled[0], 1, 2.5, rtol=TOL)
 
 
 def test_skip_below_masks_weak_slots_and_counts():

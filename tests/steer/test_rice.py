@@ -38,7 +38,7 @@ def test_npmi_ranking_equals_the_reference_and_finds_the_marker_experts():
         rank_npmi(routed, np.array([99]))
 
 
-def test_detect_rice_on_a_tiny_model_and_reinforce_scales_weights(tmp_path):
+def test_detect_rice_on_a_tiny_model_and_reinforce_scales_weights(tmp_path, assert_scaled):
     view = open_model(tiny_model("OLMoE"))
     g = torch.Generator().manual_seed(0)
     docs = [torch.randint(0, 64, (24,), generator=g).tolist() for _ in range(4)]
@@ -54,8 +54,7 @@ def test_detect_rice_on_a_tiny_model_and_reinforce_scales_weights(tmp_path):
             view.model(ids)
         with reinforce(view, {b.layer: [1]}, 3.0), b.register_routing_hook(seen.append):
             view.model(ids)
-    want = torch.where(seen[0].ids_TK == 1, 3.0 * seen[0].weights_TK, seen[0].weights_TK)
-    torch.testing.assert_close(seen[1].weights_TK, want, rtol=1e-12, atol=0)
+    assert_scaled(seen[0], seen[1], 1, 3.0, rtol=1e-6)
 
 
 def test_marker_strings_use_the_model_tokenizer():

@@ -1,11 +1,12 @@
-"""Selection edits (``experts_off``, SteerMoE's off-only switch): as a block's first edit they stand
-in for the router's own selection (moelab.models.edits). The fast path against the general one (the
+"""Selection edits (``experts_off``, SteerMoE's off-only switch, RICE's ``scale_weights``): as a
+block's first edit they stand in for the router's own selection (moelab.models.edits). The fast path against the general one (the
 same edit behind an identity edit: the family's selection, then the rule's re-selection) and against
 the float64 reference with -inf logits.
 
-Tolerances: the two paths run the same rule on the same selection key, so routing, block outputs
-and counts agree exactly (float64 and float32 models); against ``reference_forward`` 1e-6 as in
-tests/steer/test_edits.py (several families route in float32).
+Tolerances: the two paths of a barring edit run the same rule on the same selection key, so
+routing, block outputs and counts agree exactly (float64 and float32 models); ``scale_weights``'
+general path scales the family's own weights, its fast path the rule's: 1e-6, as against
+``reference_forward`` in tests/steer/test_edits.py (several families route in float32).
 """
 
 import math
@@ -15,8 +16,9 @@ import pytest
 import torch
 
 from moelab.models import open_model, reference_forward
+from moelab.models.reference import expert_forward, reference_route
 from moelab.models.tiny import native_block_output, tiny_model
-from moelab.steer import experts_off, switch_experts
+from moelab.steer import experts_off, scale_weights, switch_experts
 
 # (family, config overrides): the families whose adapters let the seam stand in for the router
 CASES = [
@@ -48,6 +50,8 @@ def _edits(view, block, kind):
     off = {block.layer: _off(block)}
     if kind == "off":
         return experts_off(view, off)
+    if kind == "scale":
+        return scale_weights(view, {block.layer: dict.fromkeys(off[block.layer], 2.5)})
     return switch_experts(view, off=off, strength=0.3)
 
 
@@ -77,7 +81,26 @@ def _run(view, block, x, kind, general: bool):
     return out, seen[0], dict(h.counts[block.layer])
 
 
-@pytest.mark.parametrize("kind", ["off", "soft-off"])
+def _by_id(ev):
+    """The event's slots sorted by expert id."""
+    ids_TK, order_TK = ev.ids_TK.sort(-1)
+    return replace(ev, ids_TK=ids_TK, weights_TK=ev.weights_TK.gather(-1, order_TK))
+
+
+def _scaled_reference(b, x, experts, factor):
+    """The block's float64 reference output with ``experts``' combine weights times ``factor``: the
+    plain reference plus ``(factor - 1) w_k E_k(x)`` for each slot that chose one (a token at a time)."""
+    _, ids_TK, w_TK = reference_route(b, x)
+    x_TH = x.reshape(-1, b.hidden_size).to(torch.float64)
+    extra = torch.zeros_like(x_TH)
+    for t in range(x_TH.shape[0]):
+        for e, w in zip(ids_TK[t].tolist(), w_TK[t].tolist(), strict=True):
+            if e in experts:
+                extra[t] += (factor - 1) * w * expert_forward(b, e, x_TH[t:t + 1])[0]
+    return reference_forward(b, x) + extra.reshape(x.shape)
+
+
+@pytest.mark.parametrize("kind", ["off", "soft-off", "scale"])
 @pytest.mark.parametrize("family,overrides", CASES, ids=[c[0] for c in CASES])
 def test_fast_path_equals_the_general_path(monkeypatch, family, overrides, kind):
     view = _view(family, **overrides)
@@ -89,11 +112,21 @@ def test_fast_path_equals_the_general_path(monkeypatch, family, overrides, kind)
     assert calls.n == 0, f"{family}: the router's own selection ran under a selection edit"
     slow, ev_slow, c_slow = _run(view, b, x, kind, general=True)
     assert calls.n == 1
-    assert torch.equal(fast, slow), family  # the same rule on the same key: bit for bit
     assert c_fast == c_slow, family
     assert c_fast["affected"] > 0 and c_fast["tokens"] == 18, family
-    assert torch.equal(ev_fast.ids_TK, ev_slow.ids_TK) and torch.equal(ev_fast.weights_TK, ev_slow.weights_TK)
     torch.testing.assert_close(ev_fast.logits_TE, ev_slow.logits_TE, rtol=0, atol=0)
+    if kind == "scale":
+        # the general path scales the family's own weights, the fast one the rule's: the same
+        # experts, in the family's slot order or the rule's, and the same weights up to the
+        # family's float32 routing (1e-6)
+        assert rel_err(fast, slow) <= 1e-6, family
+        ev_fast, ev_slow = _by_id(ev_fast), _by_id(ev_slow)
+        assert torch.equal(ev_fast.ids_TK, ev_slow.ids_TK)
+        torch.testing.assert_close(ev_fast.weights_TK, ev_slow.weights_TK, rtol=1e-6, atol=0)
+        assert rel_err(fast, _scaled_reference(b, x, _off(b), 2.5)) <= 1e-6, family
+        return
+    assert torch.equal(fast, slow), family  # the same rule on the same key: bit for bit
+    assert torch.equal(ev_fast.ids_TK, ev_slow.ids_TK) and torch.equal(ev_fast.weights_TK, ev_slow.weights_TK)
     if kind == "off":
         bias = torch.zeros(b.num_experts, dtype=torch.float64)
         bias[_off(b)] = -math.inf
@@ -103,19 +136,24 @@ def test_fast_path_equals_the_general_path(monkeypatch, family, overrides, kind)
 
 @pytest.mark.parametrize("family,overrides", CASES[:1] + CASES[3:4] + CASES[5:6],
                          ids=["DeepSeek-V3", "Qwen3-MoE", "Mixtral"])
-def test_fast_path_in_float32_equals_the_general_path(family, overrides):
+@pytest.mark.parametrize("kind", ["off", "scale"])
+def test_fast_path_in_float32_equals_the_general_path(family, overrides, kind):
     """float32 models: the weights reach the experts in the family's dtype on both paths."""
     view = _view(family, dtype=torch.float32, **overrides)
     b = view.blocks[-1]
     torch.manual_seed(6)
     x = torch.randn(2, 9, b.hidden_size)
-    fast, ev_fast, c_fast = _run(view, b, x, "off", general=False)
-    slow, ev_slow, c_slow = _run(view, b, x, "off", general=True)
-    assert ev_fast.weights_TK.dtype == ev_slow.weights_TK.dtype
-    assert torch.equal(fast, slow) and c_fast == c_slow, family
+    fast, ev_fast, c_fast = _run(view, b, x, kind, general=False)
+    slow, ev_slow, c_slow = _run(view, b, x, kind, general=True)
+    assert ev_fast.weights_TK.dtype == ev_slow.weights_TK.dtype and c_fast == c_slow, family
+    if kind == "scale":  # the family's weights or the rule's (float32 rounding)
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-7)
+    else:
+        assert torch.equal(fast, slow), family
 
 
-def test_one_token_calls_equal_the_batch(monkeypatch):
+@pytest.mark.parametrize("kind", ["off", "scale"])
+def test_one_token_calls_equal_the_batch(monkeypatch, kind):
     """Token by token (decode steps) through the fast path: each equals the same token within one
     batch (float32 routing: DeepSeek's router runs in float32, 1e-6), with the same counts."""
     view = _view("DeepSeek-V3", n_group=1, topk_group=1)
@@ -123,7 +161,7 @@ def test_one_token_calls_equal_the_batch(monkeypatch):
     torch.manual_seed(7)
     x = torch.randn(10, 1, b.hidden_size, dtype=torch.float64)
     calls = _OwnCalls(monkeypatch, b.router_module)
-    with torch.no_grad(), experts_off(view, {b.layer: _off(b)}) as h:
+    with torch.no_grad(), _edits(view, b, kind) as h:
         batch = native_block_output(b, x.reshape(1, 10, -1)).reshape(10, 1, -1)
         counts = dict(h.counts[b.layer])
         h.reset()
@@ -191,7 +229,8 @@ def test_a_router_call_the_experts_never_saw_leaves_nothing_behind():
             torch.testing.assert_close(native_block_output(b, x), want, rtol=0, atol=0)
 
 
-def test_deferred_affected_counts_equal_the_per_call_count(monkeypatch):
+@pytest.mark.parametrize("kind,counter,arg", [("off", "barred_chosen", 2), ("scale", "tokens_choosing", 1)])
+def test_deferred_affected_counts_equal_the_per_call_count(monkeypatch, kind, counter, arg):
     """One-token calls' ``affected`` is counted in batches (and when ``counts`` is read): the same
     total as counting each call at once, whatever the number of calls."""
     from moelab.steer import edits as E
@@ -200,14 +239,14 @@ def test_deferred_affected_counts_equal_the_per_call_count(monkeypatch):
     b = view.blocks[-1]
     torch.manual_seed(7)
     xs = [torch.randn(1, 1, b.hidden_size, dtype=torch.float64) for _ in range(E._DEFER_CALLS + 9)]
-    own, calls = E.barred_chosen, []
-    monkeypatch.setattr(E, "barred_chosen", lambda *a: calls.append(a[2].ids_TK.shape[0]) or own(*a))
+    own, calls = getattr(E, counter), []
+    monkeypatch.setattr(E, counter, lambda *a: calls.append(a[arg].ids_TK.shape[0]) or own(*a))
 
     def counts(defer: bool, upto: int) -> dict:
         old = E._DEFER_TOKENS
         E._DEFER_TOKENS = old if defer else 0
         try:
-            with torch.no_grad(), _edits(view, b, "off") as h:
+            with torch.no_grad(), _edits(view, b, kind) as h:
                 for x in xs[:upto]:
                     native_block_output(b, x)
                 return dict(h.counts[b.layer])

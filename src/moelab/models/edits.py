@@ -20,11 +20,12 @@ The seam lives on the block module itself, so every view opened on the same mode
 torch hooks are installed with the first edit or hook and removed with the last.
 
 *Selection edits* skip the re-selection. An edit that only changes what the family's rule chooses
-from (``experts_off``, SteerMoE's soft-off) may carry ``edit.preselect(block, logits_TE) ->
-(edited_TE, offset_E)`` (``offset_E``: -inf for the experts it bars, else 0; see
+from (``experts_off``, SteerMoE's soft-off) or the weights of what it chose (RICE's
+``scale_weights``) may carry ``edit.preselect(block, logits_TE) -> (edited_TE, offset_E)``
+(``offset_E``: -inf for the experts it bars, else 0, or None where it bars none; see
 :func:`moelab.models.rule.select_barred` for what it promises), ``edit.preselected(block, logits_TE,
-routing)`` (told the unedited
-logits and the routing chosen, e.g. to count). Where the adapter knows how its router computes its
+routing)`` (told the unedited logits and the routing chosen, e.g. to count) and, optionally,
+``edit.reweight(block, ids_TK, weights_TK) -> weights_TK`` (the weights the experts get). Where the adapter knows how its router computes its
 logits (``experts_prehook_installer(router_logits=...)``) and such an edit is the block's first,
 the router's own selection is replaced by the rule on the edited logits
 (:func:`preselect_route`): one selection per call instead of the family's and then a second one.
@@ -179,10 +180,13 @@ def preselect_route(block: MoEBlockView, edit: RoutingEdit, logits_TE: Tensor,
                     weights_dtype: torch.dtype) -> Routing:
     """The routing a selection edit asks for: the block's rule on ``edit.preselect``'s logits with
     its barred experts (:func:`moelab.models.rule.select_barred`); weights in ``weights_dtype`` (the
-    family's), differentiable in the logits. Equal to ``edit``'s own re-selection."""
+    family's), then ``edit.reweight``'s where it has one; differentiable in the logits. Equal to
+    ``edit``'s own re-selection (or reweighting)."""
     edited_TE, offset_E = edit.preselect(block, logits_TE)
     ids_TK, w_TK = select_barred(block, edited_TE, offset_E)
-    return Routing(edited_TE, ids_TK, w_TK if w_TK.dtype == weights_dtype else w_TK.to(weights_dtype))
+    w_TK = w_TK if w_TK.dtype == weights_dtype else w_TK.to(weights_dtype)
+    reweight = getattr(edit, "reweight", None)
+    return Routing(edited_TE, ids_TK, w_TK if reweight is None else reweight(block, ids_TK, w_TK))
 
 
 def for_experts(routing: Routing, num_experts: int) -> tuple[Tensor, Tensor]:

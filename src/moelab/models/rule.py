@@ -127,9 +127,9 @@ def _normalised(block: MoEBlockView, w_TK: Tensor) -> Tensor:
     return w_TK
 
 
-def select_barred(block: MoEBlockView, logits_TE: Tensor, offset_E: Tensor) -> tuple[Tensor, Tensor]:
-    """``(ids_TK, weights_TK)``: :func:`select_slots` with ``barred_E = isneginf(offset_E)``, the
-    barring done by adding ``offset_E`` (0, or -inf where barred) to the selection key: one op where
+def select_barred(block: MoEBlockView, logits_TE: Tensor, offset_E: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(ids_TK, weights_TK)``: :func:`select_slots` with ``barred_E = isneginf(offset_E)`` (None:
+    none barred), the barring done by adding ``offset_E`` (0, or -inf where barred) to the selection key: one op where
     the general rule tests every logit and masks the key. At least float32, differentiable.
 
     For selection edits (:mod:`moelab.models.edits`), which guarantee what the general rule would
@@ -145,7 +145,7 @@ def select_barred(block: MoEBlockView, logits_TE: Tensor, offset_E: Tensor) -> t
     key_TE = scores_TE
     if block.correction_bias is not None:
         key_TE = scores_TE + block.correction_bias.to(scores_TE.dtype)
-    ids_TK = (key_TE + offset_E).topk(block.top_k, dim=-1).indices
+    ids_TK = (key_TE if offset_E is None else key_TE + offset_E).topk(block.top_k, dim=-1).indices
     return ids_TK, _normalised(block, scores_TE.gather(-1, ids_TK))
 
 

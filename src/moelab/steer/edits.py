@@ -139,7 +139,8 @@ _DEFER_TOKENS, _DEFER_CALLS = 16, 64
 
 
 class _CountingEdit:
-    """An edit body, counting into ``counts`` what it did; a selection edit where the body is one."""
+    """An edit body, counting into ``counts`` what it did; a selection edit where the body is one
+    (with the body's ``reweight`` and its own ``affected(block, routing) -> int`` count, if any)."""
 
     def __init__(self, body: EditBody, counts: dict[str, int]) -> None:
         self.body, self.counts = body, counts
@@ -147,6 +148,7 @@ class _CountingEdit:
         self._pending: list[tuple[MoEBlockView, Tensor, Tensor, Tensor]] = []  # (block, logits, ids, barred)
         if getattr(body, "preselect", None) is None:
             self.preselect = self.preselected = None
+        self.reweight = getattr(body, "reweight", None)
 
     def __call__(self, block: MoEBlockView, hidden_TH: Tensor, routing: Routing) -> Routing:
         out, extra = self.body(block, hidden_TH, routing)
@@ -155,7 +157,7 @@ class _CountingEdit:
         self._count(routing, out, extra)
         return out
 
-    def preselect(self, block: MoEBlockView, logits_TE: Tensor) -> tuple[Tensor, Tensor]:
+    def preselect(self, block: MoEBlockView, logits_TE: Tensor) -> tuple[Tensor, Tensor | None]:
         edited_TE, offset_E, self._barred_E = self.body.preselect(block, logits_TE)
         return edited_TE, offset_E
 
@@ -163,12 +165,17 @@ class _CountingEdit:
         """Count a call whose router already chose ``out`` with this edit's selection (``affected``
         of a few-token call deferred to :meth:`flush`)."""
         if out.ids_TK.shape[0] > _DEFER_TOKENS or out.mask_TK is not None:
-            self._count(out, out, {"affected": barred_chosen(block, logits_TE, out, self._barred_E)})
+            self._count(out, out, {"affected": self._affected_of(block, logits_TE, out, self._barred_E)})
             return
         self._count(out, out, {})
         self._pending.append((block, logits_TE.detach(), out.ids_TK, self._barred_E))
         if len(self._pending) >= _DEFER_CALLS:
             self.flush()
+
+    def _affected_of(self, block: MoEBlockView, logits_TE: Tensor | None, out: Routing,
+                     barred_E: Tensor | None) -> int:
+        own = getattr(self.body, "affected", None)
+        return own(block, out) if own is not None else barred_chosen(block, logits_TE, out, barred_E)
 
     def flush(self) -> None:
         """Add the deferred calls' ``affected`` (one count over all their tokens where they share
@@ -179,11 +186,12 @@ class _CountingEdit:
         block, barred_E = pending[0][0], pending[0][3]
         if all(p[3] is barred_E for p in pending):
             ids_TK = torch.cat([p[2] for p in pending])
-            joined = Routing(None, ids_TK, ids_TK)  # barred_chosen reads the ids (and no mask)
-            self.counts["affected"] += barred_chosen(block, torch.cat([p[1] for p in pending]), joined, barred_E)
+            joined = Routing(None, ids_TK, ids_TK)  # the counts read the ids (and no mask)
+            logits_TE = None if hasattr(self.body, "affected") else torch.cat([p[1] for p in pending])
+            self.counts["affected"] += self._affected_of(block, logits_TE, joined, barred_E)
             return
         for blk, logits_TE, ids_TK, barred in pending:
-            self.counts["affected"] += barred_chosen(blk, logits_TE, Routing(None, ids_TK, ids_TK), barred)
+            self.counts["affected"] += self._affected_of(blk, logits_TE, Routing(None, ids_TK, ids_TK), barred)
 
     def _count(self, routing: Routing, out: Routing, extra: dict[str, int]) -> None:
         counts = self.counts
@@ -193,13 +201,17 @@ class _CountingEdit:
             counts[key] = counts.get(key, 0) + n
 
 
+def plain_selection(block: MoEBlockView) -> bool:
+    """True when the rule's selection is one top-k of one key (no group-limited routing, no
+    SparseMixer rounds): what :func:`moelab.models.rule.select_barred` needs of a selection edit."""
+    return not (block.n_group is not None and block.n_group > 1) and block.scoring != "sparsemixer"
+
+
 def selection_counts_exact(block: MoEBlockView) -> bool:
     """True when barring experts keeps the rule's order of every other expert (per-expert sigmoid
-    scores, or a softmax without a correction bias) and nothing else changes the selection (no
-    group-limited routing, no SparseMixer rounds): then :func:`barred_chosen` counts exactly."""
-    if (block.n_group is not None and block.n_group > 1) or block.scoring == "sparsemixer":
-        return False
-    return block.scoring == "sigmoid" or block.correction_bias is None
+    scores, or a softmax without a correction bias) and nothing else changes the selection
+    (:func:`plain_selection`): then :func:`barred_chosen` counts exactly."""
+    return plain_selection(block) and (block.scoring == "sigmoid" or block.correction_bias is None)
 
 
 def barred_chosen(block: MoEBlockView, logits_TE: Tensor, out: Routing, barred_E: Tensor) -> int:
@@ -372,7 +384,12 @@ def logit_offsets(model: ModelView | nn.Module, offsets: Mapping[int, Tensor]) -
 
 def scale_weights(model: ModelView | MoEBlockView | nn.Module,
                   factors: Mapping[int, Mapping[int, float]]) -> EditHandle:
-    """Multiply experts' combine weights: ``{layer: {expert: factor}}`` (RICE reinforcement)."""
+    """Multiply experts' combine weights: ``{layer: {expert: factor}}`` (RICE reinforcement).
+
+    As a block's first edit where the family's selection is one top-k (:func:`plain_selection`) and
+    its adapter knows the router's logits, the router's selection is stood in for by the family's
+    rule (:mod:`moelab.models.edits`) and the weights are scaled there: the same experts and
+    weights as the family's up to its float32 routing's rounding, in the rule's slot order."""
     view = edit_view(model)
 
     def make(block: MoEBlockView, value) -> EditBody:
@@ -388,20 +405,35 @@ def scale_weights(model: ModelView | MoEBlockView | nn.Module,
         scale = torch.ones(block.num_experts, dtype=torch.float64)
         for e, f in value.items():
             scale[e] = float(f)
-        consts: dict = {}  # per (device, dtype) of the weights: (scale_E, scaled_E bool), made once
+        scales: dict = {}  # scale_E per (device, dtype) of the weights, made once
+        flags: dict = {}  # scaled_E (bool) per device
+
+        def scale_E(w: Tensor) -> Tensor:
+            got = scales.get((w.device, w.dtype))
+            if got is None:
+                got = scales[(w.device, w.dtype)] = scale.to(device=w.device, dtype=w.dtype)
+            return got
+
+        def scaled_E(ids: Tensor) -> Tensor:
+            got = flags.get(ids.device)
+            if got is None:
+                got = flags[ids.device] = (scale != 1).to(ids.device)
+            return got
 
         def body(block, hidden_TH, routing):
             w = routing.weights_TK
-            got = consts.get((w.device, w.dtype))
-            if got is None:
-                got = consts[(w.device, w.dtype)] = (scale.to(device=w.device, dtype=w.dtype),
-                                                     (scale != 1).to(w.device))
-            scale_E, scaled_E = got
             ids_TK = routing.ids_TK if routing.mask_TK is None else routing.ids_TK.clamp(0, block.num_experts - 1)
             # a switched-off slot's weight is 0, so scaling it is harmless
-            return routing.replace(weights_TK=w * scale_E.take(ids_TK)), \
-                {"affected": tokens_choosing(scaled_E, routing, block.num_experts)}
+            return routing.replace(weights_TK=w * scale_E(w).take(ids_TK)), \
+                {"affected": tokens_choosing(scaled_E(ids_TK), routing, block.num_experts)}
 
+        if plain_selection(block):
+            # a selection edit that bars nothing: the router's selection is stood in for by the
+            # family's rule and the weights are scaled there (``reweight``), so the experts' pre-hook
+            # has no edited routing to hand over (moelab.models.edits)
+            body.preselect = lambda block, logits: (logits, None, None)
+            body.reweight = lambda block, ids_TK, w_TK: w_TK * scale_E(w_TK).take(ids_TK)  # every slot real
+            body.affected = lambda block, out: tokens_choosing(scaled_E(out.ids_TK), out, block.num_experts)
         return body
 
     return install_edit(view, "scale_weights", factors, make)
@@ -497,5 +529,5 @@ def route_to_rank(model: ModelView | nn.Module, ranks: Mapping[int, int]) -> Edi
 __all__ = ["EditBody", "EditHandle", "check_expert_ids", "chosen_experts", "drop_slots", "edit_view",
            "expert_flags", "experts_off", "experts_on", "install_edit", "logit_offsets", "off_constants",
            "route_to_rank",
-           "barred_chosen", "scale_weights", "selection_counts_exact", "skip_below", "tokens_choosing",
+           "barred_chosen", "plain_selection", "scale_weights", "selection_counts_exact", "skip_below", "tokens_choosing",
            "weak_slots", "weights_ignore_unchosen"]
