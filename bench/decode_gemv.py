@@ -3,6 +3,7 @@
     nice -n 10 python bench/decode_gemv.py --threads 1            # one token, ~1 minute
     nice -n 10 python bench/decode_gemv.py --threads 1 --tokens 4 # the per-token paths at T=4
     nice -n 10 python bench/decode_gemv.py --quick                # small sizes: checks that it runs
+    nice -n 10 python bench/decode_gemv.py --threads 1,2 --native # and a C++/OpenMP kernel (ninja)
 
 T tokens (default 1) through the experts of the fine-grained block (H1024 I256 E64 k8, float32,
 SwiGLU): each candidate computes ``y_t = sum_k w_tk down_e(silu(gate_e x_t) * up_e x_t)``, reading
@@ -25,8 +26,12 @@ and, at T=1 only, hand-written one-token forwards:
 - ``matmul wT``: per expert ``x_H @ w.T`` (``torch.matmul`` of a vector with the transposed slice);
 - ``mv fused gate_up``: ``mv`` on a ``[E, 2I, H]`` fused gate/up tensor (transformers' layout:
   one product instead of two; the fused copy is made once at setup, not per call);
+- ``native omp`` (``--native``): bench/_native_mv.py's C++/OpenMP kernel, every slice's dot
+  products in one parallel region (three calls per token);
 - ``read only``: ``w.sum()`` of each active slice (a pure streaming read: what the CPU reaches
-  reading these slices without any product; not a forward).
+  reading these slices without any product; not a forward);
+- ``read packed per expert`` / ``read contiguous``: the same bytes read as one ``[3, I, H]`` block
+  per expert (gate, up, down transposed) / as one contiguous tensor: what other layouts would allow.
 
 At each of ``--threads`` (default 1,2; ``torch.set_num_threads``). Median of ``--reps`` after warm-up;
 candidates interleaved within each repetition so load drift hits all alike.
@@ -114,9 +119,18 @@ def read_only(ids, gate_EIH, up_EIH, down_EHI):
     return sum(float(t[e].sum()) for e in ids for t in (gate_EIH, up_EIH, down_EHI))
 
 
-def candidates(ex: Experts, x_TH, ids_TK, w_TK, gate_up_E2IH):
+def read_ceilings(ids, gate_EIH, up_EIH, down_EHI) -> dict:
+    """Reads of the same bytes in other layouts (no product; made once, not per run): one contiguous
+    tensor, and per expert one ``[3, I, H]`` block (gate, up and down transposed, packed)."""
+    packed_E3IH = torch.stack([gate_EIH, up_EIH, down_EHI.transpose(1, 2)], dim=1).contiguous()
+    flat = torch.cat([packed_E3IH[e].reshape(-1) for e in ids])
+    return {"read contiguous": lambda: float(flat.sum()),
+            "read packed per expert": lambda: sum(float(packed_E3IH[e].sum()) for e in ids)}
+
+
+def candidates(ex: Experts, x_TH, ids_TK, w_TK, gate_up_E2IH, native=None):
     """name -> zero-argument function computing the forward (or the read) of the tokens; the
-    hand-written one-token candidates only at T=1."""
+    hand-written one-token candidates only at T=1 (``native``: the module of bench/_native_mv.py)."""
     from moelab.nn import _dispatch
     from moelab.nn.experts import _grouped_mm_forward
 
@@ -132,19 +146,23 @@ def candidates(ex: Experts, x_TH, ids_TK, w_TK, gate_up_E2IH):
     if x_TH.shape[0] > 1:
         return fns
     ids, w_K, x_H = ids_TK[0].tolist(), w_TK[0].tolist(), x_TH[0]
-    return fns | {
+    fns |= {
         "mv": lambda: mv_forward(x_H, ids, w_K, g, u, d),
         "matmul wT": lambda: matmul_forward(x_H, ids, w_K, g, u, d),
         "mv fused gate_up": lambda: mv_fused_forward(x_H, ids, w_K, gate_up_E2IH, d),
-        "read only": lambda: read_only(ids, g, u, d),
     }
+    if native is not None:
+        from _native_mv import native_forward
+
+        fns["native omp"] = lambda: native_forward(native, x_H, ids_TK[0], w_TK[0, :, None], g, u, d)
+    return fns | {"read only": lambda: read_only(ids, g, u, d), **read_ceilings(ids, g, u, d)}
 
 
 def check_agree(fns: dict, ref) -> None:
     """Every forward candidate gives the reference's output (float32, loose tolerance)."""
     with torch.no_grad():
         for n, fn in fns.items():
-            if n != "read only":
+            if not n.startswith("read "):
                 y = fn().reshape(ref.shape)
                 torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5, msg=n)
 
@@ -174,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", default="1,2", help="intra-op thread counts to time, comma-separated")
     ap.add_argument("--tokens", type=int, default=1, help="tokens per forward (T)")
+    ap.add_argument("--native", action="store_true",
+                    help="also time a C++/OpenMP kernel (bench/_native_mv.py; needs a compiler and ninja)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     case = QUICK_CASE if args.quick else CASE
@@ -186,7 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     x_TH = torch.randn(T, H)
     ids_TK = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
     w_TK = torch.softmax(torch.randn(T, k), -1)
-    fns = candidates(ex, x_TH, ids_TK, w_TK, gate_up_E2IH)
+    native = None
+    if args.native and T == 1:
+        from _native_mv import build
+
+        native = build()
+    fns = candidates(ex, x_TH, ids_TK, w_TK, gate_up_E2IH, native)
     with torch.no_grad():
         check_agree(fns, ex.reference(x_TH, ids_TK, w_TK))
     load_before = os.getloadavg()[0]

@@ -312,3 +312,23 @@ def test_one_token_inference_takes_the_decode_path(monkeypatch):
             ex(x, ids, w)
         ex(x[:1], ids[:1], w[:1])  # parameters need grad: the loop with its backward
     assert len(calls) == 2
+
+
+def test_one_token_plan_equals_the_general_plan(monkeypatch):
+    """make_plan of one token (a decode step) is built in Python: the same slots, tokens and counts
+    as the sorted plan, also with repeated ids; an out-of-range id takes the general path."""
+    from moelab.nn import _dispatch
+
+    g = torch.Generator().manual_seed(4)
+    cases = [torch.randperm(16, generator=g)[:4][None] for _ in range(20)]
+    cases += [torch.randint(0, 5, (1, 6), generator=g) for _ in range(20)]  # repeats
+    for ids in cases:
+        fast = _dispatch.make_plan(ids, None, 16)
+        monkeypatch.setattr(_dispatch, "_one_token_plan", lambda *a: None)
+        slow = _dispatch.make_plan(ids, None, 16)
+        monkeypatch.undo()
+        assert torch.equal(fast.slot_R, slow.slot_R) and torch.equal(fast.tok_R, slow.tok_R), ids
+        assert fast.slot_R.dtype == slow.slot_R.dtype == torch.int64
+        assert (fast.counts, fast.num_real, fast.T, fast.K) == (slow.counts, slow.num_real, slow.T, slow.K)
+    assert _dispatch._one_token_plan([3, 16], 16, torch.device("cpu")) is None
+    assert _dispatch._one_token_plan([-1, 2], 16, torch.device("cpu")) is None

@@ -50,6 +50,11 @@ class Plan:
 
 def make_plan(ids_TK: Tensor, mask_TK: Tensor | None, num_experts: int) -> Plan:
     T, K = ids_TK.shape
+    # NOTE: on the CPU only: on an accelerator the Python plan costs a copy each way (not measured)
+    if T == 1 and mask_TK is None and ids_TK.device.type == "cpu":
+        plan = _one_token_plan(ids_TK[0].tolist(), num_experts, ids_TK.device)
+        if plan is not None:
+            return plan
     key_N = ids_TK.reshape(-1)
     if mask_TK is not None:
         key_N = torch.where(mask_TK.reshape(-1), key_N, num_experts)
@@ -58,6 +63,20 @@ def make_plan(ids_TK: Tensor, mask_TK: Tensor | None, num_experts: int) -> Plan:
     R = int(sum(counts))
     slot_R = order_N[:R]
     return Plan(slot_R, slot_R // K, counts, R, T, K)
+
+
+def _one_token_plan(ids_K: list[int], num_experts: int, device: torch.device) -> Plan | None:
+    """:func:`make_plan` of one token (a decode step) in Python, without its five small ops (a
+    stable sort of K ids, a bincount): the same plan. None where an id is out of range (the
+    general path's handling of it stands)."""
+    counts = [0] * num_experts
+    for e in ids_K:
+        if not 0 <= e < num_experts:
+            return None
+        counts[e] += 1
+    order = sorted(range(len(ids_K)), key=ids_K.__getitem__)  # stable, as argsort(stable=True)
+    slot_R = torch.tensor(order, dtype=torch.int64, device=device)
+    return Plan(slot_R, torch.zeros_like(slot_R), counts, len(order), 1, len(ids_K))
 
 
 def _gated(act: Act, h_gate: Tensor | None, h_up: Tensor) -> Tensor:
