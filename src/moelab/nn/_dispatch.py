@@ -176,19 +176,21 @@ def decode_forward(x_TH, w_TK, plan, gate, up, down, b_gate, b_up, b_down, act) 
     Why: at one row, ``mm`` on ``[1, in]`` and ``grouped_mm`` read the weights ~20 % slower than
     ``mv``, whose reduction runs along the slices' contiguous rows (bench/decode_gemv.py).
     """
-    w_R = slot_weights(w_TK, plan, x_TH.dtype)
     y_TH = x_TH.new_zeros(plan.T, down.shape[1])
-    # Python lists and row views made once: per-slot tensor indexing costs as much as an op
-    tok_R, w_list, x_rows, y_rows = plan.tok_R.tolist(), w_R.tolist(), x_TH.unbind(), y_TH.unbind()
+    # Python lists and row views made once: per-slot tensor indexing costs as much as an op; the
+    # slots' weights are looked up in Python (no index_select), in the inputs' dtype as elsewhere
+    w_N = (w_TK if w_TK.dtype == x_TH.dtype else w_TK.to(x_TH.dtype)).reshape(-1).tolist()
+    slots, tok_R = plan.slot_R.tolist(), plan.tok_R.tolist()
+    x_rows, y_rows = x_TH.unbind(), y_TH.unbind()
     for e, s, n in _rows(plan):
         if n == 1:
             t = tok_R[s]
-            _mv_slot(y_rows[t], x_rows[t], w_list[s], e, gate, up, down, b_gate, b_up, b_down, act)
+            _mv_slot(y_rows[t], x_rows[t], w_N[slots[s]], e, gate, up, down, b_gate, b_up, b_down, act)
             continue
         tok_e = plan.tok_R[s : s + n]
+        w_n1 = torch.tensor([[w_N[j]] for j in slots[s : s + n]], dtype=x_TH.dtype, device=x_TH.device)
         h_gate, h_up = project_in(x_TH.index_select(0, tok_e), e, gate, up, b_gate, b_up)
-        o_e = weighted_out(act, h_gate, h_up, w_R[s : s + n, None], down[e], _at(b_down, e))
-        y_TH.index_add_(0, tok_e, o_e)
+        y_TH.index_add_(0, tok_e, weighted_out(act, h_gate, h_up, w_n1, down[e], _at(b_down, e)))
     return y_TH
 
 
