@@ -229,18 +229,25 @@ def test_a_router_call_the_experts_never_saw_leaves_nothing_behind():
             torch.testing.assert_close(native_block_output(b, x), want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind,counter,arg", [("off", "barred_chosen", 2), ("scale", "tokens_choosing", 1)])
-def test_deferred_affected_counts_equal_the_per_call_count(monkeypatch, kind, counter, arg):
+# the counting function of each edit's deferred count, and the module that calls it
+_COUNTERS = [("off", "edit_kit", "barred_chosen", 2), ("scale", "edits", "tokens_choosing", 1)]
+
+
+@pytest.mark.parametrize("kind,module,counter,arg", _COUNTERS, ids=[c[0] for c in _COUNTERS])
+def test_deferred_affected_counts_equal_the_per_call_count(monkeypatch, kind, module, counter, arg):
     """One-token calls' ``affected`` is counted in batches (and when ``counts`` is read): the same
     total as counting each call at once, whatever the number of calls."""
-    from moelab.steer import edits as E
+    import importlib
+
+    from moelab.steer import edit_kit as E
 
     view = _view(*CASES[0][:1], **CASES[0][1])
     b = view.blocks[-1]
     torch.manual_seed(7)
     xs = [torch.randn(1, 1, b.hidden_size, dtype=torch.float64) for _ in range(E._DEFER_CALLS + 9)]
-    own, calls = getattr(E, counter), []
-    monkeypatch.setattr(E, counter, lambda *a: calls.append(a[arg].ids_TK.shape[0]) or own(*a))
+    mod = importlib.import_module(f"moelab.steer.{module}")
+    own, calls = getattr(mod, counter), []
+    monkeypatch.setattr(mod, counter, lambda *a: calls.append(a[arg].ids_TK.shape[0]) or own(*a))
 
     def counts(defer: bool, upto: int) -> dict:
         old = E._DEFER_TOKENS

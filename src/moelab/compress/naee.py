@@ -51,7 +51,8 @@ from moelab.models import (
     reference_route,
 )
 from moelab.routing import Routing
-from moelab.steer.edits import EditHandle, skip_below
+from moelab.steer.edit_kit import EditHandle
+from moelab.steer.edits import skip_below
 
 CHUNK_ELEMENTS = 1 << 24  # expert outputs [T_chunk, E, H] / Grams [T_chunk, E, E] held at once (float64: 128 MiB)
 

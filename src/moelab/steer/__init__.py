@@ -2,8 +2,8 @@
 
 The stock routing edits (the contract later stages build on) are in :mod:`moelab.steer.edits`:
 ``experts_off``, ``experts_on``, ``logit_offsets``, ``route_to_rank``, ``scale_weights`` and
-``skip_below``. Each
-returns an :class:`EditHandle` with ``remove()``, ``with`` support and per-layer counts.
+``skip_below``. Each returns an :class:`EditHandle` with ``remove()``, ``with`` support and
+per-layer counts; :mod:`moelab.steer.edit_kit` has the building blocks to write new edits with.
 
 Steering on top of them:
     :mod:`moelab.steer.switch`   SteerMoE soft switching (``switch_experts``)
@@ -19,8 +19,8 @@ Test-time routing: :mod:`moelab.steer.scmoe` (self-contrast decoding), :mod:`moe
 
 from moelab.steer.detect import Detection, detect_experts
 from moelab.steer.dynfile import CountEdit, DyncountConfig, dyncount_edit
+from moelab.steer.edit_kit import EditHandle
 from moelab.steer.edits import (
-    EditHandle,
     experts_off,
     experts_on,
     logit_offsets,

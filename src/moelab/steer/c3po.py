@@ -41,7 +41,7 @@ from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView
 from moelab.run.loss import next_token_nll
 from moelab.steer._fit import FitConfig, FitReport, minimise
-from moelab.steer.edits import EditHandle, edit_view, install_edit
+from moelab.steer.edit_kit import EditHandle, edit_view, install_edit
 
 SURROGATES = ("kernel", "mode", "ngd", "oracle")
 

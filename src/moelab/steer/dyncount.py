@@ -30,7 +30,7 @@ from moelab.models import ModelView, MoEBlockView
 from moelab.models.rule import select
 from moelab.routing import Routing
 from moelab.run import run_batches
-from moelab.steer.edits import EditHandle, edit_view, install_edit
+from moelab.steer.edit_kit import EditHandle, edit_view, install_edit
 
 
 def per_layer_value(view: ModelView, value) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.errors import MoelabError
-from moelab.steer.edits import EditHandle
+from moelab.steer.edit_kit import EditHandle
 
 COUNT_MODES = ("top-k", "top-p", "odp", "top-any")
 _VALUE = {"top-k": "k", "top-p": "p", "odp": "beta"}

@@ -47,7 +47,8 @@ from moelab.steer.dynfile import (
     install_count_edit,
     write_gates,
 )
-from moelab.steer.edits import EditHandle, experts_off, experts_on, scale_weights
+from moelab.steer.edit_kit import EditHandle
+from moelab.steer.edits import experts_off, experts_on, scale_weights
 from moelab.steer.switch import STEERMOE_DELTA, switch_experts
 from moelab.trace.fingerprint import as_view, file_differences, model_fingerprint
 

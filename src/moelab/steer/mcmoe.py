@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView, RoutingEvent
 from moelab.routing import Routing
-from moelab.steer.edits import EditHandle, drop_slots, edit_view, install_edit, weak_slots
+from moelab.steer.edit_kit import EditHandle, edit_view, install_edit
+from moelab.steer.edits import drop_slots, weak_slots
 
 
 @dataclass(frozen=True)

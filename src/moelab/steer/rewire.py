@@ -26,7 +26,8 @@ from moelab.errors import MoelabError
 from moelab.models import ModelView, open_model
 from moelab.run.loss import next_token_nll
 from moelab.steer._fit import FitConfig, FitReport, minimise
-from moelab.steer.edits import EditHandle, logit_offsets
+from moelab.steer.edit_kit import EditHandle
+from moelab.steer.edits import logit_offsets
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ import numpy as np
 from moelab.analysis.npmi import npmi
 from moelab.errors import MoelabError
 from moelab.steer.detect import Detection, ExpertScore, gather_pair, risk_difference
-from moelab.steer.edits import EditHandle, scale_weights
+from moelab.steer.edit_kit import EditHandle
+from moelab.steer.edits import scale_weights
 from moelab.steer.gather import Routed, gather_routing
 from moelab.trace.fingerprint import as_view
 

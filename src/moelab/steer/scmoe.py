@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from moelab.errors import MoelabError
 from moelab.models import ModelView, open_model
-from moelab.steer.edits import EditHandle, route_to_rank
+from moelab.steer.edit_kit import EditHandle
+from moelab.steer.edits import route_to_rank
 
 
 @dataclass(frozen=True)

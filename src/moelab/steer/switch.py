@@ -46,7 +46,7 @@ from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView
 from moelab.models.edits import reselect
 from moelab.routing import Routing
-from moelab.steer.edits import (
+from moelab.steer.edit_kit import (
     EditBody,
     EditHandle,
     check_expert_ids,

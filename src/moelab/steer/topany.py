@@ -41,7 +41,8 @@ from moelab.errors import MoelabError
 from moelab.models import ModelView, MoEBlockView
 from moelab.routing import Routing
 from moelab.run import next_token_nll
-from moelab.steer.edits import EditHandle, drop_slots, edit_view, install_edit, weak_slots
+from moelab.steer.edit_kit import EditHandle, edit_view, install_edit
+from moelab.steer.edits import drop_slots, weak_slots
 
 
 class TopAnyGates(nn.Module):

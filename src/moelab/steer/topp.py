@@ -35,7 +35,8 @@ from moelab.models import ModelView, MoEBlockView
 from moelab.nn.routers.top_p import top_p_select
 from moelab.routing import Routing
 from moelab.steer.dyncount import per_layer_value, reselect_padded, router_probs
-from moelab.steer.edits import EditHandle, chosen_experts, drop_slots, edit_view, install_edit
+from moelab.steer.edit_kit import EditHandle, chosen_experts, edit_view, install_edit
+from moelab.steer.edits import drop_slots
 
 
 def top_p_keep(block: MoEBlockView, routing: Routing, p: float, cap: int) -> Tensor:
