@@ -4,6 +4,8 @@
     nice -n 10 python bench/decode_gemv.py --threads 1 --tokens 4 # the per-token paths at T=4
     nice -n 10 python bench/decode_gemv.py --quick                # small sizes: checks that it runs
     nice -n 10 python bench/decode_gemv.py --threads 1,2 --native # and a C++/OpenMP kernel (ninja)
+    nice -n 10 python bench/decode_gemv.py --rotate 48 --reps 61  # 48 blocks in turn, no flush
+    THP_MEM_ALLOC_ENABLE=1 nice -n 10 python bench/decode_gemv.py --rotate 48 --reps 61  # huge pages
 
 T tokens (default 1) through the experts of the fine-grained block (H1024 I256 E64 k8, float32,
 SwiGLU): each candidate computes ``y_t = sum_k w_tk down_e(silu(gate_e x_t) * up_e x_t)``, reading
@@ -186,6 +188,37 @@ def time_all(fns: dict, threads: list[int], reps: int, flush_mib: int) -> dict[s
     return times
 
 
+def flushed_times(case: dict, T: int, native, threads: list[int], reps: int, flush_mib: int):
+    """``(seconds per candidate, active weight bytes)``: the candidates on one block, the caches
+    flushed before each run, checked against the reference first."""
+    H, inner, E, k = case["H"], case["I"], case["E"], case["k"]
+    torch.manual_seed(0)
+    ex = Experts(ExpertsConfig(num_experts=E, hidden_size=H, inner_size=inner))
+    gate_up_E2IH = torch.cat([ex.gate.detach(), ex.up.detach()], dim=1).contiguous()
+    x_TH = torch.randn(T, H)
+    ids_TK = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    w_TK = torch.softmax(torch.randn(T, k), -1)
+    fns = candidates(ex, x_TH, ids_TK, w_TK, gate_up_E2IH, native)
+    with torch.no_grad():
+        check_agree(fns, ex.reference(x_TH, ids_TK, w_TK))
+    times = time_all(fns, threads, reps, flush_mib)
+    return times, int(torch.unique(ids_TK).numel()) * 3 * H * inner * 4
+
+
+def rotated_times(case: dict, n_layers: int, native, threads: list[int], reps: int):
+    """The same for one token through ``n_layers`` blocks in turn (bench/_decode_rotate.py), the
+    forward candidates checked against each other on the first draw."""
+    import _decode_rotate
+
+    all_draws = _decode_rotate.draws(_decode_rotate.layers(case, n_layers), case["k"], native)
+    with torch.no_grad():
+        first = {n: fn() for n, fn in all_draws[0].items() if not n.startswith("read ")}
+        ref = first.pop("run_experts").reshape(-1)
+        check_agree({n: (lambda y=y: y) for n, y in first.items()}, ref)
+    times = _decode_rotate.time_rotated(all_draws, threads, reps)
+    return times, case["k"] * 3 * case["H"] * case["I"] * 4
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -194,35 +227,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=1, help="tokens per forward (T)")
     ap.add_argument("--native", action="store_true",
                     help="also time a C++/OpenMP kernel (bench/_native_mv.py; needs a compiler and ninja)")
+    ap.add_argument("--rotate", type=int, default=0, metavar="N",
+                    help="one token through N blocks in turn instead of flushing (bench/_decode_rotate.py)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     case = QUICK_CASE if args.quick else CASE
     reps, flush_mib = (3, 64) if args.quick else (args.reps, 1024)
-    H, inner, E, k = case["H"], case["I"], case["E"], case["k"]
-    torch.manual_seed(0)
-    ex = Experts(ExpertsConfig(num_experts=E, hidden_size=H, inner_size=inner))
-    gate_up_E2IH = torch.cat([ex.gate.detach(), ex.up.detach()], dim=1).contiguous()
     T = args.tokens
-    x_TH = torch.randn(T, H)
-    ids_TK = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
-    w_TK = torch.softmax(torch.randn(T, k), -1)
+    if args.rotate and T != 1:
+        raise SystemExit("--rotate: one token only (--tokens 1)")
     native = None
     if args.native and T == 1:
         from _native_mv import build
 
         native = build()
-    fns = candidates(ex, x_TH, ids_TK, w_TK, gate_up_E2IH, native)
-    with torch.no_grad():
-        check_agree(fns, ex.reference(x_TH, ids_TK, w_TK))
-    load_before = os.getloadavg()[0]
     threads = [int(t) for t in args.threads.split(",")]
+    load_before = os.getloadavg()[0]
     bws = {}
     for t in threads:  # the bound at each thread count (a loaded core slows a 2-thread copy)
         torch.set_num_threads(t)
         bws[t] = measure_bandwidth(reps, flush_mib)
     bw = max(bws.values())
-    times = time_all(fns, threads, reps, flush_mib)
-    weight_bytes = int(torch.unique(ids_TK).numel()) * 3 * H * inner * 4
+    if args.rotate:
+        times, weight_bytes = rotated_times(case, args.rotate, native, threads, reps)
+    else:
+        times, weight_bytes = flushed_times(case, T, native, threads, reps, flush_mib)
     rows = {n: {"median_s": statistics.median(ts), "runs_s": ts,
                 "weight_gbytes_per_s": weight_bytes / statistics.median(ts) / 1e9,
                 "vs_memory_bound": weight_bytes / bw / statistics.median(ts)}
@@ -232,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
               "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
               "cpus": os.cpu_count(), "torch": torch.__version__, "case": case, "tokens": T,
-              "reps": reps,
+              "reps": reps, "rotate_layers": args.rotate,
+              # PyTorch puts CPU tensors of >= 2 MB on transparent huge pages when this is 1
+              "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
               "active_weight_bytes": weight_bytes, "copy_bandwidth_gbytes_per_s": bw / 1e9,
               "copy_bandwidth_gbytes_per_s_by_threads": {t: b / 1e9 for t, b in bws.items()},
               "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
@@ -246,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * r['vs_memory_bound']:9.0f} %")
     print(f"load average (1 min) before {load_before:.2f}, after {report['load_average_after']:.2f}")
     out = args.out or (Path("/tmp/decode_gemv_quick.json") if args.quick
-                       else Path(__file__).parent / "results" / f"decode_gemv_T{T}.json")
+                       else Path(__file__).parent / "results"
+                       / f"decode_gemv_T{T}{f'_rotate{args.rotate}' if args.rotate else ''}"
+                         f"{'_thp' if os.environ.get('THP_MEM_ALLOC_ENABLE') == '1' else ''}.json")
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
     return 0

@@ -1,0 +1,84 @@
+"""``bench/decode_gemv.py --rotate N``: one token through N layers' experts in turn, as when decoding
+a model, instead of flushing the caches before each run.
+
+Why: the flush (a 1 GiB write) also evicts the interpreter's and the dispatcher's own code and data,
+which a real decode step keeps hot, so it overstates each op's cost. Here every call goes to the
+next of ``N`` independent expert blocks (201 MB each) with freshly drawn top-k ids (``4 N`` draws,
+reused in turn), so between two uses of a block ``N - 1`` others read ~25 MB each. With ``N`` = 48
+(9.6 GB of weights, a 48-layer model) that is ~1.2 GB, several times the last-level cache (260 MB
+here), and the weights come from DRAM while the code stays cached; with 12 blocks some weights
+are still cached (measured faster). With ``THP_MEM_ALLOC_ENABLE=1`` PyTorch allocates the blocks
+on transparent huge pages (fewer TLB misses over gigabytes of weights).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from moelab.nn import Experts, ExpertsConfig
+
+
+def layers(case: dict, n: int) -> list[Experts]:
+    """``n`` independent expert blocks of the case's shape (seeded 100, 101, ...)."""
+    out = []
+    for i in range(n):
+        torch.manual_seed(100 + i)
+        out.append(Experts(ExpertsConfig(num_experts=case["E"], hidden_size=case["H"], inner_size=case["I"])))
+    return out
+
+
+def draws(blocks: list[Experts], k: int, native=None) -> list[dict]:
+    """Per draw (block ``d % N``, its own ids, weights and token): name -> zero-argument function."""
+    from decode_gemv import mv_forward, plan_mv_forward, read_only
+
+    from moelab.nn import _dispatch
+
+    out, g = [], torch.Generator().manual_seed(7)
+    for d in range(4 * len(blocks)):
+        ex = blocks[d % len(blocks)]
+        gate, up, down = ex.gate.detach(), ex.up.detach(), ex.down.detach()
+        x_TH = torch.randn(1, gate.shape[2], generator=g)
+        ids_TK = torch.randperm(gate.shape[0], generator=g)[:k][None]
+        w_TK = torch.softmax(torch.randn(1, k, generator=g), -1)
+        plan = _dispatch.make_plan(ids_TK, None, ex.num_experts)
+        ids, w_K = ids_TK[0].tolist(), w_TK[0].tolist()
+        fns = {
+            "run_experts": lambda ex=ex, x=x_TH, i=ids_TK, w=w_TK: ex(x, i, w),
+            "plan mv": lambda x=x_TH, w=w_TK, p=plan, a=(gate, up, down), act=ex.act: plan_mv_forward(x, w, p, *a, act),
+            "mv": lambda x=x_TH[0], i=ids, w=w_K, a=(gate, up, down): mv_forward(x, i, w, *a),
+            "read only": lambda i=ids, a=(gate, up, down): read_only(i, *a),
+        }
+        if native is not None:
+            from _native_mv import native_forward
+
+            fns["native omp"] = lambda x=x_TH[0], i=ids_TK[0], w=w_TK[0, :, None], a=(gate, up, down): \
+                native_forward(native, x, i, w, *a)
+        out.append(fns)
+    return out
+
+
+def time_rotated(all_draws: list[dict], threads: list[int], reps: int) -> dict[str, list[float]]:
+    """Seconds per call of each (candidate, thread count): every call takes the next draw in turn
+    (the candidates interleaved, so each call's weights were last read ~4 N calls before)."""
+    names = list(all_draws[0])
+    times: dict[str, list[float]] = {f"{n} @{t}t": [] for t in threads for n in names}
+    turn = 0
+    with torch.no_grad():
+        for t in threads:
+            torch.set_num_threads(t)
+            for _ in range(len(all_draws)):  # warm-up: one pass over every draw
+                all_draws[turn % len(all_draws)][names[turn % len(names)]]()
+                turn += 1
+            for _ in range(reps):
+                for n in names:
+                    fn = all_draws[turn % len(all_draws)][n]
+                    turn += 1
+                    t0 = time.perf_counter()
+                    fn()
+                    times[f"{n} @{t}t"].append(time.perf_counter() - t0)
+    return times
+
+
+__all__ = ["draws", "layers", "time_rotated"]
