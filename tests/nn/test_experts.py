@@ -297,21 +297,50 @@ def test_decode_mv_path_equals_reference(dtype, tol, bias, act, T):
 
 
 def test_one_token_inference_takes_the_decode_path(monkeypatch):
-    """One token without grad runs ``decode_forward`` (float32 and float64, with or without
-    biases); two tokens or a forward that needs gradients do not."""
+    """One token without grad runs ``one_token_forward`` from ``Experts``' own call and
+    ``decode_forward`` from ``run`` on a plan (float32 and float64, with or without biases); two
+    tokens, repeated ids or a forward that needs gradients do not."""
     import moelab.nn._dispatch as disp
 
     calls = []
-    real = disp.decode_forward
-    monkeypatch.setattr(disp, "decode_forward", lambda *a: calls.append(1) or real(*a))
+    for name in ("decode_forward", "one_token_forward"):
+        real = getattr(disp, name)
+        monkeypatch.setattr(disp, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
     for dtype, bias in ((torch.float32, False), (F64, True)):
         ex = make(E=8, H=16, I=8, bias=bias, dtype=dtype)
-        x, ids, w, _ = inputs(2, 2, 8, 16, dtype=dtype)
+        x, _, w, _ = inputs(2, 2, 8, 16, dtype=dtype)
+        ids = torch.tensor([[3, 1], [0, 5]])
         with torch.no_grad():
             ex(x[:1], ids[:1], w[:1])
+            ex.run(x[:1], w[:1], disp.make_plan(ids[:1], None, 8))
             ex(x, ids, w)
+            ex(x[:1], torch.tensor([[2, 2]]), w[:1])  # repeated: a group of two rows, the plan's path
         ex(x[:1], ids[:1], w[:1])  # parameters need grad: the loop with its backward
-    assert len(calls) == 2
+    assert calls == ["one_token_forward", "decode_forward", "decode_forward"] * 2
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(F64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+def test_one_token_call_equals_the_plan_path_and_reference(dtype, tol, bias, act):
+    """``Experts``' one-token call (no plan) gives ``run`` on a plan's output bit for bit (the same
+    ``torch.mv`` per expert in expert order) and the per-slot reference (``tol``); an id out of
+    range is the same error as on the general path."""
+    from moelab.nn._dispatch import make_plan
+
+    ex = make(E=7, H=24, I=12, act=act, bias=bias, dtype=dtype, seed=8)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for _ in range(5):
+            x = torch.randn(1, 24, dtype=dtype, generator=g)
+            ids = torch.randperm(7, generator=g)[:3][None]
+            w = torch.rand(1, 3, dtype=dtype, generator=g)
+            got = ex(x, ids, w)
+            assert torch.equal(got, ex.run(x, w, make_plan(ids, None, 7)))
+            torch.testing.assert_close(got, ex.reference(x, ids, w), rtol=tol, atol=tol)
+        for bad in (torch.tensor([[0, 7, 1]]), torch.tensor([[-1, 2, 3]])):
+            with pytest.raises(RoutingError, match=r"ids must lie in \[0, E=7\)"):
+                ex(x, bad, w)
 
 
 def test_one_token_plan_equals_the_general_plan(monkeypatch):

@@ -169,6 +169,19 @@ def _mv_slot(y_H, x_H, w: float, e, gate, up, down, b_gate, b_up, b_down, act) -
         y_H.add_(b_down[e] * w)
 
 
+def one_token_forward(x_TH, ids_K: list[int], w_TK, gate, up, down, b_gate, b_up, b_down, act) -> Tensor:
+    """:func:`decode_forward` of one token (``x_TH`` ``[1, H]``) whose ``K`` distinct expert ids
+    come as a Python list: no plan, the same ``torch.mv`` per expert in the same (expert) order,
+    so bit for bit its output; ``[1, H]``. For ``Experts``' own call at decode, where building a
+    plan costs ~10 % of the step (bench/decode_gemv.py --rotate)."""
+    w_K = (w_TK if w_TK.dtype == x_TH.dtype else w_TK.to(x_TH.dtype)).reshape(-1).tolist()
+    y_TH = x_TH.new_zeros(1, down.shape[1])
+    x_H, y_H = x_TH[0], y_TH[0]
+    for k in sorted(range(len(ids_K)), key=ids_K.__getitem__):
+        _mv_slot(y_H, x_H, w_K[k], ids_K[k], gate, up, down, b_gate, b_up, b_down, act)
+    return y_TH
+
+
 def decode_forward(x_TH, w_TK, plan, gate, up, down, b_gate, b_up, b_down, act) -> Tensor:
     """``experts_forward`` (no stats) for decoding: each group of one row runs ``torch.mv`` on
     its expert's slices, groups of more rows ``experts_forward``'s per-expert ``mm``; ``[T, H]``.

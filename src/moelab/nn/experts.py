@@ -165,6 +165,19 @@ class Experts(nn.Module):
     def check(
         self, x_TH: Tensor, ids_TK: Tensor, weights_TK: Tensor, mask_TK: Tensor | None
     ) -> None:
+        self._check_shapes(x_TH, ids_TK, weights_TK, mask_TK)
+        real = ids_TK if mask_TK is None else ids_TK[mask_TK]
+        if real.numel():
+            self._check_range(int(real.min()), int(real.max()))
+
+    def _check_range(self, lo: int, hi: int) -> None:
+        if lo < 0 or hi >= self.num_experts:
+            raise RoutingError(
+                f"experts: ids must lie in [0, E={self.num_experts}) where mask is True; got range "
+                f"[{lo}, {hi}] (router and experts disagree on the expert count?)"
+            )
+
+    def _check_shapes(self, x_TH, ids_TK, weights_TK, mask_TK) -> None:
         if x_TH.dim() != 2 or x_TH.shape[1] != self.up.shape[2]:
             raise RoutingError(
                 f"experts: x must be [T, H={self.up.shape[2]}], got {tuple(x_TH.shape)}"
@@ -181,19 +194,26 @@ class Experts(nn.Module):
             raise RoutingError(
                 f"experts: mask {tuple(mask_TK.shape)} must match ids {tuple(ids_TK.shape)}"
             )
-        real = ids_TK if mask_TK is None else ids_TK[mask_TK]
-        if real.numel() and (int(real.min()) < 0 or int(real.max()) >= self.num_experts):
-            raise RoutingError(
-                f"experts: ids must lie in [0, E={self.num_experts}) where mask is True; got range "
-                f"[{int(real.min())}, {int(real.max())}] (router and experts disagree on the expert count?)"
-            )
 
     def forward(
         self, x_TH: Tensor, ids_TK: Tensor, weights_TK: Tensor, mask_TK: Tensor | None = None
     ) -> Tensor:
+        if mask_TK is None and x_TH.dim() == 2 and x_TH.shape[0] == 1 and self._one_token_ok(x_TH, weights_TK):
+            self._check_shapes(x_TH, ids_TK, weights_TK, mask_TK)
+            ids_K = ids_TK[0].tolist()
+            if ids_K and len(set(ids_K)) == len(ids_K):  # distinct ids (top-k): no plan needed
+                self._check_range(min(ids_K), max(ids_K))
+                return _dispatch.one_token_forward(x_TH, ids_K, weights_TK, *self._weights(), self.act)
         self.check(x_TH, ids_TK, weights_TK, mask_TK)
         plan = _dispatch.make_plan(ids_TK, mask_TK, self.num_experts)
         return self.run(x_TH, weights_TK, plan)
+
+    def _one_token_ok(self, x_TH: Tensor, weights_TK: Tensor) -> bool:
+        """One token takes ``_dispatch.one_token_forward`` where ``run`` would take the decode path:
+        the loop implementation, inference, CPU, the weights' dtype."""
+        return (self.config.impl == "loop" and x_TH.device.type == "cpu" and x_TH.dtype == self.up.dtype
+                and not (torch.is_grad_enabled() and (x_TH.requires_grad or weights_TK.requires_grad
+                                                      or any(p.requires_grad for p in self.parameters()))))
 
     def run(
         self, x_MH: Tensor, weights_MK: Tensor, plan: _dispatch.Plan,
