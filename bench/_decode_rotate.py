@@ -29,33 +29,23 @@ def layers(case: dict, n: int) -> list[Experts]:
     return out
 
 
-def draws(blocks: list[Experts], k: int, native=None) -> list[dict]:
-    """Per draw (block ``d % N``, its own ids, weights and token): name -> zero-argument function."""
-    from decode_gemv import mv_forward, plan_mv_forward, read_only
+# the candidates of bench/decode_gemv.py timed in rotation (the native kernel too, with --native)
+NAMES = ("run_experts", "plan mv", "mv", "read only", "native omp")
 
-    from moelab.nn import _dispatch
+
+def draws(blocks: list[Experts], k: int, native=None) -> list[dict]:
+    """Per draw (block ``d % N``, its own ids, weights and token): name -> zero-argument function,
+    bench/decode_gemv.py's candidates of :data:`NAMES`."""
+    from decode_gemv import candidates
 
     out, g = [], torch.Generator().manual_seed(7)
     for d in range(4 * len(blocks)):
         ex = blocks[d % len(blocks)]
-        gate, up, down = ex.gate.detach(), ex.up.detach(), ex.down.detach()
-        x_TH = torch.randn(1, gate.shape[2], generator=g)
-        ids_TK = torch.randperm(gate.shape[0], generator=g)[:k][None]
+        x_TH = torch.randn(1, ex.up.shape[2], generator=g)
+        ids_TK = torch.randperm(ex.num_experts, generator=g)[:k][None]
         w_TK = torch.softmax(torch.randn(1, k, generator=g), -1)
-        plan = _dispatch.make_plan(ids_TK, None, ex.num_experts)
-        ids, w_K = ids_TK[0].tolist(), w_TK[0].tolist()
-        fns = {
-            "run_experts": lambda ex=ex, x=x_TH, i=ids_TK, w=w_TK: ex(x, i, w),
-            "plan mv": lambda x=x_TH, w=w_TK, p=plan, a=(gate, up, down), act=ex.act: plan_mv_forward(x, w, p, *a, act),
-            "mv": lambda x=x_TH[0], i=ids, w=w_K, a=(gate, up, down): mv_forward(x, i, w, *a),
-            "read only": lambda i=ids, a=(gate, up, down): read_only(i, *a),
-        }
-        if native is not None:
-            from _native_mv import native_forward
-
-            fns["native omp"] = lambda x=x_TH[0], i=ids_TK[0], w=w_TK[0, :, None], a=(gate, up, down): \
-                native_forward(native, x, i, w, *a)
-        out.append(fns)
+        fns = candidates(ex, x_TH, ids_TK, w_TK, None, native, ceilings=False)
+        out.append({n: fns[n] for n in NAMES if n in fns})
     return out
 
 

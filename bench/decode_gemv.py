@@ -130,9 +130,11 @@ def read_ceilings(ids, gate_EIH, up_EIH, down_EHI) -> dict:
             "read packed per expert": lambda: sum(float(packed_E3IH[e].sum()) for e in ids)}
 
 
-def candidates(ex: Experts, x_TH, ids_TK, w_TK, gate_up_E2IH, native=None):
+def candidates(ex: Experts, x_TH, ids_TK, w_TK, gate_up_E2IH, native=None, ceilings: bool = True):
     """name -> zero-argument function computing the forward (or the read) of the tokens; the
-    hand-written one-token candidates only at T=1 (``native``: the module of bench/_native_mv.py)."""
+    hand-written one-token candidates only at T=1 (``native``: the module of bench/_native_mv.py;
+    without ``gate_up_E2IH`` no fused candidate, without ``ceilings`` no reads in other layouts,
+    which copy the weights)."""
     from moelab.nn import _dispatch
     from moelab.nn.experts import _grouped_mm_forward
 
@@ -151,13 +153,15 @@ def candidates(ex: Experts, x_TH, ids_TK, w_TK, gate_up_E2IH, native=None):
     fns |= {
         "mv": lambda: mv_forward(x_H, ids, w_K, g, u, d),
         "matmul wT": lambda: matmul_forward(x_H, ids, w_K, g, u, d),
-        "mv fused gate_up": lambda: mv_fused_forward(x_H, ids, w_K, gate_up_E2IH, d),
     }
+    if gate_up_E2IH is not None:
+        fns["mv fused gate_up"] = lambda: mv_fused_forward(x_H, ids, w_K, gate_up_E2IH, d)
     if native is not None:
         from _native_mv import native_forward
 
         fns["native omp"] = lambda: native_forward(native, x_H, ids_TK[0], w_TK[0, :, None], g, u, d)
-    return fns | {"read only": lambda: read_only(ids, g, u, d), **read_ceilings(ids, g, u, d)}
+    fns["read only"] = lambda: read_only(ids, g, u, d)
+    return fns | read_ceilings(ids, g, u, d) if ceilings else fns
 
 
 def check_agree(fns: dict, ref) -> None:

@@ -169,12 +169,18 @@ def _mv_slot(y_H, x_H, w: float, e, gate, up, down, b_gate, b_up, b_down, act) -
         y_H.add_(b_down[e] * w)
 
 
+def _weights_list(w_TK: Tensor, dtype: torch.dtype) -> list[float]:
+    """The combine weights, flat (slot ``t*K + k``), in the inputs' dtype, as Python floats: one
+    conversion where per-slot tensor indexing would cost an op each."""
+    return (w_TK if w_TK.dtype == dtype else w_TK.to(dtype)).reshape(-1).tolist()
+
+
 def one_token_forward(x_TH, ids_K: list[int], w_TK, gate, up, down, b_gate, b_up, b_down, act) -> Tensor:
     """:func:`decode_forward` of one token (``x_TH`` ``[1, H]``) whose ``K`` distinct expert ids
     come as a Python list: no plan, the same ``torch.mv`` per expert in the same (expert) order,
     so bit for bit its output; ``[1, H]``. For ``Experts``' own call at decode, where building a
     plan costs ~10 % of the step (bench/decode_gemv.py --rotate)."""
-    w_K = (w_TK if w_TK.dtype == x_TH.dtype else w_TK.to(x_TH.dtype)).reshape(-1).tolist()
+    w_K = _weights_list(w_TK, x_TH.dtype)
     y_TH = x_TH.new_zeros(1, down.shape[1])
     x_H, y_H = x_TH[0], y_TH[0]
     for k in sorted(range(len(ids_K)), key=ids_K.__getitem__):
@@ -192,7 +198,7 @@ def decode_forward(x_TH, w_TK, plan, gate, up, down, b_gate, b_up, b_down, act) 
     y_TH = x_TH.new_zeros(plan.T, down.shape[1])
     # Python lists and row views made once: per-slot tensor indexing costs as much as an op; the
     # slots' weights are looked up in Python (no index_select), in the inputs' dtype as elsewhere
-    w_N = (w_TK if w_TK.dtype == x_TH.dtype else w_TK.to(x_TH.dtype)).reshape(-1).tolist()
+    w_N = _weights_list(w_TK, x_TH.dtype)
     slots, tok_R = plan.slot_R.tolist(), plan.tok_R.tolist()
     x_rows, y_rows = x_TH.unbind(), y_TH.unbind()
     for e, s, n in _rows(plan):

@@ -212,8 +212,7 @@ class Experts(nn.Module):
         """One token takes ``_dispatch.one_token_forward`` where ``run`` would take the decode path:
         the loop implementation, inference, CPU, the weights' dtype."""
         return (self.config.impl == "loop" and x_TH.device.type == "cpu" and x_TH.dtype == self.up.dtype
-                and not (torch.is_grad_enabled() and (x_TH.requires_grad or weights_TK.requires_grad
-                                                      or any(p.requires_grad for p in self.parameters()))))
+                and not _needs_grad(x_TH, weights_TK, self._weights()))
 
     def run(
         self, x_MH: Tensor, weights_MK: Tensor, plan: _dispatch.Plan,
@@ -283,12 +282,7 @@ def run_experts(
     has_bias = any(b is not None for b in (bg, bu, bd))
     if impl == "grouped_mm":
         return _grouped_mm_forward(x_TH, w_TK, plan, weights, act, stats)
-    needs_grad = torch.is_grad_enabled() and (
-        x_TH.requires_grad
-        or w_TK.requires_grad
-        or any(p is not None and p.requires_grad for p in weights)
-    )
-    if needs_grad:
+    if _needs_grad(x_TH, w_TK, weights):
         if plan.rows is not None:
             raise RoutingError("run_experts: a plan whose groups map to weight rows (plan.rows, an "
                                "offloading cache's slots) is for inference; no gradients")
@@ -298,6 +292,13 @@ def run_experts(
     if _few_rows_grouped_ok(x_TH, plan, gate, up, down, has_bias):
         return _grouped_mm_forward(x_TH, w_TK, plan, weights, act, stats)
     return _dispatch.experts_forward(x_TH, w_TK, plan, *weights, act, stats)
+
+
+def _needs_grad(x_TH: Tensor, w_TK: Tensor, weights) -> bool:
+    """Whether a forward must keep what backward needs: grad mode on and any input requiring grad."""
+    return torch.is_grad_enabled() and (
+        x_TH.requires_grad or w_TK.requires_grad or any(p is not None and p.requires_grad for p in weights)
+    )
 
 
 def _decode_ok(plan) -> bool:

@@ -97,7 +97,9 @@ def install_edit(view: ModelView, what: str, per_layer: Mapping[int, Any],
     selection edit (see :mod:`moelab.models.edits`): its output
     must be the family's rule on those logits with the ``barred_E`` experts barred (``offset_E``: -inf
     there, else 0; every -inf edited logit among them), the tokens it ``affected`` those whose
-    unedited selection chose a barred expert (see :func:`barred_chosen`).
+    unedited selection chose a barred expert (see :func:`barred_chosen`). It may also carry
+    ``reweight(block, ids_TK, w_TK) -> w_TK`` (the weights the experts get; ``offset_E`` None: it
+    bars nothing) and its own ``affected(block, routing) -> int`` count.
     """
     bodies = {layer: make(_block(view, layer, what), value) for layer, value in per_layer.items()}
     handle = EditHandle(what, list(bodies))
@@ -125,6 +127,7 @@ class _CountingEdit:
         if getattr(body, "preselect", None) is None:
             self.preselect = self.preselected = None
         self.reweight = getattr(body, "reweight", None)
+        self._own_affected = getattr(body, "affected", None)  # (block, routing) -> int, or None
 
     def __call__(self, block: MoEBlockView, hidden_TH: Tensor, routing: Routing) -> Routing:
         out, extra = self.body(block, hidden_TH, routing)
@@ -150,8 +153,9 @@ class _CountingEdit:
 
     def _affected_of(self, block: MoEBlockView, logits_TE: Tensor | None, out: Routing,
                      barred_E: Tensor | None) -> int:
-        own = getattr(self.body, "affected", None)
-        return own(block, out) if own is not None else barred_chosen(block, logits_TE, out, barred_E)
+        if self._own_affected is not None:
+            return self._own_affected(block, out)
+        return barred_chosen(block, logits_TE, out, barred_E)
 
     def flush(self) -> None:
         """Add the deferred calls' ``affected`` (one count over all their tokens where they share
@@ -163,7 +167,7 @@ class _CountingEdit:
         if all(p[3] is barred_E for p in pending):
             ids_TK = torch.cat([p[2] for p in pending])
             joined = Routing(None, ids_TK, ids_TK)  # the counts read the ids (and no mask)
-            logits_TE = None if hasattr(self.body, "affected") else torch.cat([p[1] for p in pending])
+            logits_TE = None if self._own_affected is not None else torch.cat([p[1] for p in pending])
             self.counts["affected"] += self._affected_of(block, logits_TE, joined, barred_E)
             return
         for blk, logits_TE, ids_TK, barred in pending:
