@@ -29,11 +29,11 @@ def layers(case: dict, n: int) -> list[Experts]:
     return out
 
 
-# the candidates of bench/decode_gemv.py timed in rotation (the native kernel too, with --native)
-NAMES = ("run_experts", "plan mv", "mv", "read only", "native omp")
+# the candidates of bench/decode_gemv.py timed in rotation
+NAMES = ("run_experts", "kernel", "decode_forward", "mv", "read only")
 
 
-def draws(blocks: list[Experts], k: int, native=None) -> list[dict]:
+def draws(blocks: list[Experts], k: int) -> list[dict]:
     """Per draw (block ``d % N``, its own ids, weights and token): name -> zero-argument function,
     bench/decode_gemv.py's candidates of :data:`NAMES`."""
     from decode_gemv import candidates
@@ -44,7 +44,7 @@ def draws(blocks: list[Experts], k: int, native=None) -> list[dict]:
         x_TH = torch.randn(1, ex.up.shape[2], generator=g)
         ids_TK = torch.randperm(ex.num_experts, generator=g)[:k][None]
         w_TK = torch.softmax(torch.randn(1, k, generator=g), -1)
-        fns = candidates(ex, x_TH, ids_TK, w_TK, None, native, ceilings=False)
+        fns = candidates(ex, x_TH, ids_TK, w_TK, None, ceilings=False)
         out.append({n: fns[n] for n in NAMES if n in fns})
     return out
 

@@ -3,7 +3,6 @@
     nice -n 10 python bench/decode_gemv.py --threads 1            # one token, ~1 minute
     nice -n 10 python bench/decode_gemv.py --threads 1 --tokens 4 # the per-token paths at T=4
     nice -n 10 python bench/decode_gemv.py --quick                # small sizes: checks that it runs
-    nice -n 10 python bench/decode_gemv.py --threads 1,2 --native # and a C++/OpenMP kernel (ninja)
     nice -n 10 python bench/decode_gemv.py --rotate 48 --reps 61  # 48 blocks in turn, no flush
     THP_MEM_ALLOC_ENABLE=1 nice -n 10 python bench/decode_gemv.py --rotate 48 --reps 61  # huge pages
 
@@ -15,7 +14,8 @@ the copy bandwidth measured in the same run (read + write bytes of ``dst.copy_(s
 best over the thread counts timed), which is bench/moe_layer.py's "memory bound" ratio.
 Candidates (none copies expert weights):
 
-- ``run_experts``: ``Experts``' forward as dispatched (at few rows, float32: ``grouped_mm``);
+- ``run_experts``: ``Experts``' forward as dispatched (at one token: moelab.nn._native's C kernel,
+  where a C compiler built it; at a few rows, float32: ``grouped_mm``);
 - ``grouped_mm``: one ``grouped_mm`` per projection, called directly;
 - ``loop mm``: the per-expert loop (``F.linear`` / ``mm`` on each expert's ``[n, H]`` rows);
 - ``plan mv``: ``torch.mv`` for each single-row expert of the dispatch plan, the loop's ``mm``
@@ -28,8 +28,10 @@ and, at T=1 only, hand-written one-token forwards:
 - ``matmul wT``: per expert ``x_H @ w.T`` (``torch.matmul`` of a vector with the transposed slice);
 - ``mv fused gate_up``: ``mv`` on a ``[E, 2I, H]`` fused gate/up tensor (transformers' layout:
   one product instead of two; the fused copy is made once at setup, not per call);
-- ``native omp`` (``--native``): bench/_native_mv.py's C++/OpenMP kernel, every slice's dot
-  products in one parallel region (three calls per token);
+- ``kernel``: ``moelab.nn._native.one_token`` called directly (the gate/up rows and the down rows
+  of all K experts in one OpenMP parallel region: ``run_experts`` less the module's own checks);
+- ``decode_forward``: moelab's one-token path on a dispatch plan (transformers blocks, offloading:
+  the same kernel);
 - ``read only``: ``w.sum()`` of each active slice (a pure streaming read: what the CPU reaches
   reading these slices without any product; not a forward);
 - ``read packed per expert`` / ``read contiguous``: the same bytes read as one ``[3, I, H]`` block
@@ -130,12 +132,11 @@ def read_ceilings(ids, gate_EIH, up_EIH, down_EHI) -> dict:
             "read packed per expert": lambda: sum(float(packed_E3IH[e].sum()) for e in ids)}
 
 
-def candidates(ex: Experts, x_TH, ids_TK, w_TK, gate_up_E2IH, native=None, ceilings: bool = True):
+def candidates(ex: Experts, x_TH, ids_TK, w_TK, gate_up_E2IH, ceilings: bool = True):
     """name -> zero-argument function computing the forward (or the read) of the tokens; the
-    hand-written one-token candidates only at T=1 (``native``: the module of bench/_native_mv.py;
-    without ``gate_up_E2IH`` no fused candidate, without ``ceilings`` no reads in other layouts,
-    which copy the weights)."""
-    from moelab.nn import _dispatch
+    hand-written one-token candidates only at T=1 (without ``gate_up_E2IH`` no fused candidate,
+    without ``ceilings`` no reads in other layouts, which copy the weights)."""
+    from moelab.nn import _dispatch, _native
     from moelab.nn.experts import _grouped_mm_forward
 
     g, u, d = ex.gate.detach(), ex.up.detach(), ex.down.detach()
@@ -156,10 +157,11 @@ def candidates(ex: Experts, x_TH, ids_TK, w_TK, gate_up_E2IH, native=None, ceili
     }
     if gate_up_E2IH is not None:
         fns["mv fused gate_up"] = lambda: mv_fused_forward(x_H, ids, w_K, gate_up_E2IH, d)
-    if native is not None:
-        from _native_mv import native_forward
-
-        fns["native omp"] = lambda: native_forward(native, x_H, ids_TK[0], w_TK[0, :, None], g, u, d)
+    rows_K = sorted(ids)
+    w_rows = [w_K[ids.index(e)] for e in rows_K]
+    if _native.library() is not None:
+        fns["kernel"] = lambda: _native.one_token(x_TH, rows_K, w_rows, *weights, ex.act)
+        fns["decode_forward"] = lambda: _dispatch.decode_forward(x_TH, w_TK, plan, *weights, ex.act)
     fns["read only"] = lambda: read_only(ids, g, u, d)
     return fns | read_ceilings(ids, g, u, d) if ceilings else fns
 
@@ -192,7 +194,7 @@ def time_all(fns: dict, threads: list[int], reps: int, flush_mib: int) -> dict[s
     return times
 
 
-def flushed_times(case: dict, T: int, native, threads: list[int], reps: int, flush_mib: int):
+def flushed_times(case: dict, T: int, threads: list[int], reps: int, flush_mib: int):
     """``(seconds per candidate, active weight bytes)``: the candidates on one block, the caches
     flushed before each run, checked against the reference first."""
     H, inner, E, k = case["H"], case["I"], case["E"], case["k"]
@@ -202,19 +204,19 @@ def flushed_times(case: dict, T: int, native, threads: list[int], reps: int, flu
     x_TH = torch.randn(T, H)
     ids_TK = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
     w_TK = torch.softmax(torch.randn(T, k), -1)
-    fns = candidates(ex, x_TH, ids_TK, w_TK, gate_up_E2IH, native)
+    fns = candidates(ex, x_TH, ids_TK, w_TK, gate_up_E2IH)
     with torch.no_grad():
         check_agree(fns, ex.reference(x_TH, ids_TK, w_TK))
     times = time_all(fns, threads, reps, flush_mib)
     return times, int(torch.unique(ids_TK).numel()) * 3 * H * inner * 4
 
 
-def rotated_times(case: dict, n_layers: int, native, threads: list[int], reps: int):
+def rotated_times(case: dict, n_layers: int, threads: list[int], reps: int):
     """The same for one token through ``n_layers`` blocks in turn (bench/_decode_rotate.py), the
     forward candidates checked against each other on the first draw."""
     import _decode_rotate
 
-    all_draws = _decode_rotate.draws(_decode_rotate.layers(case, n_layers), case["k"], native)
+    all_draws = _decode_rotate.draws(_decode_rotate.layers(case, n_layers), case["k"])
     with torch.no_grad():
         first = {n: fn() for n, fn in all_draws[0].items() if not n.startswith("read ")}
         ref = first.pop("run_experts").reshape(-1)
@@ -229,8 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", default="1,2", help="intra-op thread counts to time, comma-separated")
     ap.add_argument("--tokens", type=int, default=1, help="tokens per forward (T)")
-    ap.add_argument("--native", action="store_true",
-                    help="also time a C++/OpenMP kernel (bench/_native_mv.py; needs a compiler and ninja)")
     ap.add_argument("--rotate", type=int, default=0, metavar="N",
                     help="one token through N blocks in turn instead of flushing (bench/_decode_rotate.py)")
     ap.add_argument("--out", type=Path, default=None)
@@ -240,11 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     T = args.tokens
     if args.rotate and T != 1:
         raise SystemExit("--rotate: one token only (--tokens 1)")
-    native = None
-    if args.native and T == 1:
-        from _native_mv import build
-
-        native = build()
     threads = [int(t) for t in args.threads.split(",")]
     load_before = os.getloadavg()[0]
     bws = {}
@@ -253,9 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         bws[t] = measure_bandwidth(reps, flush_mib)
     bw = max(bws.values())
     if args.rotate:
-        times, weight_bytes = rotated_times(case, args.rotate, native, threads, reps)
+        times, weight_bytes = rotated_times(case, args.rotate, threads, reps)
     else:
-        times, weight_bytes = flushed_times(case, T, native, threads, reps, flush_mib)
+        times, weight_bytes = flushed_times(case, T, threads, reps, flush_mib)
     rows = {n: {"median_s": statistics.median(ts), "runs_s": ts,
                 "weight_gbytes_per_s": weight_bytes / statistics.median(ts) / 1e9,
                 "vs_memory_bound": weight_bytes / bw / statistics.median(ts)}

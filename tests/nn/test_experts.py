@@ -9,23 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moelab.nn import Experts, ExpertsConfig, RoutingError, split_experts
+from moelab.nn import ExpertsConfig, RoutingError, split_experts
+
+from .conftest import make
 
 F64 = torch.float64
-
-
-def make(E=5, H=6, I=4, act="swiglu", bias=False, dtype=F64, seed=0):
-    torch.manual_seed(seed)
-    ex = Experts(
-        ExpertsConfig(num_experts=E, hidden_size=H, inner_size=I, activation=act, bias=bias),
-        dtype=dtype,
-    )
-    if bias:
-        with torch.no_grad():
-            for b in (ex.gate_bias, ex.up_bias, ex.down_bias):
-                if b is not None:
-                    b.normal_()
-    return ex
 
 
 def inputs(T, K, E, H, dtype=F64, p_mask=0.3, seed=1):

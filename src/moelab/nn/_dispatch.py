@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from moelab.nn import _native
+
 Act = Callable[[Tensor], Tensor]
 
 
@@ -172,34 +174,55 @@ def _mv_slot(y_H, x_H, w: float, e, gate, up, down, b_gate, b_up, b_down, act) -
 def _weights_list(w_TK: Tensor, dtype: torch.dtype) -> list[float]:
     """The combine weights, flat (slot ``t*K + k``), in the inputs' dtype, as Python floats: one
     conversion where per-slot tensor indexing would cost an op each."""
-    return (w_TK if w_TK.dtype == dtype else w_TK.to(dtype)).reshape(-1).tolist()
+    # NOTE: no reshape: at decode each torch op's code is cold and costs tens of microseconds
+    return [w for row in (w_TK if w_TK.dtype == dtype else w_TK.to(dtype)).tolist() for w in row]
 
 
 def one_token_forward(x_TH, ids_K: list[int], w_TK, gate, up, down, b_gate, b_up, b_down, act) -> Tensor:
     """:func:`decode_forward` of one token (``x_TH`` ``[1, H]``) whose ``K`` distinct expert ids
-    come as a Python list: no plan, the same ``torch.mv`` per expert in the same (expert) order,
-    so bit for bit its output; ``[1, H]``. For ``Experts``' own call at decode, where building a
-    plan costs ~10 % of the step (bench/decode_gemv.py --rotate)."""
+    come as a Python list: no plan, the same kernel in the same (expert) order, so bit for bit its
+    output; ``[1, H]``. For ``Experts``' own call at decode, where building a plan costs ~10 % of
+    the step (bench/decode_gemv.py --rotate)."""
     w_K = _weights_list(w_TK, x_TH.dtype)
+    order = sorted(range(len(ids_K)), key=ids_K.__getitem__)
+    rows_K, w_K = [ids_K[k] for k in order], [w_K[k] for k in order]
+    y_TH = _native.one_token(x_TH, rows_K, w_K, gate, up, down, b_gate, b_up, b_down, act)
+    if y_TH is None:
+        y_TH = one_token_mv(x_TH, rows_K, w_K, gate, up, down, b_gate, b_up, b_down, act)
+    return y_TH
+
+
+def one_token_mv(x_TH, rows_K: list[int], w_K: list[float], gate, up, down, b_gate, b_up, b_down,
+                 act) -> Tensor:
+    """``sum_k w_K[k] * expert_{rows_K[k]}(x)`` ``[1, H]`` by ``torch.mv`` per expert, in the order
+    given: the path where the native kernel cannot run."""
     y_TH = x_TH.new_zeros(1, down.shape[1])
     x_H, y_H = x_TH[0], y_TH[0]
-    for k in sorted(range(len(ids_K)), key=ids_K.__getitem__):
-        _mv_slot(y_H, x_H, w_K[k], ids_K[k], gate, up, down, b_gate, b_up, b_down, act)
+    for e, w in zip(rows_K, w_K, strict=True):
+        _mv_slot(y_H, x_H, w, e, gate, up, down, b_gate, b_up, b_down, act)
     return y_TH
 
 
 def decode_forward(x_TH, w_TK, plan, gate, up, down, b_gate, b_up, b_down, act) -> Tensor:
     """``experts_forward`` (no stats) for decoding: each group of one row runs ``torch.mv`` on
     its expert's slices, groups of more rows ``experts_forward``'s per-expert ``mm``; ``[T, H]``.
+    One token through distinct experts runs the native kernel (:mod:`moelab.nn._native`) where it
+    is built, in the plan's (expert) order.
 
     Why: at one row, ``mm`` on ``[1, in]`` and ``grouped_mm`` read the weights ~20 % slower than
     ``mv``, whose reduction runs along the slices' contiguous rows (bench/decode_gemv.py).
     """
-    y_TH = x_TH.new_zeros(plan.T, down.shape[1])
     # Python lists and row views made once: per-slot tensor indexing costs as much as an op; the
     # slots' weights are looked up in Python (no index_select), in the inputs' dtype as elsewhere
     w_N = _weights_list(w_TK, x_TH.dtype)
     slots, tok_R = plan.slot_R.tolist(), plan.tok_R.tolist()
+    if plan.T == 1 and plan.num_real and max(plan.counts) == 1:
+        groups = list(_rows(plan))
+        y_TH = _native.one_token(x_TH, [e for e, _, _ in groups], [w_N[slots[s]] for _, s, _ in groups],
+                                 gate, up, down, b_gate, b_up, b_down, act)
+        if y_TH is not None:
+            return y_TH
+    y_TH = x_TH.new_zeros(plan.T, down.shape[1])
     x_rows, y_rows = x_TH.unbind(), y_TH.unbind()
     for e, s, n in _rows(plan):
         if n == 1:

@@ -45,6 +45,7 @@ def _swiglu_grad(g: Tensor, u: Tensor, da: Tensor) -> tuple[Tensor, Tensor]:
 
 
 _swiglu.grad = _swiglu_grad  # read by moelab.nn._dispatch; other activations use autograd
+_swiglu.native = "swiglu"  # read by moelab.nn._native: its one-token kernel computes it in C
 
 # name -> (function, gated). Gated functions take (h_gate, h_up); plain ones take h_up.
 ACTIVATIONS = {
@@ -160,7 +161,11 @@ class Experts(nn.Module):
                 nn.init.zeros_(b)
 
     def _weights(self):
-        return (self.gate, self.up, self.down, self.gate_bias, self.up_bias, self.down_bias)
+        # the parameters dict, not six Module.__getattr__ calls (cold at decode: see _one_token);
+        # an absent gate or bias is a plain None attribute, so not in it
+        p = self._parameters
+        return (p.get("gate"), p.get("up"), p.get("down"), p.get("gate_bias"), p.get("up_bias"),
+                p.get("down_bias"))
 
     def check(
         self, x_TH: Tensor, ids_TK: Tensor, weights_TK: Tensor, mask_TK: Tensor | None
@@ -198,21 +203,34 @@ class Experts(nn.Module):
     def forward(
         self, x_TH: Tensor, ids_TK: Tensor, weights_TK: Tensor, mask_TK: Tensor | None = None
     ) -> Tensor:
-        if mask_TK is None and x_TH.dim() == 2 and x_TH.shape[0] == 1 and self._one_token_ok(x_TH, weights_TK):
-            self._check_shapes(x_TH, ids_TK, weights_TK, mask_TK)
-            ids_K = ids_TK[0].tolist()
-            if ids_K and len(set(ids_K)) == len(ids_K):  # distinct ids (top-k): no plan needed
-                self._check_range(min(ids_K), max(ids_K))
-                return _dispatch.one_token_forward(x_TH, ids_K, weights_TK, *self._weights(), self.act)
+        if mask_TK is None and x_TH.dim() == 2 and x_TH.shape[0] == 1:
+            y_TH = self._one_token(x_TH, ids_TK, weights_TK)
+            if y_TH is not None:
+                return y_TH
         self.check(x_TH, ids_TK, weights_TK, mask_TK)
         plan = _dispatch.make_plan(ids_TK, mask_TK, self.num_experts)
         return self.run(x_TH, weights_TK, plan)
 
-    def _one_token_ok(self, x_TH: Tensor, weights_TK: Tensor) -> bool:
-        """One token takes ``_dispatch.one_token_forward`` where ``run`` would take the decode path:
-        the loop implementation, inference, CPU, the weights' dtype."""
-        return (self.config.impl == "loop" and x_TH.device.type == "cpu" and x_TH.dtype == self.up.dtype
-                and not _needs_grad(x_TH, weights_TK, self._weights()))
+    def _one_token(self, x_TH: Tensor, ids_TK: Tensor, weights_TK: Tensor) -> Tensor | None:
+        """``_dispatch.one_token_forward`` where ``run`` would take the decode path (the loop
+        implementation, inference, CPU, the weights' dtype) and the ids are distinct and valid;
+        else None, and the general path runs (and raises on bad shapes or ids).
+
+        NOTE: at decode this module's Python objects are cold (other layers ran since) and every
+        attribute or torch op touched costs ~10 us (bench/moe_layer.py's flushed runs), so the
+        weights are looked up once and the checks read them from there."""
+        weights = self._weights()
+        up = weights[1]
+        E, _, H = up.shape
+        if (self.config.impl != "loop" or x_TH.device.type != "cpu" or x_TH.dtype != up.dtype
+                or x_TH.shape[1] != H or ids_TK.dim() != 2 or ids_TK.shape[0] != 1
+                or weights_TK.shape != ids_TK.shape
+                or _needs_grad(x_TH, weights_TK, weights)):
+            return None
+        ids_K = ids_TK.tolist()[0]  # not ids_TK[0]: one torch op fewer
+        if not ids_K or len(set(ids_K)) != len(ids_K) or min(ids_K) < 0 or max(ids_K) >= E:
+            return None  # repeated ids: the plan's groups; out of range: the general path's error
+        return _dispatch.one_token_forward(x_TH, ids_K, weights_TK, *weights, self.act)
 
     def run(
         self, x_MH: Tensor, weights_MK: Tensor, plan: _dispatch.Plan,
