@@ -26,7 +26,8 @@ tokens, forward at 1 and 16 tokens. All implementations get the same weights and
   The machine's last-level cache can hold a whole block (480 MiB here), so the 1- and 16-token
   runs first write a 1 GiB buffer: the weights come from DRAM, as when decoding a whole model.
 
-Each timing is the median of ``--reps`` runs after one warm-up; the implementations are interleaved
+Each timing is the median of ``--reps`` runs (``--decode-reps`` in the 1- and 16-token modes, whose
+runs take milliseconds and move by 10-20 % on a shared machine) after one warm-up; the implementations are interleaved
 within every repetition so that load drifting on a shared machine hits them alike. FLOPs: forward
 6*R*H*I, forward+backward 18*R*H*I with R = tokens*k routed rows. Ratios are times measured in this
 run: ``vs best hf`` = t(best transformers) / t(moelab), ``vs bound`` = t(bound) / t(moelab);
@@ -218,9 +219,10 @@ def run_once(block: Block, name: str, fn, backward: bool, flush_mib: int = 0) ->
 
 
 def bench_mode(block: Block, mode: str, tokens: int, reps: int, bandwidth: float,
-               flush_mib: int) -> dict:
+               flush_mib: int, decode_reps: int | None = None) -> dict:
     backward = mode == "forward+backward"
     flush_mib = flush_mib if tokens <= 16 else 0  # compute-bound modes: caches do not matter
+    reps = decode_reps if flush_mib and decode_reps else reps
     fns = block.functions(tokens)
     g = torch.Generator().manual_seed(3)
     block.dy = torch.randn(block.x.shape, generator=g)
@@ -240,7 +242,7 @@ def bench_mode(block: Block, mode: str, tokens: int, reps: int, bandwidth: float
     flops = (18 if backward else 6) * rows * H * inner
     active = int(torch.unique(block.ids).numel())
     weight_bytes = active * 3 * H * inner * 4
-    out: dict = {"mode": mode, "tokens": tokens, "rows": rows, "flops": flops,
+    out: dict = {"mode": mode, "tokens": tokens, "rows": rows, "flops": flops, "reps": reps,
                  "caches_flushed_before_each_run": bool(flush_mib),
                  "active_experts": active, "active_weight_bytes": weight_bytes, "impl": {}}
     for n, ts in times.items():
@@ -315,14 +317,17 @@ NOTES: dict[tuple[str, int], str] = {
         "of outputs per expert and runs E GEMMs of ~tokens*k/E rows each, which reach a lower "
         "GFLOP/s than one GEMM over all rows"),
     ("forward", 1): (
-        "reading the active experts' weights is the floor; what remains is per-call overhead "
-        "(routing plan, one grouped_mm per projection) and GEMV efficiency below copy bandwidth"),
+        "reading the active experts' weights is the floor; moelab.nn._native's kernel reads them "
+        "in one parallel region (without a C compiler: one torch.mv per slice); what remains is "
+        "the call's Python, whose objects the flush leaves cold, and reads of scattered rows below "
+        "the copy bandwidth (bench/decode_gemv.py)"),
 }
 
 
 def print_case(name: str, res: dict) -> None:
     c = res["case"]
-    print(f"\n{name}: H={c['H']} I={c['I']} E={c['E']} k={c['k']}  (median of {res['reps']}; "
+    print(f"\n{name}: H={c['H']} I={c['I']} E={c['E']} k={c['k']}  (median of {res['reps']}, "
+          f"{res['decode_reps']} at 1 and 16 tokens; "
           f"copy bandwidth {res['bandwidth_gbytes_per_s']:.1f} GB/s)")
     print(f"{'mode':<18}{'tokens':>7}{'impl':>18}{'ms':>10}{'GFLOP/s':>9}{'GB/s w':>8}")
     for m in res["modes"]:
@@ -342,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes and token counts (seconds)")
     ap.add_argument("--reps", type=int, default=5, help="timed runs per implementation (median)")
+    ap.add_argument("--decode-reps", type=int, default=21,
+                    help="timed runs per implementation in the 1- and 16-token modes (median)")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--case", choices=sorted(CASES), action="append", help="only this block")
     ap.add_argument("--out", type=Path, default=None,
@@ -350,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cases, modes = (QUICK_CASES, QUICK_MODES) if args.quick else (CASES, MODES)
     reps = min(args.reps, 3) if args.quick else args.reps
+    decode_reps = min(args.decode_reps, 3) if args.quick else args.decode_reps
     out_path = args.out or (Path(tempfile.gettempdir()) / "moe_layer_quick.json" if args.quick
                             else Path(__file__).parent / "results" / "moe_layer.json")
     import transformers
@@ -366,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.case or list(cases):
         block = Block(cases[name])
         res = {"case": cases[name], "reps": reps, "bandwidth_gbytes_per_s": bandwidth / 1e9,
-               "modes": [bench_mode(block, m, t, reps, bandwidth, flush_mib) for m, t in modes]}
+               "decode_reps": decode_reps,
+               "modes": [bench_mode(block, m, t, reps, bandwidth, flush_mib, decode_reps)
+                         for m, t in modes]}
         res["goals"] = check_goals(res, block, args.quick)
         print_case(name, res)
         report["cases"][name] = res
