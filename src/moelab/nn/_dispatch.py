@@ -54,7 +54,7 @@ def make_plan(ids_TK: Tensor, mask_TK: Tensor | None, num_experts: int) -> Plan:
     T, K = ids_TK.shape
     # NOTE: on the CPU only: on an accelerator the Python plan costs a copy each way (not measured)
     if T == 1 and mask_TK is None and ids_TK.device.type == "cpu":
-        plan = _one_token_plan(ids_TK[0].tolist(), num_experts, ids_TK.device)
+        plan = _one_token_plan(ids_TK.tolist()[0], num_experts, ids_TK.device)
         if plan is not None:
             return plan
     key_N = ids_TK.reshape(-1)
