@@ -11,9 +11,7 @@ from hypothesis import strategies as st
 
 from moelab.nn import ExpertsConfig, RoutingError, split_experts
 
-from .conftest import make
-
-F64 = torch.float64
+from .conftest import F64, make
 
 
 def inputs(T, K, E, H, dtype=F64, p_mask=0.3, seed=1):

@@ -13,9 +13,9 @@ import torch
 
 from moelab.nn import _native
 
+from .conftest import F64
 from .conftest import make as make_experts
 
-F64 = torch.float64
 TOL = {F64: 1e-10, torch.float32: 1e-5}
 HAVE_CC = bool(shutil.which("cc") or shutil.which("gcc"))
 

@@ -215,13 +215,14 @@ def decode_forward(x_TH, w_TK, plan, gate, up, down, b_gate, b_up, b_down, act) 
     # Python lists and row views made once: per-slot tensor indexing costs as much as an op; the
     # slots' weights are looked up in Python (no index_select), in the inputs' dtype as elsewhere
     w_N = _weights_list(w_TK, x_TH.dtype)
-    slots, tok_R = plan.slot_R.tolist(), plan.tok_R.tolist()
+    slots = plan.slot_R.tolist()
     if plan.T == 1 and plan.num_real and max(plan.counts) == 1:
         groups = list(_rows(plan))
         y_TH = _native.one_token(x_TH, [e for e, _, _ in groups], [w_N[slots[s]] for _, s, _ in groups],
                                  gate, up, down, b_gate, b_up, b_down, act)
         if y_TH is not None:
             return y_TH
+    tok_R = plan.tok_R.tolist()
     y_TH = x_TH.new_zeros(plan.T, down.shape[1])
     x_rows, y_rows = x_TH.unbind(), y_TH.unbind()
     for e, s, n in _rows(plan):

@@ -84,7 +84,7 @@ def library() -> ctypes.CDLL | None:
         _log.info("moelab.nn: no C compiler found; one-token experts run on torch.mv")
         return None
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *_FLAGS]).encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *_FLAGS, *_LIBS]).encode(),
                                      _cpu_key().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("MOELAB_CACHE_DIR")
                  or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moelab")
@@ -128,13 +128,12 @@ def one_token(x_TH: Tensor, rows_K: list[int], w_K: list[float], gate, up, down,
                 s_down[1], ids, w, K, H, I, x_TH.data_ptr(), y_TH.data_ptr(), n):
             raise MemoryError(f"moelab.nn: one-token kernel: no memory for its {K}x{I} scratch")
         return y_TH
-    h_2KI = x_TH.new_empty(2, K, I)
-    # ungated: up is the only input projection (w0 -> h_up); gated: gate -> h_gate, up -> h_up
-    h_gate, h_up = (None, h_2KI[1]) if gate is None else (h_2KI[0], h_2KI[1])
-    w0, h0, w1, h1 = (up, h_up, None, None) if gate is None else (gate, h_gate, up, h_up)
+    h0, h1 = x_TH.new_empty(2, K, I).unbind()
+    # gated: gate -> h0, up -> h1; ungated: up, the only input projection, -> h0
+    h_gate, h_up = (h0, h1) if gate is not None else (None, h0)
     getattr(lib, f"moelab_in_proj_{sfx}")(
-        w0.data_ptr(), None if w1 is None else w1.data_ptr(), s_up[0], s_up[1], ids, K, I, H,
-        x_TH.data_ptr(), h0.data_ptr(), None if h1 is None else h1.data_ptr(), n)
+        (up if gate is None else gate).data_ptr(), None if gate is None else up.data_ptr(),
+        s_up[0], s_up[1], ids, K, I, H, x_TH.data_ptr(), h0.data_ptr(), h1.data_ptr(), n)
     w_K1 = torch.tensor(w_K, dtype=dt).unsqueeze(1)
     idx = torch.tensor(rows_K)
     if b_up is not None:
